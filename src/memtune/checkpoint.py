@@ -1,0 +1,70 @@
+"""Save and load memory checkpoints like PEFT adapters: a folder holding the memory config
+(naming the base model) and the memory weights as safetensors — never the base weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from memtune.config import MemoryConfig
+from memtune.errors import MemtuneError
+from memtune.io import atomic_dir
+from memtune.retrofit import PREFIX, memory_state_dict, require_memory_bank, retrofit
+
+CONFIG_NAME = "memory_config.json"
+WEIGHTS_NAME = "memory.safetensors"
+
+
+def is_memory_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def save_memory(model: nn.Module, path: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
+    """Write `path/memory_config.json` and `path/memory.safetensors` atomically."""
+    bank = require_memory_bank(model)
+    config = bank.config
+    if config.base_model and Path(config.base_model).exists():
+        config.base_model = str(Path(config.base_model).resolve())
+    with atomic_dir(path, overwrite=overwrite) as tmp:
+        data = {"memory": config.to_dict(), "format": "memtune-memory-v1", **(extra or {})}
+        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
+        save_file(memory_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+    return Path(path)
+
+
+def read_memory_config(path: str | Path) -> MemoryConfig:
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise MemtuneError(f"{str(path)!r} is not a memory checkpoint: {CONFIG_NAME} is missing")
+    return MemoryConfig.from_dict(json.loads(file.read_text())["memory"])
+
+
+def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
+    """Retrofit `model` (a base model) as the checkpoint says and load the memory weights."""
+    config = read_memory_config(path)
+    retrofit(model, config)
+    state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
+    bank = require_memory_bank(model)
+    state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    missing, unexpected = bank.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def load_memory_model(
+    path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Load the checkpoint's base model, then its memory."""
+    from memtune.models import load_base_model
+
+    config = read_memory_config(path)
+    if not config.base_model:
+        raise MemtuneError(f"memory checkpoint {str(path)!r} names no base model")
+    model, tokenizer = load_base_model(config.base_model, dtype=dtype, device=device)
+    return load_memory(model, path).eval(), tokenizer

@@ -1,0 +1,46 @@
+"""`memtune` command line: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import warnings
+
+from memtune.errors import MemtuneError
+
+# Modules under memtune.commands that register subcommands, in the order of the pipeline.
+COMMAND_MODULES = ("model",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memtune",
+        description="Teach a language model new facts without forgetting (sparse memory finetuning).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"memtune.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from memtune.commands import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+    try:
+        return args.func(args) or 0
+    except MemtuneError as e:
+        print(f"memtune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        logging.getLogger("memtune").error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

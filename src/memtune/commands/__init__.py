@@ -1,0 +1,77 @@
+"""CLI subcommands, one module per pipeline stage, each exposing `register(subparsers)`.
+
+Options of typed configs are generated from their dataclass fields (help text included), so
+the CLI and the configs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import types
+import typing
+from typing import Any
+
+
+def _field_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) of a dataclass field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _field_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    if origin is typing.Literal:
+        return str, False
+    return tp, False
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = (), prefix: str = ""
+) -> None:
+    """One `--field-name` option per dataclass field; defaults are left to the dataclass."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or not f.init:
+            continue
+        tp, is_list = _field_type(hints[f.name])
+        option = "--" + prefix + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs: dict[str, Any] = {"dest": prefix.replace("-", "_") + f.name, "default": argparse.SUPPRESS}
+        literal = _literal_of(hints[f.name])
+        if typing.get_origin(literal) is typing.Literal:
+            kwargs["choices"] = list(typing.get_args(literal))
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif is_list:
+            kwargs["type"] = lambda s, t=tp: [t(x) for x in s.split(",") if x.strip()]
+            help_text += " (comma-separated)"
+        else:
+            kwargs["type"] = tp
+        if default is not None and default is not dataclasses.MISSING:
+            help_text += f" [default: {default}]"
+        parser.add_argument(option, help=help_text, **kwargs)
+
+
+def _literal_of(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+def dataclass_kwargs(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str, Any]:
+    """The fields of `cls` that were given on the command line."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        key = prefix.replace("-", "_") + f.name
+        if hasattr(args, key):
+            out[f.name] = getattr(args, key)
+    return out
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "datasets", "httpx", "urllib3", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -1,0 +1,136 @@
+"""`memtune retrofit`, `memtune generate`, `memtune inspect`: models with memory layers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from memtune.commands import add_dataclass_arguments, dataclass_kwargs
+from memtune.config import MemoryConfig
+
+log = logging.getLogger("memtune")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrofit", help="add memory layers to a model and save them (memory weights only)")
+    p.add_argument("--model", default="smollm2-135m", help="base model: alias, folder or HF id [default: smollm2-135m]")
+    p.add_argument("--out", required=True, help="output folder for the memory checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed for the memory's initial weights [default: 0]")
+    p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_dataclass_arguments(p, MemoryConfig, exclude=("base_model", "hidden_size"))
+    p.set_defaults(func=cmd_retrofit)
+
+    p = sub.add_parser("generate", help="answer prompts with a base model or a saved memory model")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    p.add_argument("--model", default="smollm2-135m", help="alias, folder, HF id, or memory checkpoint")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, answer}")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="architecture, memory layers, parameter counts and bytes")
+    p.add_argument("--model", default="smollm2-135m", help="alias, folder, HF id, or memory checkpoint")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_retrofit(args: argparse.Namespace) -> int:
+    import torch
+
+    from memtune.checkpoint import save_memory
+    from memtune.models import load_base_model
+    from memtune.retrofit import parameter_counts, retrofit
+
+    config = MemoryConfig(**dataclass_kwargs(MemoryConfig, args), base_model=args.model)
+    _check_out(args.out, args.overwrite)
+    model, _ = load_base_model(args.model, dtype=args.dtype)
+    torch.manual_seed(args.seed)
+    retrofit(model, config)
+    save_memory(model, args.out, overwrite=args.overwrite)
+    counts = parameter_counts(model)
+    log.info(
+        "memory at layers %s (%s mode): %d slots, %.1fM memory parameters (%.0f MB); saved to %s",
+        config.layers, config.mode, config.n_slots, counts["memory"] / 1e6, counts["memory_bytes"] / 2**20, args.out,
+    )
+    return 0
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    from pathlib import Path
+
+    from memtune.errors import MemtuneError
+
+    path = Path(out)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise MemtuneError(f"output {out!r} already exists and is not empty: choose another --out or pass --overwrite")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from memtune.generation import generate
+    from memtune.models import load_model
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype)
+    answers = generate(
+        model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
+        chat=False if args.no_chat else None, do_sample=args.sample, temperature=args.temperature,
+    )
+    if args.json:
+        print(json.dumps([{"prompt": p, "answer": a} for p, a in zip(args.prompts, answers)], indent=2))
+    else:
+        for p, a in zip(args.prompts, answers):
+            print(f"> {p}\n{a}\n" if len(args.prompts) > 1 else a)
+    return 0
+
+
+def describe(model) -> dict:
+    """A JSON-able summary of a model and its memory layers."""
+    from memtune.retrofit import decoder_layers, get_memory_bank, parameter_counts
+
+    layers = decoder_layers(model)
+    info = {
+        "architecture": type(model).__name__,
+        "base_model": getattr(model.config, "name_or_path", None),
+        "decoder_layers": len(layers),
+        "hidden_size": model.config.hidden_size,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "parameters": parameter_counts(model),
+        "memory": None,
+    }
+    bank = get_memory_bank(model)
+    if bank is not None:
+        c = bank.config
+        info["memory"] = {
+            **c.to_dict(),
+            "n_slots": c.n_slots,
+            "value_tables": len(bank.values),
+            "slots_read_per_token": c.heads * c.knn,
+        }
+    return info
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from memtune.models import load_model
+
+    model, _ = load_model(args.model)
+    info = describe(model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    p = info["parameters"]
+    print(f"architecture   {info['architecture']} ({info['base_model']}), {info['decoder_layers']} decoder layers, "
+          f"hidden {info['hidden_size']}, {info['dtype']}")
+    print(f"parameters     {p['total'] / 1e6:,.1f}M total ({p['total_bytes'] / 2**20:,.0f} MB): "
+          f"base {p['base'] / 1e6:,.1f}M, memory {p['memory'] / 1e6:,.1f}M ({p['memory_bytes'] / 2**20:,.0f} MB)")
+    m = info["memory"]
+    if m is None:
+        print("memory         none (run `memtune retrofit`)")
+    else:
+        print(f"memory         layers {m['layers']} ({m['mode']} mode), {m['n_slots']:,} slots "
+              f"({m['n_keys']}²) in {m['value_tables']} value table(s) of dim {m['v_dim'] or m['hidden_size']}, "
+              f"{m['heads']} heads × knn {m['knn']} = {m['slots_read_per_token']} slots read per token, k_dim {m['k_dim']}")
+    return 0

@@ -1,0 +1,154 @@
+"""The product-key memory layer (Memory Layers at Scale), its value table, and the bank that
+holds all of a model's memory parameters under one name prefix (`memory.`).
+
+A read touches only the value rows that were looked up: forward is a weighted bag-sum of rows,
+and backward returns a *sparse* (coalesced COO) gradient holding just the unique rows read, so
+neither an (n_slots × d) gradient nor optimizer state is ever materialised.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memtune.config import MemoryConfig
+from memtune.product_keys import product_key_topk
+
+# Rows per chunk when recomputing gathered values in backward: bounds the temporary (n, K, v)
+# tensor to a few tens of MB whatever the batch size.
+_GRAD_CHUNK_ELEMENTS = 8 * 2**20
+
+
+class ValueTable(nn.Module):
+    """n_slots value rows of size v_dim. Several memory layers may read one table."""
+
+    def __init__(self, n_slots: int, v_dim: int, init: str = "zeros", dtype: torch.dtype | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_slots, v_dim, dtype=dtype))
+        self.reset_parameters(init)
+
+    def reset_parameters(self, init: str = "zeros") -> None:
+        with torch.no_grad():
+            if init == "zeros":
+                self.weight.zero_()
+            else:
+                self.weight.normal_(0.0, self.weight.shape[1] ** -0.5)
+
+    @property
+    def n_slots(self) -> int:
+        return self.weight.shape[0]
+
+
+class _SparseValueRead(torch.autograd.Function):
+    """y[n] = Σ_k weights[n, k] · table[indices[n, k]], with a sparse gradient for `table`."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+        ctx.save_for_backward(weights, indices, table)
+        return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")  # (N, v)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weights, indices, table = ctx.saved_tensors
+        grad_weights = grad_table = None
+        n, k = indices.shape
+        if ctx.needs_input_grad[0]:
+            # grad_weights[n, k] = <table[indices[n, k]], grad_out[n]>, in bounded chunks.
+            grad_weights = torch.empty_like(weights)
+            step = max(1, _GRAD_CHUNK_ELEMENTS // (k * table.shape[1]))
+            for s in range(0, n, step):
+                rows = F.embedding(indices[s : s + step], table)  # (n', K, v)
+                grad_weights[s : s + step] = torch.bmm(rows, grad_out[s : s + step, :, None]).squeeze(-1)
+        if ctx.needs_input_grad[2]:
+            # Segment-sum over the unique rows: bag u gathers the tokens that read row u.
+            flat = indices.reshape(-1)
+            sorted_idx, order = flat.sort()
+            unique, counts = torch.unique_consecutive(sorted_idx, return_counts=True)
+            offsets = counts.cumsum(0) - counts
+            rows = F.embedding_bag(
+                order // k, grad_out, offsets=offsets,
+                per_sample_weights=weights.reshape(-1)[order].to(grad_out.dtype), mode="sum",
+            )  # (U, v)
+            grad_table = torch.sparse_coo_tensor(
+                unique[None], rows.to(table.dtype), table.shape, is_coalesced=True, check_invariants=False
+            )
+        return grad_weights, None, grad_table
+
+
+def read_values(weights: Tensor, indices: Tensor, table: Tensor) -> Tensor:
+    """Weighted sum of value rows. weights, indices: (N, K); table: (S, v) -> (N, v)."""
+    return _SparseValueRead.apply(weights, indices, table)
+
+
+class ProductKeyMemory(nn.Module):
+    """One memory layer: query -> product-key lookup -> weighted value read -> Memory+ gate.
+
+    The value table is not owned: it is passed to `forward`, so several layers can share one.
+    """
+
+    def __init__(self, config: MemoryConfig, hidden_size: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        c = config
+        v_dim = c.v_dim or hidden_size
+        self.query = nn.Linear(hidden_size, c.heads * c.k_dim, bias=False, dtype=dtype)
+        self.query_norm = nn.RMSNorm(c.k_dim, dtype=dtype) if c.query_norm else nn.Identity()
+        self.keys = nn.Parameter(torch.empty(c.heads, 2, c.n_keys, c.k_dim // 2, dtype=dtype))
+        self.gate = nn.Linear(hidden_size, v_dim, bias=False, dtype=dtype) if c.gate else None
+        self.out = nn.Linear(v_dim, hidden_size, bias=False, dtype=dtype)
+        with torch.no_grad():
+            bound = 1 / math.sqrt(c.k_dim // 2)
+            self.keys.uniform_(-bound, bound)
+        # When `record` is set, the slots read by the last forward are kept (detached) for
+        # slot statistics and sparse finetuning: (B, T, heads * knn).
+        self.record = False
+        self.last_indices: Tensor | None = None
+
+    def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, T, d) -> softmax weights (B*T, H*knn) and slot indices (B*T, H*knn)."""
+        c = self.config
+        q = self.query_norm(self.query(x).view(-1, c.heads, c.k_dim))  # (N, H, k_dim)
+        q = q.view(-1, c.heads, 2, c.k_dim // 2)  # (N, H, 2, k_dim/2)
+        scores, indices = product_key_topk(q, self.keys, c.knn)  # (N, H, knn)
+        weights = scores.float().softmax(dim=-1).to(x.dtype)
+        return weights.flatten(1), indices.flatten(1)
+
+    def forward(self, x: Tensor, values: ValueTable) -> Tensor:
+        """x: (B, T, d) -> (B, T, d)."""
+        weights, indices = self.lookup(x)
+        if self.record:
+            self.last_indices = indices.detach().view(*x.shape[:-1], -1)
+        y = read_values(weights, indices, values.weight).view(*x.shape[:-1], -1)  # (B, T, v)
+        if self.gate is not None:
+            y = y * F.silu(self.gate(x))
+        return self.out(y)
+
+
+class MemoryBank(nn.Module):
+    """All memory parameters of a model: `layers` keyed by decoder-layer index, and `values`,
+    one table shared by every layer or one per layer. Attached to the model as `memory`."""
+
+    def __init__(self, config: MemoryConfig, hidden_size: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        v_dim = config.v_dim or hidden_size
+        n_tables = 1 if config.share_values else len(config.layers)
+        self.values = nn.ModuleList(
+            ValueTable(config.n_slots, v_dim, config.resolved_value_init, dtype) for _ in range(n_tables)
+        )
+        self.layers = nn.ModuleDict(
+            {str(i): ProductKeyMemory(config, hidden_size, dtype) for i in config.layers}
+        )
+
+    def table_for(self, layer: int) -> ValueTable:
+        if self.config.share_values:
+            return self.values[0]
+        return self.values[self.config.layers.index(layer)]
+
+    def set_record(self, on: bool) -> None:
+        for m in self.layers.values():
+            m.record = on
+            m.last_indices = None

