@@ -28,6 +28,7 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    tmp.chmod(0o755)  # mkdtemp makes it private
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -67,9 +68,11 @@ def embedded_model_dir(alias: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the saved copy is plain float weights
-    model.config.name_or_path = alias
     with atomic_dir(target, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # save_pretrained refuses GGUF-loaded models; the dequantised weights are plain tensors.
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
 

@@ -73,5 +73,8 @@ def dataclass_kwargs(cls: type, args: argparse.Namespace, prefix: str = "") -> d
 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     for noisy in ("transformers", "datasets", "httpx", "urllib3", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
