@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import re
+import socket
 from pathlib import Path
 
 import torch
@@ -86,11 +87,35 @@ def resolve_model_path(name: str) -> str:
             raise MemtuneError(f"model folder {name!r} has no config.json: expected a Hugging Face model folder")
         return name
     if _HUB_ID.match(name) and not name.startswith((".", "/")):
+        _check_hub_reachable(name)
         return name
     raise MemtuneError(
         f"unknown model {name!r}: expected an existing folder, a Hugging Face id like "
         f"'Qwen/Qwen2.5-0.5B-Instruct', or one of: {', '.join(EMBEDDED)}"
     )
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Fail in well under a second, not after minutes of retries, when an uncached id
+    cannot be downloaded."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    hint = "pass a local model folder or one of: " + ", ".join(EMBEDDED)
+    if hub_offline():
+        raise MemtuneError(f"model {repo_id!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {hint}")
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise MemtuneError(f"model {repo_id!r} is not cached and the Hugging Face hub is unreachable: {hint}") from None
 
 
 def load_base_model(

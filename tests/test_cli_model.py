@@ -1,0 +1,53 @@
+"""End to end through the console entry point: retrofit -> generate -> inspect on a tiny model."""
+
+import json
+
+import pytest
+
+from memtune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from memtune.cli import main
+
+
+def test_retrofit_generate_inspect(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "mem"
+    assert main(["retrofit", "--model", str(tiny_model_dir), "--layers", "0,1", "--n-keys", "16",
+                 "--heads", "2", "--knn", "4", "--k-dim", "8", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--json", "Capital of Peru?"]) == 0
+    base_answer = json.loads(capsys.readouterr().out)[0]["answer"]
+    assert main(["generate", "--model", str(out), "--max-new-tokens", "6", "--json", "Capital of Peru?"]) == 0
+    # Parallel mode with zero values: the memory model answers exactly like its base.
+    assert json.loads(capsys.readouterr().out)[0]["answer"] == base_answer
+
+    assert main(["inspect", "--model", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["memory"]["layers"] == [0, 1] and info["memory"]["n_slots"] == 256
+    assert info["parameters"]["memory"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--layers", "0,7"], "out of range"),
+        (["--layers", "0", "--k-dim", "7"], "k_dim=7"),
+        (["--layers", "x"], "invalid"),
+    ],
+)
+def test_retrofit_bad_input_exits_nonzero_and_writes_nothing(tiny_model_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "mem"
+    try:
+        code = main(["retrofit", "--model", str(tiny_model_dir), "--out", str(out), "--n-keys", "16",
+                     "--heads", "2", "--knn", "4", *args])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code != 0
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unknown_model_is_one_line_error(capsys):
+    assert main(["generate", "--model", "nope", "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown model 'nope'" in err
