@@ -7,7 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from memtune.prompts import build_prompt
+from memtune.prompts import encode_prompt
 
 
 @torch.no_grad()
@@ -25,13 +25,13 @@ def generate(
     """Answer each question; chat template applied when the tokenizer has one (or `chat`)."""
     model.eval()
     device = next(model.parameters()).device
-    prompts = [build_prompt(tokenizer, q, chat) for q in questions]
+    prompts = encode_prompt(tokenizer, questions, chat)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers: list[str] = []
     try:
         for s in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-            batch = tokenizer(
-                prompts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            batch = tokenizer.pad(
+                {"input_ids": prompts[s : s + batch_size]}, return_tensors="pt", padding=True
             ).to(device)
             kwargs = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
             out = model.generate(

@@ -32,3 +32,12 @@ def answer_suffix(tokenizer: PreTrainedTokenizerBase, answer: str, chat: bool | 
         end = tokenizer.eos_token or ""
         return f"{answer}{end}"
     return f" {answer}{tokenizer.eos_token or ''}"
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, questions: list[str], chat: bool | None = None) -> list[list[int]]:
+    """Token ids of each question's prompt. Special tokens (BOS) are added only without a chat
+    template — a template writes its own."""
+    if chat is None:
+        chat = has_chat_template(tokenizer)
+    texts = [build_prompt(tokenizer, q, chat) for q in questions]
+    return tokenizer(texts, add_special_tokens=not chat)["input_ids"]

@@ -1,0 +1,164 @@
+"""The `learn` and `background` stages: thin entry points over the library that write one
+run folder each, atomically (a failed or interrupted run leaves nothing behind)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from memtune.batches import Example, collate, encode_documents, encode_qa
+from memtune.errors import MemtuneError
+from memtune.io import atomic_dir, write_json
+from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, train
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "qa", "documents")
+DOCUMENT_SOURCES = ("prose", "wikitext", "oasst1")
+
+
+def detect_kind(source: str) -> str:
+    """'qa' or 'documents' from a file's first record or a source name."""
+    path = Path(source)
+    if path.suffix == ".txt":
+        return "documents"
+    if path.suffix == ".jsonl" and path.is_file():
+        with path.open() as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        first = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise MemtuneError(f"{source}:1: not valid JSON") from None
+                    return "qa" if isinstance(first, dict) and "question" in first else "documents"
+        raise MemtuneError(f"data file {source!r} is empty: expected JSONL records")
+    return "documents" if source.split(":")[0] in DOCUMENT_SOURCES else "qa"
+
+
+def load_examples(source: str, tokenizer, kind: str = "auto", max_length: int = 256,
+                  limit: int | None = None) -> tuple[str, list[Example]]:
+    from memtune.data import load_documents, load_qa
+
+    if kind not in KINDS:
+        raise MemtuneError(f"format={kind!r} is invalid: expected one of {', '.join(KINDS)}")
+    kind = detect_kind(source) if kind == "auto" else kind
+    if kind == "qa":
+        items = load_qa(source, limit=limit)
+        examples = encode_qa(tokenizer, [(q.question, q.answer) for q in items], max_length)
+    else:
+        docs = load_documents(source, limit=limit)
+        examples = encode_documents(tokenizer, [d.text for d in docs], max_length)
+    if not examples:
+        raise MemtuneError(f"data {source!r} holds no examples")
+    return kind, examples
+
+
+def provenance() -> dict:
+    """Git revision and package versions, for results.json."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        rev = None
+    versions = {}
+    for pkg in ("memtune", "torch", "transformers", "peft", "safetensors"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"git_revision": rev, "versions": versions}
+
+
+@dataclass
+class LearnRun:
+    model: str
+    data: str
+    out: str
+    config: LearnConfig
+    background: str | None = None
+    format: str = "auto"
+    limit: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def run_learn(run: LearnRun) -> dict:
+    """Learn `run.data` into `run.model`; writes `run.out/` with config.json, metrics.jsonl,
+    model/ and results.json. Returns the results."""
+    from memtune.models import load_model
+    from memtune.stats import Background
+
+    cfg = run.config
+    _check_out(run.out, run.overwrite)
+    background = Background.load(run.background) if run.background else None
+    model, tokenizer = load_model(run.model)
+    kind, examples = load_examples(run.data, tokenizer, run.format, cfg.max_length, run.limit)
+    method = make_method(cfg, background)
+    with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
+        resolved = {"model": run.model, "data": run.data, "format": kind, "background": run.background,
+                    "limit": run.limit, "learn": cfg.to_dict()}
+        write_json(tmp / "config.json", resolved)
+        writer = JsonlWriter(tmp / "metrics.jsonl")
+        start = time.perf_counter()
+        try:
+            model, history = train(model, tokenizer, examples, cfg, method, on_step=writer, progress=run.progress)
+        finally:
+            writer.close()
+        train_time = time.perf_counter() - start
+        method.save(model, tokenizer, tmp / "model")
+        results = {
+            "method": cfg.method, "examples": len(examples), "steps": len(history),
+            "final_loss": history[-1]["loss"] if history else None,
+            "first_loss": history[0]["loss"] if history else None,
+            "train_time_s": round(train_time, 2), "trainable_parameters": method.trainable,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "mean_step_time_s": round(sum(h["step_time_s"] for h in history) / max(len(history), 1), 4),
+            **({"touched_rows": history[-1]["touched_rows"]} if history and "touched_rows" in history[-1] else {}),
+            **provenance(),
+        }
+        write_json(tmp / "results.json", results)
+    log.info("learned %d examples in %d steps (%.0f s), loss %.3f -> %.3f; run saved to %s",
+             len(examples), len(history), train_time, results["first_loss"], results["final_loss"], run.out)
+    return results
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+    path = Path(out)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise MemtuneError(f"output {out!r} already exists and is not empty: choose another --out or pass --overwrite")
+
+
+
+
+def run_background(model_name: str, source: str, out: str, n_batches: int = 200, batch_size: int = 8,
+                   max_length: int = 128, kind: str = "auto", count_positions: str = "loss",
+                   overwrite: bool = False, progress: bool = True) -> dict:
+    """Slot statistics of `source` as read by `model_name` (a memory checkpoint), saved to `out`.
+
+    QA sources are formatted exactly as `learn` formats them, so a background of chat-formatted
+    questions looks like the data being learned (the lesson of DESIGN.md)."""
+    from memtune.models import load_model
+    from memtune.stats import compute_background
+
+    if n_batches <= 0 or batch_size <= 0:
+        raise MemtuneError(f"n_batches={n_batches}, batch_size={batch_size}: expected positive integers")
+    _check_out(out, overwrite)
+    model, tokenizer = load_model(model_name)
+    kind, examples = load_examples(source, tokenizer, kind, max_length)
+    n = min(n_batches, -(-len(examples) // batch_size))
+    if n < n_batches:
+        log.warning("%s gives %d batches of %d, fewer than the %d asked for", source, n, batch_size, n_batches)
+    batches = (collate(examples[b * batch_size : (b + 1) * batch_size], tokenizer.pad_token_id, count_positions)
+               for b in range(n))
+    stats = compute_background(model, batches, n_batches=n, progress=progress)
+    stats.meta |= {"source": source, "format": kind, "batch_size": batch_size, "max_length": max_length,
+                   "count_positions": count_positions, "memory_model": model_name}
+    stats.save(out, overwrite=overwrite)
+    read = {k: int((v > 0).sum()) for k, v in stats.df.items()}
+    log.info("background: %d batches of %s; slots read per layer %s; saved to %s", n, source, read, out)
+    return {"n_batches": n, "slots_read": read}

@@ -1,0 +1,168 @@
+"""Ways to learn new data, behind one interface: sparse memory finetuning (SMF) and the
+baselines, full finetuning and LoRA. The training loop (`memtune.train`) is the same for all.
+
+A method prepares the model (what is trainable), applies one optimizer step after the step's
+gradients are in, and saves what it learned in its own format.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from memtune.errors import MemtuneError
+from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
+from memtune.retrofit import get_memory_bank, require_memory_bank
+from memtune.sparse_optim import make_sparse_optimizer
+from memtune.stats import Background, StepUsage
+
+log = logging.getLogger(__name__)
+
+METHODS = ("smf", "full", "lora")
+DEFAULT_LR = {("smf", "adam"): 0.1, ("smf", "sgd"): 10.0, ("full", "adamw"): 2e-5, ("lora", "adamw"): 5e-4}
+
+
+class Method(Protocol):
+    name: str
+
+    def prepare(self, model: nn.Module) -> nn.Module: ...
+
+    def step(self, usage: StepUsage | None) -> dict: ...
+
+    def save(self, model: nn.Module, tokenizer, path: Path) -> None: ...
+
+
+def _count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class SparseMemoryFinetuning:
+    """Per step and memory layer: rank the slots read by the step's counted positions, keep
+    the top-T, and update only those value rows (the union over layers sharing a table)."""
+
+    name = "smf"
+
+    def __init__(self, ranker: str, top_t: int, optimizer: str, lr: float,
+                 background: Background | None, seed: int = 0):
+        self.ranker_name = ranker
+        self.ranker = get_ranker(ranker)
+        if ranker in NEEDS_BACKGROUND and background is None:
+            raise MemtuneError(f"ranker={ranker!r} needs background statistics: pass --background DIR "
+                               "(from `memtune background`) or use --ranker count|random")
+        if top_t <= 0:
+            raise MemtuneError(f"top_t={top_t} is invalid: expected a positive integer")
+        self.top_t = top_t
+        self.optimizer = make_sparse_optimizer(optimizer, lr)
+        self.background = background
+        self.generator = torch.Generator().manual_seed(seed)
+        self.touched: dict[int, Tensor] = {}
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        bank = require_memory_bank(model)
+        if self.background is not None:
+            self.background.check(bank)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("memory.values."))
+        bank.set_record(True)
+        self.bank = bank
+        self.trainable = _count_trainable(model)
+        return model
+
+    def select(self, usage: StepUsage) -> dict[str, Tensor]:
+        """layer -> selected slots (sorted)."""
+        selected = {}
+        for layer, (slots, counts) in usage.counts().items():
+            if slots.numel() == 0:
+                selected[layer] = slots
+                continue
+            kwargs = {"counts": counts, "generator": self.generator}
+            if self.background is not None:
+                kwargs |= {"df": self.background.df[layer][slots], "n_background": self.background.n_batches,
+                           "df_total": self.background.df_total(layer)}
+            selected[layer] = select_top(slots, self.ranker(**kwargs), self.top_t)
+        return selected
+
+    def step(self, usage: StepUsage | None) -> dict:
+        assert usage is not None
+        selected = self.select(usage)
+        updated = touched = 0
+        for t, table in enumerate(self.bank.values):
+            layers = [k for k in self.bank.layers if self.bank.table_for(int(k)) is table]
+            rows = torch.unique(torch.cat([selected[k] for k in layers]))
+            updated += self.optimizer.step(table.weight, rows.to(table.weight.device))
+            table.weight.grad = None
+            prev = self.touched.get(t)
+            self.touched[t] = rows if prev is None else torch.unique(torch.cat([prev, rows]))
+            touched += self.touched[t].numel()
+        return {"selected": {k: int(v.numel()) for k, v in selected.items()},
+                "updated_rows": updated, "touched_rows": touched}
+
+    def save(self, model: nn.Module, tokenizer, path: Path) -> None:
+        from memtune.checkpoint import save_memory
+
+        self.bank.set_record(False)
+        save_memory(model, path, overwrite=True)
+
+
+class _DenseMethod:
+    """Shared by the baselines: AdamW over every trainable parameter."""
+
+    name = "dense"
+
+    def __init__(self, lr: float, weight_decay: float = 0.0):
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def _make_optimizer(self, model: nn.Module) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        self.trainable = _count_trainable(model)
+
+    def step(self, usage: StepUsage | None) -> dict:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {}
+
+
+class FullFinetuning(_DenseMethod):
+    name = "full"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if get_memory_bank(model) is not None:
+            raise MemtuneError("--method full trains a base model: pass a model without memory layers")
+        for p in model.parameters():
+            p.requires_grad_(True)
+        self._make_optimizer(model)
+        return model
+
+    def save(self, model: nn.Module, tokenizer, path: Path) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+
+class LoRA(_DenseMethod):
+    name = "lora"
+
+    def __init__(self, lr: float, rank: int = 16, alpha: int = 32, dropout: float = 0.05,
+                 target_modules: str | list[str] = "all-linear"):
+        super().__init__(lr)
+        self.rank, self.alpha, self.dropout, self.target_modules = rank, alpha, dropout, target_modules
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        if get_memory_bank(model) is not None:
+            raise MemtuneError("--method lora adapts a base model: pass a model without memory layers")
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=self.target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+        self._make_optimizer(model)
+        return model
+
+    def save(self, model: nn.Module, tokenizer, path: Path) -> None:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)

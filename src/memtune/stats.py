@@ -1,0 +1,143 @@
+"""Slot statistics: how often each memory slot is read.
+
+- per step (`StepUsage`): read counts c(i) over the real tokens of every micro-batch of the
+  step, kept sparse (slot ids + counts), so a step costs O(reads), not O(n_slots);
+- over background text (`Background`): df(i), the number of background batches that read slot
+  i, and counts(i), the total reads — computed once, saved, and reused by every `learn`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from memtune.errors import MemtuneError
+from memtune.io import atomic_dir
+from memtune.memory import MemoryBank
+from memtune.retrofit import require_memory_bank
+
+log = logging.getLogger(__name__)
+
+STATS_NAME = "background.safetensors"
+META_NAME = "background.json"
+
+
+def read_slots(indices: Tensor, mask: Tensor) -> Tensor:
+    """The slots read at counted positions. indices: (B, T, K); mask: (B, T) bool -> (reads,)."""
+    return indices[mask.to(indices.device, torch.bool)].reshape(-1)
+
+
+class StepUsage:
+    """Accumulates, per memory layer, the slots read during one optimizer step."""
+
+    def __init__(self, bank: MemoryBank):
+        self.bank = bank
+        self.reads: dict[str, list[Tensor]] = {name: [] for name in bank.layers}
+
+    def add(self, mask: Tensor) -> None:
+        """Record the last forward's reads at positions where `mask` (B, T) is true."""
+        for name, layer in self.bank.layers.items():
+            if layer.last_indices is None:
+                raise RuntimeError("memory layers did not record their reads: call bank.set_record(True)")
+            self.reads[name].append(read_slots(layer.last_indices, mask))
+
+    def counts(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """layer -> (slots (U,) sorted, counts (U,)) of the slots read at least once."""
+        out = {}
+        for name, parts in self.reads.items():
+            flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+            out[name] = torch.unique(flat, return_counts=True)
+        return out
+
+
+def memory_fingerprint(bank: MemoryBank) -> str:
+    """Identifies the lookup (config, queries, keys): statistics are valid only for it.
+    Values are left out — sparse finetuning changes them, not which slots are read."""
+    h = hashlib.sha256(json.dumps({**bank.config.to_dict(), "base_model": None}, sort_keys=True).encode())
+    for name, p in sorted(bank.layers.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Background:
+    """Per-layer df and counts over `n_batches` background batches."""
+
+    df: dict[str, Tensor]
+    counts: dict[str, Tensor]
+    n_batches: int
+    meta: dict = field(default_factory=dict)
+
+    def df_total(self, layer: str) -> float:
+        """Σ_j (df(j) + 1), the KL ranker's normaliser."""
+        df = self.df[layer]
+        return float(df.sum().item() + df.numel())
+
+    def check(self, bank: MemoryBank, path: str | Path = "background statistics") -> None:
+        expected = memory_fingerprint(bank)
+        if self.meta.get("memory_fingerprint") != expected:
+            raise MemtuneError(
+                f"{str(path)!r} was computed for a different memory model (fingerprint "
+                f"{self.meta.get('memory_fingerprint')} != {expected}): rerun `memtune background` on this one"
+            )
+
+    def save(self, path: str | Path, overwrite: bool = False) -> None:
+        tensors = {f"df.{k}": v.to(torch.int32) for k, v in self.df.items()}
+        tensors |= {f"counts.{k}": v for k, v in self.counts.items()}
+        with atomic_dir(path, overwrite=overwrite) as tmp:
+            save_file(tensors, tmp / STATS_NAME)
+            (tmp / META_NAME).write_text(json.dumps({**self.meta, "n_batches": self.n_batches}, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Background:
+        path = Path(path)
+        if not (path / STATS_NAME).is_file() or not (path / META_NAME).is_file():
+            raise MemtuneError(f"{str(path)!r} holds no background statistics: expected the output of `memtune background`")
+        meta = json.loads((path / META_NAME).read_text())
+        tensors = load_file(path / STATS_NAME)
+        df = {k.removeprefix("df."): v.long() for k, v in tensors.items() if k.startswith("df.")}
+        counts = {k.removeprefix("counts."): v for k, v in tensors.items() if k.startswith("counts.")}
+        return cls(df=df, counts=counts, n_batches=int(meta["n_batches"]), meta=meta)
+
+
+@torch.no_grad()
+def compute_background(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    n_batches: int | None = None,
+    progress: bool = True,
+) -> Background:
+    """Run batches (input_ids, attention_mask[, count_mask]) through the model; df(i) counts
+    the batches that read slot i at a counted position, counts(i) all such reads."""
+    bank = require_memory_bank(model)
+    n_slots = bank.config.n_slots
+    df = {name: torch.zeros(n_slots, dtype=torch.long) for name in bank.layers}
+    counts = {name: torch.zeros(n_slots, dtype=torch.long) for name in bank.layers}
+    device = next(model.parameters()).device
+    model.eval()
+    bank.set_record(True)
+    seen = 0
+    try:
+        for batch in tqdm(batches, total=n_batches, desc="background", disable=not progress):
+            mask = batch.get("count_mask", batch["attention_mask"]).bool()
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            for name, layer in bank.layers.items():
+                slots, c = torch.unique(read_slots(layer.last_indices, mask).cpu(), return_counts=True)
+                df[name][slots] += 1
+                counts[name][slots] += c
+            seen += 1
+    finally:
+        bank.set_record(False)
+    if seen == 0:
+        raise MemtuneError("background text is empty: expected at least one batch of text")
+    return Background(df=df, counts=counts, n_batches=seen, meta={"memory_fingerprint": memory_fingerprint(bank)})

@@ -1,0 +1,168 @@
+"""The one training loop, shared by every method (SMF, full finetuning, LoRA)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from memtune.batches import COUNT_POSITIONS, Example, collate, n_loss_tokens, token_loss_sum
+from memtune.errors import MemtuneError
+from memtune.methods import DEFAULT_LR, METHODS, FullFinetuning, LoRA, SparseMemoryFinetuning
+from memtune.rankers import RANKERS
+from memtune.sparse_optim import OPTIMIZERS
+from memtune.stats import Background, StepUsage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LearnConfig:
+    """How to learn new data. Every field is also a `memtune learn` option."""
+
+    method: Literal["smf", "full", "lora"] = field(default="smf", metadata={"help": "smf, or a baseline: full, lora"})
+    ranker: str = field(default="tfidf", metadata={"help": "SMF slot ranker: " + ", ".join(sorted(RANKERS))})
+    top_t: int = field(default=500, metadata={"help": "SMF: value rows updated per layer and step"})
+    optimizer: str = field(default="adam", metadata={"help": "SMF: adam (per-row state) or sgd"})
+    lr: float | None = field(
+        default=None,
+        metadata={"help": "learning rate; default by method: smf adam 0.1 (zero-initialised values need large "
+                  "steps), smf sgd 10, full 2e-5, lora 5e-4"},
+    )
+    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    epochs: int = field(default=10, metadata={"help": "passes over the data"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example (longer documents are split)"})
+    count_positions: Literal["loss", "all"] = field(
+        default="loss", metadata={"help": "SMF: slot reads that count: at positions predicting loss tokens, or all tokens"}
+    )
+    seed: int = field(default=0, metadata={"help": "data order and random ranker"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_targets: str = field(default="all-linear", metadata={"help": "LoRA target modules (comma-separated or all-linear)"})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise MemtuneError(f"method={self.method!r} is invalid: expected one of {', '.join(METHODS)}")
+        if self.method == "smf" and self.optimizer not in OPTIMIZERS:
+            raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
+        if self.count_positions not in COUNT_POSITIONS:
+            raise MemtuneError(f"count_positions={self.count_positions!r} is invalid: expected one of {', '.join(COUNT_POSITIONS)}")
+        for name in ("top_t", "batch_size", "grad_accum", "epochs", "max_length", "lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise MemtuneError(f"max_steps={self.max_steps} is invalid: expected a positive integer")
+        if self.lr is not None and not self.lr > 0:
+            raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
+        if self.lr is None:
+            key = (self.method, self.optimizer if self.method == "smf" else "adamw")
+            self.lr = DEFAULT_LR[key]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_method(config: LearnConfig, background: Background | None):
+    if config.method == "smf":
+        return SparseMemoryFinetuning(config.ranker, config.top_t, config.optimizer, config.lr, background, config.seed)
+    if config.method == "full":
+        return FullFinetuning(config.lr)
+    targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
+    return LoRA(config.lr, config.lora_rank, config.lora_alpha, config.lora_dropout, targets)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    config: LearnConfig,
+    method,
+    on_step: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, list[dict]]:
+    """Run the method over `examples` for `config.epochs` (or `max_steps`); returns the
+    (possibly wrapped) model and the per-step metrics."""
+    if not examples:
+        raise MemtuneError("no training examples: the data is empty")
+    torch.manual_seed(config.seed)
+    model = method.prepare(model)
+    model.train()
+    bank = getattr(method, "bank", None)
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(config.seed)
+    per_step = config.batch_size * config.grad_accum
+    steps_per_epoch = -(-len(examples) // per_step)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    history: list[dict] = []
+    bar = tqdm(total=total, desc=f"learn ({method.name})", disable=not progress)
+    step = 0
+    start = time.perf_counter()
+    try:
+        while step < total:
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for s in range(0, len(order), per_step):
+                if step >= total:
+                    break
+                t0 = time.perf_counter()
+                chunk = [examples[i] for i in order[s : s + per_step]]
+                micro = [collate(chunk[m : m + config.batch_size], tokenizer.pad_token_id, config.count_positions)
+                         for m in range(0, len(chunk), config.batch_size)]
+                n_tokens = sum(n_loss_tokens(b["labels"]) for b in micro)
+                usage = StepUsage(bank) if bank is not None else None
+                loss_sum = 0.0
+                for b in micro:
+                    out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+                    loss = token_loss_sum(out.logits, b["labels"].to(device))
+                    (loss / max(n_tokens, 1)).backward()
+                    loss_sum += loss.item()
+                    if usage is not None:
+                        usage.add(b["count_mask"])
+                info = method.step(usage)
+                step += 1
+                elapsed = time.perf_counter() - t0
+                real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum / max(n_tokens, 1),
+                          "loss_tokens": n_tokens, "lr": config.lr, "step_time_s": round(elapsed, 4),
+                          "tokens_per_s": round(real_tokens / elapsed, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+                          "elapsed_s": round(time.perf_counter() - start, 2), **info}
+                history.append(record)
+                if on_step is not None:
+                    on_step(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+    finally:
+        bar.close()
+        model.eval()
+    return model, history
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushed, so a crash keeps what was logged."""
+
+    def __init__(self, path):
+        self.file = open(path, "a")
+
+    def __call__(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
