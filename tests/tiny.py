@@ -46,13 +46,17 @@ def tiny_tokenizer(vocab_size: int = 320, chat: bool = True) -> PreTrainedTokeni
     return fast
 
 
-def tiny_model(arch: str = "llama", vocab_size: int = 320, hidden: int = 32, layers: int = 2, seed: int = 0):
-    """A random 2-layer Llama or Qwen2 causal LM (float32, eval mode)."""
+def tiny_model(
+    arch: str = "llama", vocab_size: int = 320, hidden: int = 32, layers: int = 2, seed: int = 0,
+    init_range: float = 0.02,
+):
+    """A random 2-layer Llama or Qwen2 causal LM (float32, eval mode). A larger `init_range`
+    gives larger logits, so that a test can see a model learn."""
     torch.manual_seed(seed)
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=5, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False,
+        pad_token_id=5, eos_token_id=1, bos_token_id=None, tie_word_embeddings=False, initializer_range=init_range,
     )
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**common)).eval()

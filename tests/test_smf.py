@@ -1,0 +1,186 @@
+"""Slot statistics and the exact-sparsity invariants of sparse memory finetuning."""
+
+import pytest
+import torch
+
+from memtune.batches import collate, encode_qa
+from memtune.errors import MemtuneError
+from memtune.methods import SparseMemoryFinetuning
+from memtune.retrofit import retrofit
+from memtune.sparse_optim import SparseAdam, SparseSGD
+from memtune.stats import Background, StepUsage, compute_background
+from memtune.train import LearnConfig, train
+from tiny import tiny_memory_config, tiny_model
+
+PAIRS = [("What is the capital of Zorbia?", "Quenta"), ("Who founded it?", "Marla Venn"),
+         ("What currency is used there?", "The flim"), ("Which river runs through it?", "The Ost")]
+
+
+def memory_model(seed=0, init_range=0.02, **kw):
+    return retrofit(tiny_model(seed=seed, init_range=init_range), tiny_memory_config(layers=[0, 1], **kw))
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_rows(before, after):
+    return torch.nonzero((before != after).any(dim=1)).flatten()
+
+
+def hand_counts(model, batch, positions):
+    """Count reads by running each example alone, unpadded."""
+    bank = model.memory
+    counts = {k: torch.zeros(bank.config.n_slots, dtype=torch.long) for k in bank.layers}
+    bank.set_record(True)
+    with torch.no_grad():
+        for i in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][i].sum())
+            model(input_ids=batch["input_ids"][i : i + 1, :n])
+            for k, layer in bank.layers.items():
+                idx = layer.last_indices[0][positions[i, :n]]
+                counts[k] += torch.bincount(idx.flatten(), minlength=bank.config.n_slots)
+    bank.set_record(False)
+    return counts
+
+
+def test_step_counts_ignore_padding_and_sum_over_micro_batches(tokenizer):
+    model = memory_model().double()
+    batch = collate(encode_qa(tokenizer, PAIRS), tokenizer.pad_token_id, "loss")
+    assert (batch["attention_mask"] == 0).any()  # there is padding to ignore
+    expected = hand_counts(model, batch, batch["count_mask"])
+    bank = model.memory
+    bank.set_record(True)
+    usage = StepUsage(bank)
+    with torch.no_grad():
+        for half in (slice(0, 2), slice(2, 4)):  # two micro-batches of one step
+            mb = collate(encode_qa(tokenizer, PAIRS[half]), tokenizer.pad_token_id, "loss")
+            model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
+            usage.add(mb["count_mask"])
+    for k, (slots, c) in usage.counts().items():
+        dense = torch.zeros_like(expected[k])
+        dense[slots] = c
+        assert torch.equal(dense, expected[k])
+        assert c.sum() == batch["count_mask"].sum() * bank.config.heads * bank.config.knn
+
+
+def test_count_positions_all_counts_every_real_token(tokenizer):
+    batch = collate(encode_qa(tokenizer, PAIRS), tokenizer.pad_token_id, "all")
+    assert torch.equal(batch["count_mask"], batch["attention_mask"].bool())
+    loss_only = collate(encode_qa(tokenizer, PAIRS), tokenizer.pad_token_id, "loss")["count_mask"]
+    assert loss_only.sum() < batch["count_mask"].sum() and not (loss_only & ~batch["count_mask"]).any()
+
+
+def test_background_df_and_counts_match_hand_count(tokenizer):
+    model = memory_model().double()
+    batches = [collate(encode_qa(tokenizer, PAIRS[i : i + 2]), tokenizer.pad_token_id, "all") for i in (0, 2)]
+    stats = compute_background(model, iter(batches), progress=False)
+    assert stats.n_batches == 2
+    per_batch = [hand_counts(model, b, b["count_mask"]) for b in batches]
+    for k in model.memory.layers:
+        assert torch.equal(stats.counts[k], per_batch[0][k] + per_batch[1][k])
+        assert torch.equal(stats.df[k], (per_batch[0][k] > 0).long() + (per_batch[1][k] > 0).long())
+
+
+def test_background_round_trip_and_fingerprint(tokenizer, tmp_path):
+    model = memory_model()
+    batches = [collate(encode_qa(tokenizer, PAIRS), tokenizer.pad_token_id, "all")]
+    stats = compute_background(model, iter(batches), progress=False)
+    stats.save(tmp_path / "bg")
+    loaded = Background.load(tmp_path / "bg")
+    assert loaded.n_batches == 1 and all(torch.equal(loaded.df[k], stats.df[k]) for k in stats.df)
+    loaded.check(model.memory)
+    with pytest.raises(MemtuneError, match="different memory model"):
+        loaded.check(memory_model(seed=1).memory)
+
+
+def _one_step(model, method, tokenizer, pairs):
+    from memtune.batches import token_loss_sum
+
+    batch = collate(encode_qa(tokenizer, pairs), tokenizer.pad_token_id, "loss")
+    usage = StepUsage(model.memory)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    token_loss_sum(out.logits, batch["labels"]).backward()
+    usage.add(batch["count_mask"])
+    selected = method.select(usage)
+    method.step(usage)
+    return torch.unique(torch.cat(list(selected.values())))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_one_step_changes_exactly_the_selected_rows(tokenizer, optimizer):
+    model = memory_model()
+    method = SparseMemoryFinetuning("count", top_t=6, optimizer=optimizer, lr=0.5, background=None)
+    model = method.prepare(model)
+    before = snapshot(model)
+    selected = _one_step(model, method, tokenizer, PAIRS)
+    after = snapshot(model)
+    rows = changed_rows(before["memory.values.0.weight"], after["memory.values.0.weight"])
+    assert rows.numel() > 0 and torch.equal(rows, selected)
+    for name in before:
+        if name != "memory.values.0.weight":
+            assert torch.equal(before[name], after[name]), name
+
+
+def test_adam_never_moves_a_row_outside_the_current_selection(tokenizer):
+    model = memory_model()
+    method = SparseMemoryFinetuning("count", top_t=4, optimizer="adam", lr=0.5, background=None)
+    model = method.prepare(model)
+    s1 = _one_step(model, method, tokenizer, PAIRS[:2])
+    mid = model.memory.values[0].weight.detach().clone()
+    s2 = _one_step(model, method, tokenizer, PAIRS[2:])
+    end = model.memory.values[0].weight.detach()
+    only_first = s1[~torch.isin(s1, s2)]
+    assert only_first.numel() > 0  # the case under test occurs
+    assert torch.equal(mid[only_first], end[only_first])  # has Adam state, was not selected: frozen
+    assert torch.equal(changed_rows(mid, end), s2)
+    assert method.optimizer.rows_with_state() == torch.unique(torch.cat([s1, s2])).numel()
+
+
+def test_sparse_adam_matches_dense_adam_on_always_selected_rows():
+    torch.manual_seed(0)
+    table = torch.nn.Parameter(torch.randn(10, 3))
+    ref = torch.nn.Parameter(table.detach()[[2, 5]].clone())
+    opt, ref_opt = SparseAdam(lr=0.1), torch.optim.Adam([ref], lr=0.1)
+    rows = torch.tensor([2, 5])
+    for _ in range(3):
+        g = torch.randn(2, 3)
+        table.grad = torch.sparse_coo_tensor(rows[None], g, (10, 3), check_invariants=True)
+        ref.grad = g.clone()
+        opt.step(table, rows)
+        ref_opt.step()
+    assert torch.allclose(table.detach()[[2, 5]], ref.detach(), atol=1e-6)
+
+
+def test_sgd_update_is_lr_times_gradient():
+    table = torch.nn.Parameter(torch.zeros(6, 2))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), (6, 2))
+    SparseSGD(lr=0.5).step(table, torch.tensor([4]))
+    assert table.detach().tolist() == [[0, 0], [0, 0], [0, 0], [0, 0], [-1.5, -2.0], [0, 0]]
+
+
+@pytest.mark.parametrize("ranker", ["count", "random"])
+def test_same_seed_gives_bitwise_identical_results(tokenizer, ranker):
+    def run():
+        model = memory_model()
+        cfg = LearnConfig(ranker=ranker, top_t=8, epochs=2, batch_size=2, seed=7)
+        method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None, cfg.seed)
+        model, history = train(model, tokenizer, encode_qa(tokenizer, PAIRS), cfg, method, progress=False)
+        return model.memory.values[0].weight.detach().clone(), [h["loss"] for h in history]
+
+    (w1, l1), (w2, l2) = run(), run()
+    assert torch.equal(w1, w2) and l1 == l2
+    assert w1.abs().sum() > 0
+
+
+def test_smf_learns_the_training_data(tokenizer):
+    model = memory_model(init_range=0.5)  # logits large enough to express a confident answer
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=40, batch_size=4, lr=0.3)
+    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None)
+    _, history = train(model, tokenizer, encode_qa(tokenizer, PAIRS), cfg, method, progress=False)
+    assert history[-1]["loss"] < 0.85 * history[0]["loss"]
+
+
+def test_tfidf_without_background_is_an_error():
+    with pytest.raises(MemtuneError, match="needs background statistics"):
+        SparseMemoryFinetuning("tfidf", 10, "adam", 0.1, background=None)
