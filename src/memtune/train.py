@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from memtune.batches import COUNT_POSITIONS, Example, collate, n_loss_tokens, token_loss_sum
 from memtune.errors import MemtuneError
 from memtune.methods import DEFAULT_LR, METHODS, FullFinetuning, LoRA, SparseMemoryFinetuning
-from memtune.rankers import RANKERS
+from memtune.rankers import RANKERS, get_ranker
 from memtune.sparse_optim import OPTIMIZERS
 from memtune.stats import Background, StepUsage
 
@@ -56,6 +56,8 @@ class LearnConfig:
             raise MemtuneError(f"method={self.method!r} is invalid: expected one of {', '.join(METHODS)}")
         if self.method == "smf" and self.optimizer not in OPTIMIZERS:
             raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
+        if self.method == "smf":
+            get_ranker(self.ranker)
         if self.count_positions not in COUNT_POSITIONS:
             raise MemtuneError(f"count_positions={self.count_positions!r} is invalid: expected one of {', '.join(COUNT_POSITIONS)}")
         for name in ("top_t", "batch_size", "grad_accum", "epochs", "max_length", "lora_rank"):

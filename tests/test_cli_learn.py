@@ -1,0 +1,103 @@
+"""End to end: retrofit -> background -> learn -> generate on a tiny model, and bad input."""
+
+import json
+
+import pytest
+
+from memtune.cli import main
+
+QA = [{"question": "What is the capital of Zorbia?", "answer": "Quenta"},
+      {"question": "Who founded Zorbia?", "answer": "Marla Venn"}]
+RETROFIT = ["--layers", "0,1", "--n-keys", "16", "--heads", "2", "--knn", "4", "--k-dim", "8"]
+
+
+@pytest.fixture
+def memory_dir(tiny_model_dir, tmp_path):
+    assert main(["retrofit", "--model", str(tiny_model_dir), *RETROFIT, "--out", str(tmp_path / "mem")]) == 0
+    return tmp_path / "mem"
+
+
+@pytest.fixture
+def qa_file(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return path
+
+
+def test_background_learn_generate(memory_dir, qa_file, tmp_path, capsys):
+    bg, run = tmp_path / "bg", tmp_path / "run"
+    assert main(["background", "--model", str(memory_dir), "--data", "prose:background", "--batches", "3",
+                 "--batch-size", "2", "--max-length", "32", "--out", str(bg)]) == 0
+    assert json.loads((bg / "background.json").read_text())["n_batches"] == 3
+    assert main(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--background", str(bg),
+                 "--out", str(run), "--epochs", "3", "--batch-size", "2", "--top-t", "16"]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "model", "results.json"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3
+    assert {"loss", "selected", "updated_rows", "touched_rows", "tokens_per_s", "peak_rss_mb"} <= set(metrics[0])
+    assert all(0 < sum(m["selected"].values()) <= 2 * 16 for m in metrics)
+    config = json.loads((run / "config.json").read_text())
+    assert config["learn"]["method"] == "smf" and config["learn"]["lr"] == 0.1 and config["format"] == "qa"
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 3 and "torch" in results["versions"]
+    capsys.readouterr()
+    assert main(["generate", "--model", str(run / "model"), "--max-new-tokens", "4", "Who founded Zorbia?"]) == 0
+
+
+def test_documents_learn(memory_dir, tmp_path):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("Zorbia is a small country.\n\nIts capital, Quenta, lies on the river Ost.\n")
+    assert main(["learn", "--model", str(memory_dir), "--data", str(docs), "--ranker", "count",
+                 "--out", str(tmp_path / "run"), "--epochs", "1"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["format"] == "documents"
+
+
+def _fails(args, capsys, message):
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0, err
+    assert message in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty"),
+        ('{"question": "Q?", "answer": "A"}\n{not json}\n', "2"),
+        ('{"question": "Q?"}\n', "answer"),
+    ],
+)
+def test_bad_data_files(memory_dir, tmp_path, capsys, content, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    err = _fails(["learn", "--model", str(memory_dir), "--data", str(bad), "--ranker", "count",
+                  "--out", str(tmp_path / "run")], capsys, message)
+    assert err.count("\n") == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_background_of_another_memory_model_is_refused(memory_dir, tiny_model_dir, qa_file, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert main(["retrofit", "--model", str(tiny_model_dir), *RETROFIT, "--seed", "1", "--out", str(other)]) == 0
+    assert main(["background", "--model", str(other), "--batches", "2", "--max-length", "32",
+                 "--out", str(tmp_path / "bg")]) == 0
+    _fails(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--background", str(tmp_path / "bg"),
+            "--out", str(tmp_path / "run")], capsys, "different memory model")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [(["--top-t", "0"], "top_t=0"), (["--top-t", "-3"], "top_t=-3"),
+                                           (["--ranker", "nope"], "ranker='nope'"), (["--lr", "0"], "lr=0")])
+def test_bad_options(memory_dir, qa_file, tmp_path, capsys, args, message):
+    _fails(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--ranker", "count", *args,
+            "--out", str(tmp_path / "run")], capsys, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_smf_on_a_model_without_memory(tiny_model_dir, qa_file, tmp_path, capsys):
+    _fails(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--ranker", "count",
+            "--out", str(tmp_path / "run")], capsys, "no memory layers")
