@@ -82,3 +82,18 @@ def test_mismatched_weights_are_an_error(tmp_path):
     (tmp_path / "mem" / CONFIG_NAME).write_text(json.dumps(cfg))
     with pytest.raises(MemtuneError, match="does not match"):
         load_memory(tiny_model(), tmp_path / "mem")
+
+
+def test_mostly_zero_value_table_is_stored_compactly(tmp_path):
+    model = retrofit(tiny_model(), tiny_memory_config(layers=[0, 1], mode="parallel"))  # zero values
+    with torch.no_grad():
+        model.memory.values[0].weight[[3, 17, 200]] = torch.randn(3, 32)
+    save_memory(model, tmp_path / "mem")
+    with safe_open(tmp_path / "mem" / WEIGHTS_NAME, "pt") as f:
+        assert f.get_tensor("memory.values.0.weight.rows").tolist() == [3, 17, 200]
+        assert "memory.values.0.weight" not in f.keys()
+    reloaded = load_memory(tiny_model(), tmp_path / "mem")
+    assert torch.equal(reloaded.memory.values[0].weight, model.memory.values[0].weight)
+    ids = torch.randint(6, 320, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)

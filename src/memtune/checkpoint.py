@@ -18,6 +18,37 @@ from memtune.retrofit import PREFIX, memory_state_dict, require_memory_bank, ret
 
 CONFIG_NAME = "memory_config.json"
 WEIGHTS_NAME = "memory.safetensors"
+# A value table whose non-zero rows are fewer than this fraction is stored as (rows, data):
+# a parallel-mode memory after sparse finetuning is a few MB instead of gigabytes.
+SPARSE_FRACTION = 0.5
+ROWS_SUFFIX, DATA_SUFFIX = ".rows", ".nonzero"
+
+
+def _compact(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Value tables with mostly zero rows -> their non-zero rows and the rows' indices."""
+    out = {}
+    for name, t in state.items():
+        if name.startswith(PREFIX + "values.") and t.dim() == 2:
+            rows = torch.nonzero(t.any(dim=1)).flatten()
+            if rows.numel() < SPARSE_FRACTION * t.shape[0]:
+                out[name + ROWS_SUFFIX] = rows
+                out[name + DATA_SUFFIX] = t[rows].contiguous()
+                continue
+        out[name] = t
+    return out
+
+
+def _expand(state: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Inverse of `_compact`, given the full shapes."""
+    out = {k: v for k, v in state.items() if not k.endswith((ROWS_SUFFIX, DATA_SUFFIX))}
+    for key in state:
+        if key.endswith(ROWS_SUFFIX):
+            name = key.removesuffix(ROWS_SUFFIX)
+            data = state[name + DATA_SUFFIX]
+            full = torch.zeros(shapes[name], dtype=data.dtype, device=data.device)
+            full[state[key]] = data
+            out[name] = full
+    return out
 
 
 def is_memory_checkpoint(path: str | Path) -> bool:
@@ -33,7 +64,7 @@ def save_memory(model: nn.Module, path: str | Path, overwrite: bool = False, ext
     with atomic_dir(path, overwrite=overwrite) as tmp:
         data = {"memory": config.to_dict(), "format": "memtune-memory-v1", **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
-        save_file(memory_state_dict(model), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        save_file(_compact(memory_state_dict(model)), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     return Path(path)
 
 
@@ -50,7 +81,8 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     retrofit(model, config)
     state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
     bank = require_memory_bank(model)
-    state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    shapes = {PREFIX + k: v.shape for k, v in bank.state_dict().items()}
+    state = {k.removeprefix(PREFIX): v for k, v in _expand(state, shapes).items()}
     missing, unexpected = bank.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config: missing {missing}, unexpected {unexpected}")
