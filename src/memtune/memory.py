@@ -9,6 +9,7 @@ neither an (n_slots × d) gradient nor optimizer state is ever materialised.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,20 @@ from torch import Tensor, nn
 from memtune.config import MemoryConfig
 from memtune.product_keys import product_key_topk
 
-# Rows per chunk when recomputing gathered values in backward: bounds the temporary (n, K, v)
-# tensor to a few tens of MB whatever the batch size.
-_GRAD_CHUNK_ELEMENTS = 8 * 2**20
+# Elements of the buffer that gathered value rows are recomputed into in backward when no
+# sampled matmul is available: 4M elements bounds the temporary whatever the batch size.
+_GRAD_CHUNK_ELEMENTS = 4 * 2**20
+
+
+def _mark_coalesced(param: Tensor) -> None:
+    """Autograd stores a sparse gradient through a constructor that drops the `coalesced` flag,
+    so a consumer's `.coalesce()` would sort and copy every row again. Restore the flag when the
+    row indices are strictly increasing (always, for one read; not after summing two reads)."""
+    grad = param.grad
+    if grad is not None and grad.is_sparse and not grad.is_coalesced() and grad.sparse_dim() == 1:
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            grad._coalesced_(True)
 
 
 class ValueTable(nn.Module):
@@ -28,6 +40,7 @@ class ValueTable(nn.Module):
     def __init__(self, n_slots: int, v_dim: int, init: str = "zeros", dtype: torch.dtype | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_slots, v_dim, dtype=dtype))
+        self.weight.register_post_accumulate_grad_hook(_mark_coalesced)
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "zeros") -> None:
@@ -42,6 +55,34 @@ class ValueTable(nn.Module):
         return self.weight.shape[0]
 
 
+def _gathered_dots(table: Tensor, indices: Tensor, rows: Tensor) -> Tensor:
+    """out[n, k] = <table[indices[n, k]], rows[n]>. table: (S, v); indices: (N, K); rows: (N, v).
+
+    One sampled matmul (rows @ table.T, computed only at the N·K read positions) when the
+    backend has it; otherwise chunks gathered into one reused buffer, because a fresh (N, K, v)
+    tensor costs more in page faults than the arithmetic.
+    """
+    n, k = indices.shape
+    if table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            pattern = torch.sparse_csr_tensor(
+                torch.arange(0, n * k + 1, k, device=indices.device), indices.reshape(-1),
+                torch.zeros(n * k, dtype=table.dtype, device=table.device), size=(n, table.shape[0]),
+                check_invariants=False,
+            )
+            return torch.sparse.sampled_addmm(pattern, rows, table.T, beta=0.0).values().view(n, k)
+    v = table.shape[1]
+    out = torch.empty(n, k, dtype=table.dtype, device=table.device)
+    step = max(1, min(n, _GRAD_CHUNK_ELEMENTS // (k * v)))
+    buf = table.new_empty(step * k, v)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        gathered = torch.index_select(table, 0, indices[s:e].reshape(-1), out=buf[: (e - s) * k])
+        torch.bmm(gathered.view(e - s, k, v), rows[s:e, :, None], out=out[s:e, :, None])
+    return out
+
+
 class _SparseValueRead(torch.autograd.Function):
     """y[n] = Σ_k weights[n, k] · table[indices[n, k]], with a sparse gradient for `table`."""
 
@@ -54,14 +95,10 @@ class _SparseValueRead(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         weights, indices, table = ctx.saved_tensors
         grad_weights = grad_table = None
-        n, k = indices.shape
+        k = indices.shape[1]
+        grad_out = grad_out.contiguous()
         if ctx.needs_input_grad[0]:
-            # grad_weights[n, k] = <table[indices[n, k]], grad_out[n]>, in bounded chunks.
-            grad_weights = torch.empty_like(weights)
-            step = max(1, _GRAD_CHUNK_ELEMENTS // (k * table.shape[1]))
-            for s in range(0, n, step):
-                rows = F.embedding(indices[s : s + step], table)  # (n', K, v)
-                grad_weights[s : s + step] = torch.bmm(rows, grad_out[s : s + step, :, None]).squeeze(-1)
+            grad_weights = _gathered_dots(table, indices, grad_out.to(table.dtype)).to(weights.dtype)
         if ctx.needs_input_grad[2]:
             # Segment-sum over the unique rows: bag u gathers the tokens that read row u.
             flat = indices.reshape(-1)
