@@ -48,7 +48,7 @@ def run_one(kind: str, n_keys: int, args: argparse.Namespace) -> dict:
     for _ in range(args.steps + 1):
         t0 = time.perf_counter()
         usage = StepUsage(bank) if bank is not None else None
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         (token_loss_sum(out.logits, batch["labels"]) / n_tokens).backward()
         if usage is not None:
             usage.add(batch["count_mask"])

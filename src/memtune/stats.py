@@ -130,7 +130,7 @@ def compute_background(
     try:
         for batch in tqdm(batches, total=n_batches, desc="background", disable=not progress):
             mask = batch.get("count_mask", batch["attention_mask"]).bool()
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
             for name, layer in bank.layers.items():
                 slots, c = torch.unique(read_slots(layer.last_indices, mask).cpu(), return_counts=True)
                 df[name][slots] += 1

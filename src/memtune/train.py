@@ -131,7 +131,8 @@ def train(
                 usage = StepUsage(bank) if bank is not None else None
                 loss_sum = 0.0
                 for b in micro:
-                    out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
+                    out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                                use_cache=False)
                     loss = token_loss_sum(out.logits, b["labels"].to(device))
                     (loss / max(n_tokens, 1)).backward()
                     loss_sum += loss.item()
