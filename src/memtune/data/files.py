@@ -44,7 +44,9 @@ def read_rows(path: str | Path) -> list[Row]:
             raise MemtuneError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
         rows = [(f"{path} row {i + 1}", r) for i, r in enumerate(table.to_pylist())]
     else:
-        raise MemtuneError(f"data file {str(path)!r} has an unsupported suffix {suffix!r}: expected .jsonl, .csv or .parquet")
+        raise MemtuneError(
+            f"data file {str(path)!r} has an unsupported suffix {suffix!r}: expected .jsonl, .csv or .parquet"
+        )
     if not rows:
         raise MemtuneError(f"data file {str(path)!r} is empty: expected at least one row")
     return rows
@@ -152,5 +154,6 @@ def read_choices(path: str | Path) -> list:
             raise MemtuneError(f"{where}: label {label!r} is not an integer index into choices") from None
         if not 0 <= label < len(choices):
             raise MemtuneError(f"{where}: label {label} is out of range: expected 0..{len(choices) - 1}")
-        items.append(Choice(question=str(field(row, "question", where, need)), choices=choices, label=label, id=_id(row)))
+        question = str(field(row, "question", where, need))
+        items.append(Choice(question=question, choices=choices, label=label, id=_id(row)))
     return items

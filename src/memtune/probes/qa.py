@@ -1,0 +1,145 @@
+"""The learning probe: generate answers (greedy, not teacher forcing) and score them.
+
+Three scores per question, each the best over the reference answer and its aliases:
+
+- ``exact_match`` and ``f1``: SQuAD's normalisation (lower case, no punctuation, no articles
+  ``a/an/the``, single spaces) then equality, or the F1 of the bag of tokens;
+- ``contains``: the normalised answer appears in the normalised generation as whole words.
+
+Chat models answer in sentences ("The capital of France is Paris."), which exact match scores
+as wrong, so memtune's decision "answered right" (`is_correct`, used to split facts into known
+and to-learn) is ``contains``. Answers of at most three characters once normalised (codes
+like ``IN``, ``.is``, ``+1``, small numbers) must instead appear verbatim — same case and
+punctuation — as a whole token, or ordinary words ("in", "is") would count as right.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from memtune.data import QA
+from memtune.generation import generate
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+SHORT = 3  # answers this short (normalised) must match verbatim
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and articles, collapse whitespace."""
+    text = "".join(c for c in text.lower() if c not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, answers: str | list[str]) -> bool:
+    answers = [answers] if isinstance(answers, str) else answers
+    p = normalize_answer(prediction)
+    return any(p == normalize_answer(a) for a in answers)
+
+
+def token_f1(prediction: str, answers: str | list[str]) -> float:
+    """Best SQuAD token F1 of `prediction` against any of `answers`."""
+    answers = [answers] if isinstance(answers, str) else answers
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for a in answers:
+        gold = normalize_answer(a).split()
+        if not pred or not gold:
+            best = max(best, float(pred == gold))
+            continue
+        common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
+        if common:
+            precision, recall = common / len(pred), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def _contains(prediction: str, answer: str) -> bool:
+    norm = normalize_answer(answer)
+    if not norm:
+        return False
+    if len(norm) <= SHORT:
+        return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", prediction) is not None
+    return f" {norm} " in f" {normalize_answer(prediction)} "
+
+
+def is_correct(prediction: str, answers: str | list[str]) -> bool:
+    """Whether any answer appears in the prediction (normalised, whole words; see module doc)."""
+    answers = [answers] if isinstance(answers, str) else answers
+    return any(_contains(prediction, a) for a in answers)
+
+
+def score(predictions: list[str], answers: list[list[str]]) -> dict[str, float | int]:
+    """Mean exact match, F1 and contains over aligned predictions and answer lists."""
+    n = len(predictions)
+    if n == 0:
+        return {"n": 0, "exact_match": 0.0, "f1": 0.0, "contains": 0.0}
+    return {
+        "n": n,
+        "exact_match": sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n,
+        "f1": sum(token_f1(p, a) for p, a in zip(predictions, answers)) / n,
+        "contains": sum(is_correct(p, a) for p, a in zip(predictions, answers)) / n,
+    }
+
+
+def answer_questions(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    chat: bool | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Greedy answers in the input order; prompts are batched by length to waste less padding."""
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
+    answers = generate(
+        model, tokenizer, [questions[i] for i in order], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, chat=chat, progress=progress,
+    )
+    out = [""] * len(questions)
+    for i, a in zip(order, answers):
+        out[i] = a
+    return out
+
+
+def qa_accuracy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[QA],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    paraphrases: bool = True,
+    chat: bool | None = None,
+    predictions: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Exact match, F1 and contains on the questions, and separately on their paraphrases.
+
+    Returns ``{"n", "exact_match", "f1", "contains", "paraphrases": {...} | None}`` and, with
+    `predictions`, a ``"predictions"`` list of ``{"id", "question", "prediction", "correct"}``
+    (paraphrases included, marked ``"paraphrase": true``).
+    """
+    asked: list[tuple[int, str, bool]] = [(i, q.question, False) for i, q in enumerate(items)]
+    if paraphrases:
+        asked += [(i, p, True) for i, q in enumerate(items) for p in q.paraphrases]
+    generated = answer_questions(
+        model, tokenizer, [q for _, q, _ in asked], max_new_tokens=max_new_tokens,
+        batch_size=batch_size, chat=chat, progress=progress,
+    )
+    main = [(items[i].answers, g) for (i, _, para), g in zip(asked, generated) if not para]
+    para = [(items[i].answers, g) for (i, _, p), g in zip(asked, generated) if p]
+    result: dict = score([g for _, g in main], [a for a, _ in main])
+    result["paraphrases"] = score([g for _, g in para], [a for a, _ in para]) if para else None
+    if predictions:
+        result["predictions"] = [
+            {"id": items[i].id, "question": q, "prediction": g, "correct": is_correct(g, items[i].answers),
+             **({"paraphrase": True} if p else {})}
+            for (i, q, p), g in zip(asked, generated)
+        ]
+    return result

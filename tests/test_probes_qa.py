@@ -1,0 +1,66 @@
+"""QA scoring: SQuAD normalisation, exact match, F1, contains-match; the probe end to end."""
+
+import pytest
+
+from memtune.data import QA
+from memtune.probes import exact_match, is_correct, normalize_answer, qa_accuracy, token_f1
+from memtune.probes import qa as qa_module
+from tiny import tiny_model, tiny_tokenizer
+
+
+def test_normalize_answer_like_squad():
+    assert normalize_answer("  The  Eiffel-Tower, Paris!  ") == "eiffeltower paris"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("Theatre") == "theatre"  # articles only as whole words
+
+
+def test_exact_match_and_f1_by_hand():
+    assert exact_match("the Paris.", "Paris")
+    assert not exact_match("Paris, France", "Paris")
+    assert exact_match("paris france", ["Lyon", "Paris, France"])
+    assert token_f1("Paris", "Paris") == 1.0
+    # pred {paris, is, capital}, gold {paris}: P = 1/3, R = 1 -> F1 = 0.5
+    assert token_f1("Paris is the capital", "Paris") == pytest.approx(0.5)
+    # pred {new, york, city}, gold {new, york}: P = 2/3, R = 1 -> 0.8
+    assert token_f1("New York City", "New York") == pytest.approx(0.8)
+    assert token_f1("London", "Paris") == 0.0
+    assert token_f1("Rome", ["Paris", "Rome"]) == 1.0
+    assert token_f1("", "Paris") == 0.0
+
+
+def test_contains_match_whole_words_and_verbatim_short_answers():
+    assert is_correct("The capital of France is Paris.", ["Paris"])
+    assert is_correct("It is the Sunset Blvd.", ["Sunset Boulevard", "Sunset Blvd"])
+    assert not is_correct("Parisians live there", ["Paris"])  # whole words only
+    assert is_correct("Its code is IN.", ["IN"]) and not is_correct("It lies in Asia.", ["IN"])
+    assert is_correct("Dial +33 first.", ["+33", "33"]) and not is_correct("Dial 330.", ["+33", "33"])
+    assert is_correct("Websites end in .fr", [".fr"]) and not is_correct("fr", [".is"])
+    assert not is_correct("anything", ["the"])  # nothing left after normalisation
+
+
+def test_qa_accuracy_scores_questions_and_paraphrases(monkeypatch):
+    items = [
+        QA("What is the capital of France?", "Paris", paraphrases=["France's capital?", "Capital city of France?"], id="a"),
+        QA("Who wrote Hamlet?", "Shakespeare", aliases=["William Shakespeare"], id="b"),
+    ]
+    canned = {
+        "What is the capital of France?": "Paris",
+        "France's capital?": "It is Paris.",
+        "Capital city of France?": "Lyon",
+        "Who wrote Hamlet?": "It was William Shakespeare.",
+    }
+    monkeypatch.setattr(qa_module, "generate", lambda model, tok, qs, **kw: [canned[q] for q in qs])
+    r = qa_accuracy(None, None, items, predictions=True)
+    assert r["n"] == 2 and r["exact_match"] == 0.5 and r["contains"] == 1.0
+    assert r["f1"] == pytest.approx((1.0 + 2 * (2 / 4) * 1 / (2 / 4 + 1)) / 2)  # "it was william shakespeare"
+    assert r["paraphrases"]["n"] == 2 and r["paraphrases"]["contains"] == 0.5 and r["paraphrases"]["exact_match"] == 0.0
+    assert [p["prediction"] for p in r["predictions"] if not p.get("paraphrase")] == ["Paris", "It was William Shakespeare."]
+    assert qa_accuracy(None, None, items, paraphrases=False)["paraphrases"] is None
+
+
+def test_qa_accuracy_runs_a_tiny_model_batched():
+    model, tok = tiny_model(), tiny_tokenizer()
+    items = [QA(f"What is {i} plus {i}?", str(2 * i), paraphrases=[f"{i} + {i} = ?"]) for i in range(5)]
+    r = qa_accuracy(model, tok, items, max_new_tokens=4, batch_size=2, predictions=True, progress=False)
+    assert r["n"] == 5 and r["paraphrases"]["n"] == 5 and len(r["predictions"]) == 10
+    assert 0.0 <= r["f1"] <= 1.0
