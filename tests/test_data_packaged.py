@@ -50,5 +50,5 @@ def test_prose_parts_are_disjoint_and_deterministic():
     assert [d.text for d in heldout] == [d.text for d in load_documents("prose:heldout")]
     assert 0.1 < len(heldout) / len(everything) < 0.35
     assert max(len(d.text) for d in everything) < 20_000
-    with pytest.raises(MemtuneError, match="unknown prose part 'train'"):
+    with pytest.raises(MemtuneError, match="unknown prose source 'prose:train'"):
         load_documents("prose:train")

@@ -44,7 +44,7 @@ def _passages(text: str, max_chars: int = MAX_CHARS) -> list[str]:
 def prose_documents(part: str | None = None) -> list[Document]:
     """Passages of the Python reference: all of them, or one part (`background` | `heldout`)."""
     if part is not None and part not in PARTS:
-        raise MemtuneError(f"unknown prose part {part!r}: expected prose, prose:background or prose:heldout")
+        raise MemtuneError(f"unknown prose source {'prose:' + part!r}: expected prose, prose:background or prose:heldout")
     from pydoc_data.topics import topics
 
     passages = {name: [(topic, i, text) for topic in sorted(topics) if part_of(topic) == name
