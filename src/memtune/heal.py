@@ -1,0 +1,308 @@
+"""Healing: train a retrofitted model's memory parameters on general text, so that a model whose
+FFNs were replaced by memories (``replace`` mode) recovers what the replacement cost.
+
+Two objectives, weighted and summed:
+
+- LM: next-token cross-entropy on the data's labelled tokens (documents: all; QA: answers);
+- distillation: KL(original ‖ retrofitted) of the next-token distributions at every real
+  token, where the original is the *same* model with its memories bypassed and its FFNs
+  restored (`memtune.retrofit.bypass_memory`) — no second copy of the model.
+
+Only memory parameters train; the base stays frozen and bitwise identical. A value table's
+gradient is sparse (just the rows read), so its rows are updated by `SparseAdam`, whose state
+exists only for rows ever read; the dense memory parameters (query, keys, gates, out) by AdamW.
+A recovery report compares held-out perplexity of the original, the retrofitted model before
+healing, and after.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from memtune.batches import Example, collate, n_loss_tokens, token_loss_sum
+from memtune.errors import MemtuneError
+from memtune.memory import MemoryBank
+from memtune.retrofit import bypass_memory, freeze_base, memory_parameters, require_memory_bank
+from memtune.sparse_optim import SparseAdam
+from memtune.train import peak_rss_mb
+
+log = logging.getLogger(__name__)
+
+VALUES_PREFIX = "memory.values."
+
+
+@dataclass
+class HealConfig:
+    """How to heal. Every field is also a `memtune heal` option."""
+
+    lm_weight: float = field(default=1.0, metadata={"help": "weight of the LM loss (next-token cross-entropy)"})
+    distill_weight: float = field(
+        default=1.0, metadata={"help": "weight of the distillation loss KL(original ‖ retrofitted)"}
+    )
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the dense memory parameters "
+                                                        "(query, keys, gates, out)"})
+    value_lr: float = field(default=1e-3, metadata={"help": "sparse Adam learning rate of the value rows"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the dense memory parameters"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per step"})
+    max_length: int = field(default=128, metadata={"help": "tokens per sequence (longer documents are split)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the data"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many steps"})
+    max_minutes: float | None = field(default=None, metadata={"help": "stop training after this many minutes"})
+    seed: int = field(default=0, metadata={"help": "data order"})
+    eval_data: str = field(default="prose:heldout", metadata={"help": "held-out text for the recovery report"})
+    eval_limit: int | None = field(default=None, metadata={"help": "use the first N held-out documents only"})
+    eval_max_length: int = field(default=512, metadata={"help": "perplexity window in tokens"})
+    eval_stride: int = field(default=256, metadata={"help": "perplexity window stride in tokens"})
+    min_recovery: float = field(
+        default=0.8, metadata={"help": "warn when healing recovers less than this fraction of the lost perplexity"}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("lm_weight", "distill_weight", "weight_decay"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise MemtuneError(f"{name}={value} is invalid: expected a non-negative number")
+        if self.lm_weight == 0 and self.distill_weight == 0:
+            raise MemtuneError("lm_weight=0 and distill_weight=0: nothing to train; give at least one a positive weight")
+        for name in ("lr", "value_lr"):
+            value = getattr(self, name)
+            if not value > 0:
+                raise MemtuneError(f"{name}={value} is invalid: expected a positive number")
+        for name in ("batch_size", "max_length", "epochs", "eval_max_length", "eval_stride"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
+        for name in ("max_steps", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise MemtuneError(f"{name}={value} is invalid: expected a positive integer")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise MemtuneError(f"max_minutes={self.max_minutes} is invalid: expected a positive number")
+        if self.eval_stride > self.eval_max_length:
+            raise MemtuneError(f"eval_stride={self.eval_stride} is invalid: expected at most "
+                               f"eval_max_length={self.eval_max_length}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor) -> Tensor:
+    """Mean over real positions of KL(teacher ‖ student) of next-token distributions.
+
+    student_logits, teacher_logits: (B, T, V); mask: (B, T), 1 at real tokens. Exactly 0 when
+    the two logits are bitwise equal (kl_div computes p_t · (log p_t - log p_s) elementwise)."""
+    m = mask.to(student_logits.device).bool()
+    log_s = F.log_softmax(student_logits[m].float(), dim=-1)  # (N, V)
+    log_t = F.log_softmax(teacher_logits[m].float(), dim=-1)  # (N, V)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="sum") / max(int(m.sum()), 1)
+
+
+class MemoryOptimizer:
+    """AdamW for the dense memory parameters, SparseAdam for the value rows read in a step."""
+
+    def __init__(self, model: nn.Module, lr: float, value_lr: float, weight_decay: float = 0.0):
+        self.bank: MemoryBank = require_memory_bank(model)
+        dense = [p for name, p in memory_parameters(model) if not name.startswith(VALUES_PREFIX)]
+        self.dense = torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay) if dense else None
+        self.values = SparseAdam(value_lr)
+
+    def step(self) -> int:
+        """Apply the step's gradients; returns the number of value rows updated."""
+        if self.dense is not None:
+            self.dense.step()
+            self.dense.zero_grad(set_to_none=True)
+        updated = 0
+        for table in self.bank.values:
+            grad = table.weight.grad
+            if grad is None:
+                continue
+            grad = grad.coalesce()  # several layers sharing a table sum their sparse reads
+            table.weight.grad = grad
+            updated += self.values.step(table.weight, grad.indices()[0])  # every row read
+            table.weight.grad = None
+        return updated
+
+
+def heal_losses(model: nn.Module, batch: dict[str, Tensor], config: HealConfig) -> dict[str, Tensor]:
+    """The weighted objectives on one batch: {"loss", "lm_loss"?, "distill_loss"?}."""
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    teacher = None
+    if config.distill_weight > 0:
+        with torch.no_grad(), bypass_memory(model):
+            teacher = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+    out: dict[str, Tensor] = {}
+    total = logits.new_zeros((), dtype=torch.float32)
+    if config.lm_weight > 0:
+        labels = batch["labels"].to(device)
+        out["lm_loss"] = token_loss_sum(logits, labels) / max(n_loss_tokens(labels), 1)
+        total = total + config.lm_weight * out["lm_loss"]
+    if teacher is not None:
+        out["distill_loss"] = distillation_loss(logits, teacher, mask)
+        total = total + config.distill_weight * out["distill_loss"]
+    out["loss"] = total
+    return out
+
+
+def heal(
+    model: nn.Module,
+    tokenizer,
+    examples: list[Example],
+    config: HealConfig,
+    on_step=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train the memory parameters of `model` (in place) on `examples`; returns per-step metrics.
+
+    Runs `config.epochs` passes, or fewer when `max_steps` or `max_minutes` is reached."""
+    if not examples:
+        raise MemtuneError("no healing examples: the data is empty")
+    require_memory_bank(model)
+    freeze_base(model)
+    optimizer = MemoryOptimizer(model, config.lr, config.value_lr, config.weight_decay)
+    # Eval mode: the original's distributions (the targets) must not depend on dropout.
+    model.eval()
+    generator = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = -(-len(examples) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
+    history: list[dict] = []
+    bar = tqdm(total=total, desc="heal", disable=not progress)
+    start = time.perf_counter()
+    step = 0
+    try:
+        while step < total:
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for s in range(0, len(order), config.batch_size):
+                if step >= total or (step and deadline is not None and time.perf_counter() >= deadline):
+                    total = step
+                    break
+                t0 = time.perf_counter()
+                batch = collate([examples[i] for i in order[s : s + config.batch_size]], tokenizer.pad_token_id, "all")
+                losses = heal_losses(model, batch, config)
+                losses["loss"].backward()
+                rows = optimizer.step()
+                step += 1
+                elapsed = time.perf_counter() - t0
+                record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
+                          **{k: v.item() for k, v in losses.items()},
+                          "value_rows": rows, "step_time_s": round(elapsed, 4),
+                          "tokens_per_s": round(int(batch["attention_mask"].sum()) / elapsed, 1),
+                          "peak_rss_mb": round(peak_rss_mb(), 1), "elapsed_s": round(time.perf_counter() - start, 2)}
+                history.append(record)
+                if on_step is not None:
+                    on_step(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
+    finally:
+        bar.close()
+    return history
+
+
+def recovered_fraction(base: float, replaced: float, healed: float) -> float | None:
+    """(replaced - healed) / (replaced - base): 1 = all the lost perplexity recovered. None when
+    the retrofit lost nothing (nothing to recover)."""
+    lost = replaced - base
+    if not lost > 0:
+        return None
+    return (replaced - healed) / lost
+
+
+def held_out_perplexity(model: nn.Module, tokenizer, texts: list[str], config: HealConfig,
+                        bypass: bool = False, progress: bool = True) -> float:
+    """Sliding-window perplexity of `texts` (of the original model when `bypass`)."""
+    from memtune.probes import perplexity
+
+    if bypass:
+        with bypass_memory(model):
+            result = perplexity(model, tokenizer, texts, config.eval_max_length, config.eval_stride, progress=progress)
+    else:
+        result = perplexity(model, tokenizer, texts, config.eval_max_length, config.eval_stride, progress=progress)
+    return result["perplexity"]
+
+
+@dataclass
+class HealRun:
+    model: str
+    out: str
+    config: HealConfig
+    data: str = "prose:background"
+    format: str = "auto"
+    limit: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+def run_heal(run: HealRun) -> dict:
+    """Heal `run.model` (a memory checkpoint) on `run.data`; writes `run.out/` with config.json,
+    metrics.jsonl, model/ (the healed memory checkpoint) and results.json (with the recovery
+    report). Returns the results."""
+    from memtune.checkpoint import save_memory
+    from memtune.data import load_documents
+    from memtune.io import atomic_dir, write_json
+    from memtune.learn import _check_out, load_examples, provenance
+    from memtune.models import load_model
+    from memtune.train import JsonlWriter
+
+    cfg = run.config
+    _check_out(run.out, run.overwrite)
+    model, tokenizer = load_model(run.model)
+    require_memory_bank(model)
+    kind, examples = load_examples(run.data, tokenizer, run.format, cfg.max_length, run.limit)
+    texts = [d.text for d in load_documents(cfg.eval_data, limit=cfg.eval_limit)]
+    if not texts:
+        raise MemtuneError(f"eval_data={cfg.eval_data!r} holds no documents")
+    with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
+        write_json(tmp / "config.json", {"model": run.model, "data": run.data, "format": kind, "limit": run.limit,
+                                         "memory": require_memory_bank(model).config.to_dict(), "heal": cfg.to_dict()})
+        ppl_base = held_out_perplexity(model, tokenizer, texts, cfg, bypass=True, progress=run.progress)
+        ppl_before = held_out_perplexity(model, tokenizer, texts, cfg, progress=run.progress)
+        log.info("held-out perplexity on %s: original %.3f, retrofitted %.3f", cfg.eval_data, ppl_base, ppl_before)
+        writer = JsonlWriter(tmp / "metrics.jsonl")
+        start = time.perf_counter()
+        try:
+            history = heal(model, tokenizer, examples, cfg, on_step=writer, progress=run.progress)
+        finally:
+            writer.close()
+        train_time = time.perf_counter() - start
+        ppl_after = held_out_perplexity(model, tokenizer, texts, cfg, progress=run.progress)
+        save_memory(model, tmp / "model", overwrite=True, extra={"healed_from": run.model})
+        fraction = recovered_fraction(ppl_base, ppl_before, ppl_after)
+        results = {
+            "examples": len(examples), "steps": len(history),
+            "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+            "perplexity": {"data": cfg.eval_data, "base": ppl_base, "replaced": ppl_before, "healed": ppl_after},
+            "recovered_fraction": fraction, "min_recovery": cfg.min_recovery,
+            "recovered": None if fraction is None else fraction >= cfg.min_recovery,
+            "train_time_s": round(train_time, 2),
+            "mean_step_time_s": round(sum(h["step_time_s"] for h in history) / len(history), 4),
+            "peak_rss_mb": round(peak_rss_mb(), 1), **provenance(),
+        }
+        write_json(tmp / "results.json", results)
+    _log_report(results, run.out)
+    return results
+
+
+def _log_report(results: dict, out: str | Path) -> None:
+    p, fraction = results["perplexity"], results["recovered_fraction"]
+    log.info("healed in %d steps (%.0f s), loss %.3f -> %.3f; held-out perplexity: original %.3f, "
+             "retrofitted %.3f, healed %.3f; run saved to %s", results["steps"], results["train_time_s"],
+             results["first_loss"], results["final_loss"], p["base"], p["replaced"], p["healed"], out)
+    if fraction is None:
+        log.info("the retrofitted model lost no perplexity: nothing to recover")
+    elif fraction < results["min_recovery"]:
+        log.warning("healing recovered %.1f%% of the lost perplexity, short of --min-recovery %.0f%%: "
+                    "heal longer, raise --value-lr/--lr, or use more data", 100 * fraction, 100 * results["min_recovery"])
+    else:
+        log.info("healing recovered %.1f%% of the lost perplexity", 100 * fraction)
