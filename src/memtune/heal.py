@@ -138,8 +138,8 @@ def heal_losses(model: nn.Module, batch: dict[str, Tensor], config: HealConfig) 
     teacher = None
     if config.distill_weight > 0:
         with torch.no_grad(), bypass_memory(model):
-            teacher = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-    logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+            teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
     out: dict[str, Tensor] = {}
     total = logits.new_zeros((), dtype=torch.float32)
     if config.lm_weight > 0:

@@ -159,7 +159,10 @@ class LoRA(_DenseMethod):
             raise MemtuneError("--method lora adapts a base model: pass a model without memory layers")
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=self.target_modules, task_type="CAUSAL_LM")
+        name = getattr(model.config, "name_or_path", None)  # as the user named it (load_base_model)
         model = get_peft_model(model, config)
+        if name:  # peft records the resolved folder; an alias like smollm2-135m reloads anywhere
+            model.peft_config["default"].base_model_name_or_path = name
         self._make_optimizer(model)
         return model
 
