@@ -154,7 +154,8 @@ def test_sparse_adam_matches_dense_adam_on_always_selected_rows():
 
 def test_sgd_update_is_lr_times_gradient():
     table = torch.nn.Parameter(torch.zeros(6, 2))
-    table.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), (6, 2))
+    table.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]]), (6, 2),
+                                         check_invariants=True)
     SparseSGD(lr=0.5).step(table, torch.tensor([4]))
     assert table.detach().tolist() == [[0, 0], [0, 0], [0, 0], [0, 0], [-1.5, -2.0], [0, 0]]
 
