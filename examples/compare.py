@@ -1,0 +1,33 @@
+"""Print a before/after table from `memtune eval --predictions` results (used by demo.sh).
+
+    python examples/compare.py BEFORE_MODEL AFTER_MODEL
+
+reads MODEL.learned.json and MODEL.known.json beside each model folder.
+"""
+
+import json
+import sys
+
+
+def load(model: str, name: str) -> dict:
+    with open(f"{model}.{name}.json") as f:
+        return json.load(f)["probes"]["qa"]
+
+
+def main(before: str, after: str) -> None:
+    rows = [("learned facts", "learned", None), ("their paraphrases", "learned", "paraphrases"),
+            ("known facts", "known", None)]
+    print("| answered right (contains) | before | after |\n|---|---|---|")
+    for label, name, sub in rows:
+        b, a = load(before, name), load(after, name)
+        if sub:
+            b, a = b[sub], a[sub]
+        print(f"| {label} (n={a['n']}) | {b['contains']:.0%} | {a['contains']:.0%} |")
+    print("\n| question | before | after |\n|---|---|---|")
+    for b, a in zip(load(before, "learned")["predictions"], load(after, "learned")["predictions"]):
+        mark = "✓" if a["correct"] else "✗"
+        print(f"| {a['question']} | {b['prediction'][:60]} | {mark} {a['prediction'][:60]} |")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
