@@ -9,8 +9,10 @@ import torch
 from memtune.batches import collate, encode_documents
 from memtune.cli import main
 from memtune.data import load_documents
+from memtune.errors import MemtuneError
 from memtune.heal import (
     HealConfig,
+    MemoryOptimizer,
     _log_report,
     distillation_loss,
     heal,
@@ -69,6 +71,34 @@ def test_distillation_is_positive_for_a_replace_model(tokenizer, docs):
     assert torch.allclose(losses["loss"], expected)
 
 
+def test_layerwise_loss_alone_stops_at_the_last_memory_layer(tokenizer, docs):
+    model = memory_model("replace")
+    with torch.no_grad():
+        model.memory.values[0].weight.zero_()  # memory output 0: all of the FFN's output is missing
+    calls = []
+    model.lm_head.register_forward_hook(lambda *_: calls.append(1))
+    batch = collate(docs[:4], tokenizer.pad_token_id, "all")
+    losses = heal_losses(model, batch, HealConfig(lm_weight=0.0, distill_weight=0.0, local_weight=1.0))
+    assert set(losses) == {"loss", "local_loss"} and losses["local_loss"].item() == 1.0
+    assert calls == []  # nothing above the memory layer ran
+    parallel = memory_model("parallel")
+    both = heal_losses(parallel, batch, HealConfig(local_weight=1.0))
+    assert both["local_loss"].item() == 0.0 and set(both) == {"loss", "lm_loss", "distill_loss", "local_loss"}
+    assert calls == []
+
+
+def test_lookup_has_its_own_learning_rate_and_the_schedule_decays(tokenizer, docs):
+    model = memory_model("replace")
+    opt = MemoryOptimizer(model, lr=1e-3, value_lr=1e-2, lookup_lr=1e-6)
+    lrs = {id(p): g["lr"] for g in opt.dense.param_groups for p in g["params"]}
+    assert lrs[id(model.memory.layers["1"].query.weight)] == lrs[id(model.memory.layers["1"].keys)] == 1e-6
+    assert lrs[id(model.memory.layers["1"].gate.weight)] == lrs[id(model.memory.layers["1"].out.weight)] == 1e-3
+    assert id(model.memory.values[0].weight) not in lrs
+    history = heal(model, tokenizer, docs[:8], HealConfig(**{**SMALL, "batch_size": 2}, schedule="linear",
+                                                           value_lr=1e-2), progress=False)
+    assert [h["value_lr"] for h in history] == pytest.approx([1e-2, 0.75e-2, 0.5e-2, 0.25e-2])
+
+
 def test_distillation_loss_by_hand():
     student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -121,6 +151,13 @@ def test_value_gradient_is_sparse(tokenizer, docs):
     batch = collate(docs[:2], tokenizer.pad_token_id, "all")
     heal_losses(model, batch, HealConfig())["loss"].backward()
     assert model.memory.values[0].weight.grad.is_sparse
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(schedule="cosine"), "schedule='cosine'"),
+                                             (dict(max_minutes=0), "max_minutes=0"), (dict(batch_size=0), "batch_size=0")])
+def test_bad_config(kwargs, message):
+    with pytest.raises(MemtuneError, match=message):
+        HealConfig(**kwargs)
 
 
 def test_recovered_fraction():
@@ -190,6 +227,7 @@ def _fails(args, capsys, message):
 
 @pytest.mark.parametrize("args, message", [
     (["--lm-weight", "0", "--distill-weight", "0"], "nothing to train"),
+    (["--lookup-lr", "-1"], "lookup_lr=-1"),
     (["--lm-weight", "-1"], "lm_weight=-1"),
     (["--value-lr", "0"], "value_lr=0"),
     (["--data", "no-such-source"], "no-such-source"),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -30,13 +31,14 @@ from tqdm.auto import tqdm
 from memtune.batches import Example, collate, n_loss_tokens, token_loss_sum
 from memtune.errors import MemtuneError
 from memtune.memory import MemoryBank
-from memtune.retrofit import bypass_memory, freeze_base, memory_parameters, require_memory_bank
+from memtune.retrofit import MemoryFFN, bypass_memory, freeze_base, memory_ffns, memory_parameters, require_memory_bank
 from memtune.sparse_optim import SparseAdam
 from memtune.train import peak_rss_mb
 
 log = logging.getLogger(__name__)
 
 VALUES_PREFIX = "memory.values."
+SCHEDULES = ("constant", "linear")
 
 
 @dataclass
@@ -47,10 +49,30 @@ class HealConfig:
     distill_weight: float = field(
         default=1.0, metadata={"help": "weight of the distillation loss KL(original ‖ retrofitted)"}
     )
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the dense memory parameters "
-                                                        "(query, keys, gates, out)"})
-    value_lr: float = field(default=1e-3, metadata={"help": "sparse Adam learning rate of the value rows"})
+    local_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the layer-wise loss: squared error of each memory layer's output against "
+                  "the original FFN's, relative to the FFN's; alone, the forward stops at the last memory layer "
+                  "(several times cheaper per token)"},
+    )
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate of the dense memory parameters "
+                                                        "(gate and out; the lookup has --lookup-lr)"})
+    value_lr: float = field(
+        default=0.1, metadata={"help": "sparse Adam learning rate of the value rows (zero-initialised values "
+                               "need large steps)"}
+    )
+    lookup_lr: float | None = field(
+        default=1e-5,
+        metadata={"help": "AdamW learning rate of the lookup (query projection, query norm, keys); None: --lr. "
+                  "Kept low because Adam's normalised steps move every token's query the same way and the "
+                  "lookup collapses onto a few slots (watch value_rows in metrics.jsonl)"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the dense memory parameters"})
+    schedule: Literal["constant", "linear"] = field(
+        default="linear",
+        metadata={"help": "learning rates: constant, or linear decay to 0 at the end of training (the end is the "
+                  "earlier of the last step and --max-minutes)"},
+    )
     batch_size: int = field(default=8, metadata={"help": "sequences per step"})
     max_length: int = field(default=128, metadata={"help": "tokens per sequence (longer documents are split)"})
     epochs: int = field(default=1, metadata={"help": "passes over the data"})
@@ -66,15 +88,16 @@ class HealConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("lm_weight", "distill_weight", "weight_decay"):
+        for name in ("lm_weight", "distill_weight", "local_weight", "weight_decay"):
             value = getattr(self, name)
             if not value >= 0:
                 raise MemtuneError(f"{name}={value} is invalid: expected a non-negative number")
-        if self.lm_weight == 0 and self.distill_weight == 0:
-            raise MemtuneError("lm_weight=0 and distill_weight=0: nothing to train; give at least one a positive weight")
-        for name in ("lr", "value_lr"):
+        if self.lm_weight == 0 and self.distill_weight == 0 and self.local_weight == 0:
+            raise MemtuneError("lm_weight, distill_weight and local_weight are all 0: nothing to train; "
+                               "give at least one a positive weight")
+        for name in ("lr", "value_lr", "lookup_lr"):
             value = getattr(self, name)
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise MemtuneError(f"{name}={value} is invalid: expected a positive number")
         for name in ("batch_size", "max_length", "epochs", "eval_max_length", "eval_stride"):
             value = getattr(self, name)
@@ -86,6 +109,8 @@ class HealConfig:
                 raise MemtuneError(f"{name}={value} is invalid: expected a positive integer")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise MemtuneError(f"max_minutes={self.max_minutes} is invalid: expected a positive number")
+        if self.schedule not in SCHEDULES:
+            raise MemtuneError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
         if self.eval_stride > self.eval_max_length:
             raise MemtuneError(f"eval_stride={self.eval_stride} is invalid: expected at most "
                                f"eval_max_length={self.eval_max_length}")
@@ -105,14 +130,34 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tens
     return F.kl_div(log_s, log_t, log_target=True, reduction="sum") / max(int(m.sum()), 1)
 
 
-class MemoryOptimizer:
-    """AdamW for the dense memory parameters, SparseAdam for the value rows read in a step."""
+def is_lookup_param(name: str) -> bool:
+    """Query projection, query norm and keys: what decides which slots a token reads."""
+    leaf = name.split(".")
+    return name.startswith("memory.layers.") and ("query" in leaf or "query_norm" in leaf or leaf[-1] == "keys")
 
-    def __init__(self, model: nn.Module, lr: float, value_lr: float, weight_decay: float = 0.0):
+
+class MemoryOptimizer:
+    """AdamW for the dense memory parameters (the lookup at its own lr), SparseAdam for the
+    value rows read in a step."""
+
+    def __init__(self, model: nn.Module, lr: float, value_lr: float, weight_decay: float = 0.0,
+                 lookup_lr: float | None = None):
         self.bank: MemoryBank = require_memory_bank(model)
-        dense = [p for name, p in memory_parameters(model) if not name.startswith(VALUES_PREFIX)]
-        self.dense = torch.optim.AdamW(dense, lr=lr, weight_decay=weight_decay) if dense else None
+        dense = [(name, p) for name, p in memory_parameters(model) if not name.startswith(VALUES_PREFIX)]
+        groups = [{"params": [p for n, p in dense if is_lookup_param(n)], "lr": lr if lookup_lr is None else lookup_lr},
+                  {"params": [p for n, p in dense if not is_lookup_param(n)], "lr": lr}]
+        groups = [g for g in groups if g["params"]]
+        self.dense = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay) if groups else None
         self.values = SparseAdam(value_lr)
+        self.base_lrs = [g["lr"] for g in self.dense.param_groups] if self.dense is not None else []
+        self.base_value_lr = value_lr
+
+    def scale_lr(self, factor: float) -> None:
+        """Set every learning rate to `factor` times its initial value."""
+        if self.dense is not None:
+            for group, lr in zip(self.dense.param_groups, self.base_lrs):
+                group["lr"] = lr * factor
+        self.values.lr = self.base_value_lr * factor
 
     def step(self) -> int:
         """Apply the step's gradients; returns the number of value rows updated."""
@@ -131,22 +176,72 @@ class MemoryOptimizer:
         return updated
 
 
+class _StopForward(Exception):
+    """Raised by the last memory layer's hook when nothing above it is needed."""
+
+
+class LayerwiseLoss:
+    """Forward hooks on the memory-wrapped FFNs that collect, at real tokens, the squared error
+    of each wrapper's output against the original FFN's output at the same input, and the
+    original's squared norm: loss = Σ err² / Σ ffn². 1.0 for a zero memory in replace mode."""
+
+    def __init__(self, model: nn.Module, stop_after_last: bool = False):
+        self.wrappers = memory_ffns(model)
+        self.stop_after_last = stop_after_last
+        self.mask: Tensor | None = None
+        self.err: list[Tensor] = []
+        self.norm: list[Tensor] = []
+        self.handles = [w.register_forward_hook(self._hook) for w in self.wrappers]
+
+    def _hook(self, module: MemoryFFN, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        if module.bypass:
+            return
+        x = inputs[0]  # (B, T, d)
+        with torch.no_grad():
+            target = module.ffn(x).float()  # (B, T, d)
+        m = self.mask.to(x.device).bool()  # (B, T)
+        self.err.append((output.float() - target)[m].square().sum())
+        self.norm.append(target[m].square().sum())
+        if self.stop_after_last and module is self.wrappers[-1]:
+            raise _StopForward
+
+    def loss(self) -> Tensor:
+        return torch.stack(self.err).sum() / torch.stack(self.norm).sum().clamp_min(1e-12)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def heal_losses(model: nn.Module, batch: dict[str, Tensor], config: HealConfig) -> dict[str, Tensor]:
-    """The weighted objectives on one batch: {"loss", "lm_loss"?, "distill_loss"?}."""
+    """The weighted objectives on one batch: {"loss", "lm_loss"?, "distill_loss"?, "local_loss"?}."""
     device = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     teacher = None
     if config.distill_weight > 0:
         with torch.no_grad(), bypass_memory(model):
             teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+    local_only = config.lm_weight == 0 and config.distill_weight == 0
+    layerwise = LayerwiseLoss(model, stop_after_last=local_only) if config.local_weight > 0 else None
+    if layerwise is not None:
+        layerwise.mask = mask
     out: dict[str, Tensor] = {}
-    total = logits.new_zeros((), dtype=torch.float32)
-    if config.lm_weight > 0:
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # (B, T, V)
+    except _StopForward:
+        logits = None
+    finally:
+        if layerwise is not None:
+            layerwise.remove()
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    if layerwise is not None:
+        out["local_loss"] = layerwise.loss()
+        total = total + config.local_weight * out["local_loss"]
+    if logits is not None and config.lm_weight > 0:
         labels = batch["labels"].to(device)
         out["lm_loss"] = token_loss_sum(logits, labels) / max(n_loss_tokens(labels), 1)
         total = total + config.lm_weight * out["lm_loss"]
-    if teacher is not None:
+    if logits is not None and teacher is not None:
         out["distill_loss"] = distillation_loss(logits, teacher, mask)
         total = total + config.distill_weight * out["distill_loss"]
     out["loss"] = total
@@ -168,7 +263,7 @@ def heal(
         raise MemtuneError("no healing examples: the data is empty")
     require_memory_bank(model)
     freeze_base(model)
-    optimizer = MemoryOptimizer(model, config.lr, config.value_lr, config.weight_decay)
+    optimizer = MemoryOptimizer(model, config.lr, config.value_lr, config.weight_decay, config.lookup_lr)
     # Eval mode: the original's distributions (the targets) must not depend on dropout.
     model.eval()
     generator = torch.Generator().manual_seed(config.seed)
@@ -189,6 +284,11 @@ def heal(
                     total = step
                     break
                 t0 = time.perf_counter()
+                if config.schedule == "linear":
+                    done = step / total
+                    if deadline is not None:
+                        done = max(done, (t0 - start) / (60 * config.max_minutes))
+                    optimizer.scale_lr(max(0.0, 1.0 - done))
                 batch = collate([examples[i] for i in order[s : s + config.batch_size]], tokenizer.pad_token_id, "all")
                 losses = heal_losses(model, batch, config)
                 losses["loss"].backward()
@@ -197,7 +297,7 @@ def heal(
                 elapsed = time.perf_counter() - t0
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                           **{k: v.item() for k, v in losses.items()},
-                          "value_rows": rows, "step_time_s": round(elapsed, 4),
+                          "value_rows": rows, "value_lr": optimizer.values.lr, "step_time_s": round(elapsed, 4),
                           "tokens_per_s": round(int(batch["attention_mask"].sum()) / elapsed, 1),
                           "peak_rss_mb": round(peak_rss_mb(), 1), "elapsed_s": round(time.perf_counter() - start, 2)}
                 history.append(record)
