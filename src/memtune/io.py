@@ -11,16 +11,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from memtune.errors import MemtuneError
+
+
+def check_output_free(path: str | Path, overwrite: bool = False) -> None:
+    """Fail early (before slow work) when `path` exists, is not empty and may not be replaced."""
+    path = Path(path)
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise MemtuneError(f"output {str(path)!r} already exists and is not empty: choose another --out or pass --overwrite")
+
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes `path` only if the block succeeds."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        if not path.is_dir() or any(path.iterdir()):
-            from memtune.errors import MemtuneError
-
-            raise MemtuneError(f"output {str(path)!r} already exists and is not empty: choose another --out or remove it")
+    check_output_free(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from memtune.batches import Example, collate, encode_documents, encode_qa
 from memtune.errors import MemtuneError
-from memtune.io import atomic_dir, write_json
+from memtune.io import atomic_dir, check_output_free, write_json
 from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, train
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def run_learn(run: LearnRun) -> dict:
     from memtune.stats import Background
 
     cfg = run.config
-    _check_out(run.out, run.overwrite)
+    check_output_free(run.out, run.overwrite)
     background = Background.load(run.background) if run.background else None
     model, tokenizer = load_model(run.model)
     kind, examples = load_examples(run.data, tokenizer, run.format, cfg.max_length, run.limit)
@@ -127,12 +127,6 @@ def run_learn(run: LearnRun) -> dict:
     return results
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    path = Path(out)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise MemtuneError(f"output {out!r} already exists and is not empty: choose another --out or pass --overwrite")
-
-
 
 
 def run_background(model_name: str, source: str, out: str, n_batches: int = 200, batch_size: int = 8,
@@ -147,7 +141,7 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
 
     if n_batches <= 0 or batch_size <= 0:
         raise MemtuneError(f"n_batches={n_batches}, batch_size={batch_size}: expected positive integers")
-    _check_out(out, overwrite)
+    check_output_free(out, overwrite)
     model, tokenizer = load_model(model_name)
     kind, examples = load_examples(source, tokenizer, kind, max_length)
     n = min(n_batches, -(-len(examples) // batch_size))

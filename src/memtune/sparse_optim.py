@@ -116,5 +116,3 @@ def make_sparse_optimizer(name: str, lr: float) -> SparseSGD | SparseAdam:
         return SparseAdam(lr)
     raise MemtuneError(f"optimizer={name!r} is invalid for SMF: expected one of {', '.join(OPTIMIZERS)}")
 
-
-__all__ = ["OPTIMIZERS", "SparseAdam", "SparseSGD", "make_sparse_optimizer", "sparse_rows"]

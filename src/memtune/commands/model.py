@@ -43,11 +43,12 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     import torch
 
     from memtune.checkpoint import save_memory
+    from memtune.io import check_output_free
     from memtune.models import load_base_model
     from memtune.retrofit import parameter_counts, retrofit
 
     config = MemoryConfig(**dataclass_kwargs(MemoryConfig, args), base_model=args.model)
-    _check_out(args.out, args.overwrite)
+    check_output_free(args.out, args.overwrite)
     model, _ = load_base_model(args.model, dtype=args.dtype)
     torch.manual_seed(args.seed)
     retrofit(model, config)
@@ -58,16 +59,6 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
         config.layers, config.mode, config.n_slots, counts["memory"] / 1e6, counts["memory_bytes"] / 2**20, args.out,
     )
     return 0
-
-
-def _check_out(out: str, overwrite: bool) -> None:
-    from pathlib import Path
-
-    from memtune.errors import MemtuneError
-
-    path = Path(out)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise MemtuneError(f"output {out!r} already exists and is not empty: choose another --out or pass --overwrite")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
