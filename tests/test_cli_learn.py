@@ -37,7 +37,7 @@ def test_background_learn_generate(memory_dir, qa_file, tmp_path, capsys):
     assert {"loss", "selected", "updated_rows", "touched_rows", "tokens_per_s", "peak_rss_mb"} <= set(metrics[0])
     assert all(0 < sum(m["selected"].values()) <= 2 * 16 for m in metrics)
     config = json.loads((run / "config.json").read_text())
-    assert config["learn"]["method"] == "smf" and config["learn"]["lr"] == 0.1 and config["format"] == "qa"
+    assert config["learn"]["method"] == "smf" and config["learn"]["lr"] == 1.0 and config["format"] == "qa"
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 3 and "torch" in results["versions"]
     capsys.readouterr()

@@ -30,12 +30,16 @@ class LearnConfig:
 
     method: Literal["smf", "full", "lora"] = field(default="smf", metadata={"help": "smf, or a baseline: full, lora"})
     ranker: str = field(default="tfidf", metadata={"help": "SMF slot ranker: " + ", ".join(sorted(RANKERS))})
-    top_t: int = field(default=500, metadata={"help": "SMF: value rows updated per layer and step"})
+    top_t: int = field(
+        default=2000,
+        metadata={"help": "SMF: value rows updated per layer and step (on SmolLM2-135M, 500 learned 20 facts "
+                  "too slowly; 2000 learned them in 120 steps — see BENCHMARKS.md)"},
+    )
     optimizer: str = field(default="adam", metadata={"help": "SMF: adam (per-row state) or sgd"})
     lr: float | None = field(
         default=None,
-        metadata={"help": "learning rate; default by method: smf adam 0.1 (zero-initialised values need large "
-                  "steps), smf sgd 10, full 2e-5, lora 5e-4"},
+        metadata={"help": "learning rate; default by method: smf adam 1.0 (zero-initialised values need large "
+                  "steps; measured on SmolLM2-135M), smf sgd 10 (not tuned), full 2e-5, lora 5e-4"},
     )
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
