@@ -36,7 +36,7 @@ def run_one(kind: str, n_keys: int, args: argparse.Namespace) -> dict:
     batch = collate(examples[: args.batch_size], tok.pad_token_id, "all")
     if kind == "smf":
         retrofit(model, MemoryConfig(layers=[int(x) for x in args.layers.split(",")], n_keys=n_keys,
-                                     heads=4, knn=32, k_dim=256))
+                                     heads=4, knn=32, k_dim=256, value_dtype=args.value_dtype))
         method = SparseMemoryFinetuning("count", args.top_t, "adam", 0.1, background=None)
     else:
         method = FullFinetuning(2e-5)
@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top-t", type=int, default=500)
+    p.add_argument("--value-dtype", default="auto", help="value table dtype: auto (float32), bfloat16")
     p.add_argument("--slots", default="256,1024", help="n_keys values for SMF (slots = n_keys²)")
     p.add_argument("--child", nargs=2, metavar=("KIND", "N_KEYS"), help=argparse.SUPPRESS)
     args = p.parse_args()

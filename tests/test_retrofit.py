@@ -114,3 +114,26 @@ def test_parameter_counts_split_memory_and_base():
     assert counts["base"] == base
     assert counts["memory"] == sum(p.numel() for _, p in memory_parameters(model))
     assert counts["memory"] >= 256 * 32  # the value table alone
+
+
+def test_bfloat16_value_table_trains_and_keeps_parallel_mode_exact():
+    from memtune.methods import SparseMemoryFinetuning
+    from memtune.stats import StepUsage
+
+    model = tiny_model()
+    ids = _ids()
+    with torch.no_grad():
+        base = model(ids).logits
+    retrofit(model, tiny_memory_config(layers=[0, 1], value_dtype="bfloat16"))
+    table = model.memory.values[0].weight
+    assert table.dtype == torch.bfloat16 and model.memory.layers["0"].query.weight.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+    method = SparseMemoryFinetuning("count", top_t=8, optimizer="adam", lr=0.1, background=None)
+    model = method.prepare(model)
+    usage = StepUsage(model.memory)
+    model(ids, labels=ids).loss.backward()
+    usage.add(torch.ones(ids.shape, dtype=torch.bool))
+    assert table.grad.dtype == torch.bfloat16
+    method.step(usage)
+    assert 0 < int(table.detach().any(dim=1).sum()) <= 2 * 8  # top-T per layer, two layers

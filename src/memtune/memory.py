@@ -158,7 +158,8 @@ class ProductKeyMemory(nn.Module):
         weights, indices = self.lookup(x)
         if self.record:
             self.last_indices = indices.detach().view(*x.shape[:-1], -1)
-        y = read_values(weights, indices, values.weight).view(*x.shape[:-1], -1)  # (B, T, v)
+        table = values.weight
+        y = read_values(weights.to(table.dtype), indices, table).to(x.dtype).view(*x.shape[:-1], -1)  # (B, T, v)
         if self.gate is not None:
             y = y * F.silu(self.gate(x))
         return self.out(y)
@@ -173,8 +174,9 @@ class MemoryBank(nn.Module):
         self.config = config
         v_dim = config.v_dim or hidden_size
         n_tables = 1 if config.share_values else len(config.layers)
+        value_dtype = dtype if config.value_dtype == "auto" else getattr(torch, config.value_dtype)
         self.values = nn.ModuleList(
-            ValueTable(config.n_slots, v_dim, config.resolved_value_init, dtype) for _ in range(n_tables)
+            ValueTable(config.n_slots, v_dim, config.resolved_value_init, value_dtype) for _ in range(n_tables)
         )
         self.layers = nn.ModuleDict(
             {str(i): ProductKeyMemory(config, hidden_size, dtype) for i in config.layers}
