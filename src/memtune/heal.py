@@ -9,7 +9,7 @@ Objectives, weighted and summed:
   restored (`memtune.retrofit.bypass_memory`) — no second copy of the model;
 - layer-wise: each memory layer's output against the output of the FFN it stands in for, at
   the same input. Alone it needs no forward above the last memory layer and no logits, so a
-  step costs a fraction of the others' (on CPU, SmolLM2-135M with memory at layer 15: ~6×).
+  step costs a fraction of the others' (SmolLM2-135M, memory at layer 15, CPU: 6–10× less).
 
 Only memory parameters train; the base stays frozen and bitwise identical. A value table's
 gradient is sparse (just the rows read), so its rows are updated by `SparseAdam`, whose state
