@@ -24,7 +24,9 @@ def main(before: str, after: str) -> None:
             b, a = b[sub], a[sub]
         print(f"| {label} (n={a['n']}) | {b['contains']:.0%} | {a['contains']:.0%} |")
     print("\n| question | before | after |\n|---|---|---|")
-    for b, a in zip(load(before, "learned")["predictions"], load(after, "learned")["predictions"]):
+    b_qa, a_qa = load(before, "learned"), load(after, "learned")
+    n = a_qa["n"]  # predictions on the paraphrases follow the first n
+    for b, a in zip(b_qa["predictions"][:n], a_qa["predictions"][:n]):
         mark = "✓" if a["correct"] else "✗"
         print(f"| {a['question']} | {b['prediction'][:60]} | {mark} {a['prediction'][:60]} |")
 
