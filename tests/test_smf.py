@@ -185,3 +185,17 @@ def test_smf_learns_the_training_data(tokenizer):
 def test_tfidf_without_background_is_an_error():
     with pytest.raises(MemtuneError, match="needs background statistics"):
         SparseMemoryFinetuning("tfidf", 10, "adam", 0.1, background=None)
+
+
+def test_fingerprint_follows_the_lookup_only():
+    from memtune.stats import memory_fingerprint
+
+    model = memory_model()
+    before = memory_fingerprint(model.memory)
+    with torch.no_grad():
+        model.memory.values[0].weight.add_(1.0)
+        model.memory.layers["0"].out.weight.add_(1.0)
+    assert memory_fingerprint(model.memory) == before
+    with torch.no_grad():
+        model.memory.layers["1"].keys.add_(1e-3)
+    assert memory_fingerprint(model.memory) != before

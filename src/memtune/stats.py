@@ -59,13 +59,19 @@ class StepUsage:
         return out
 
 
+# What decides which slots a token reads: these config fields and each layer's query and keys.
+LOOKUP_FIELDS = ("layers", "n_keys", "heads", "knn", "k_dim", "query_norm")
+
+
 def memory_fingerprint(bank: MemoryBank) -> str:
-    """Identifies the lookup (config, queries, keys): statistics are valid only for it.
-    Values are left out — sparse finetuning changes them, not which slots are read."""
-    h = hashlib.sha256(json.dumps({**bank.config.to_dict(), "base_model": None}, sort_keys=True).encode())
+    """Identifies the lookup: statistics are valid only for it. Values, gates and output
+    projections are left out — sparse finetuning changes values, not which slots are read."""
+    config = bank.config.to_dict()
+    h = hashlib.sha256(json.dumps({k: config[k] for k in LOOKUP_FIELDS}, sort_keys=True).encode())
     for name, p in sorted(bank.layers.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
+        if name.split(".")[1] in ("query", "query_norm", "keys"):
+            h.update(name.encode())
+            h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
