@@ -21,15 +21,6 @@ RUN_FILES = ["config.json", "metrics.jsonl", "model", "results.json"]
 STEP_KEYS = {"step", "loss", "loss_tokens", "tokens_per_s", "peak_rss_mb", "step_time_s", "elapsed_s"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def qa_file(tmp_path):
     path = tmp_path / "qa.jsonl"

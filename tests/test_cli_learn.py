@@ -5,6 +5,7 @@ import json
 import pytest
 
 from memtune.cli import main
+from tiny import cli_error
 
 QA = [{"question": "What is the capital of Zorbia?", "answer": "Quenta"},
       {"question": "Who founded Zorbia?", "answer": "Marla Venn"}]
@@ -52,17 +53,6 @@ def test_documents_learn(memory_dir, tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["format"] == "documents"
 
 
-def _fails(args, capsys, message):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code != 0, err
-    assert message in err, err
-    return err
-
-
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -74,9 +64,8 @@ def _fails(args, capsys, message):
 def test_bad_data_files(memory_dir, tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(content)
-    err = _fails(["learn", "--model", str(memory_dir), "--data", str(bad), "--ranker", "count",
+    cli_error(["learn", "--model", str(memory_dir), "--data", str(bad), "--ranker", "count",
                   "--out", str(tmp_path / "run")], capsys, message)
-    assert err.count("\n") == 0
     assert not (tmp_path / "run").exists()
 
 
@@ -85,7 +74,8 @@ def test_background_of_another_memory_model_is_refused(memory_dir, tiny_model_di
     assert main(["retrofit", "--model", str(tiny_model_dir), *RETROFIT, "--seed", "1", "--out", str(other)]) == 0
     assert main(["background", "--model", str(other), "--batches", "2", "--max-length", "32",
                  "--out", str(tmp_path / "bg")]) == 0
-    _fails(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--background", str(tmp_path / "bg"),
+    capsys.readouterr()
+    cli_error(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--background", str(tmp_path / "bg"),
             "--out", str(tmp_path / "run")], capsys, "different memory model")
     assert not (tmp_path / "run").exists()
 
@@ -93,11 +83,11 @@ def test_background_of_another_memory_model_is_refused(memory_dir, tiny_model_di
 @pytest.mark.parametrize("args, message", [(["--top-t", "0"], "top_t=0"), (["--top-t", "-3"], "top_t=-3"),
                                            (["--ranker", "nope"], "ranker='nope'"), (["--lr", "0"], "lr=0")])
 def test_bad_options(memory_dir, qa_file, tmp_path, capsys, args, message):
-    _fails(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--ranker", "count", *args,
+    cli_error(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--ranker", "count", *args,
             "--out", str(tmp_path / "run")], capsys, message)
     assert not (tmp_path / "run").exists()
 
 
 def test_smf_on_a_model_without_memory(tiny_model_dir, qa_file, tmp_path, capsys):
-    _fails(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--ranker", "count",
+    cli_error(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--ranker", "count",
             "--out", str(tmp_path / "run")], capsys, "no memory layers")

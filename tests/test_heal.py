@@ -22,19 +22,10 @@ from memtune.heal import (
 )
 from memtune.models import load_model
 from memtune.retrofit import is_memory_param, retrofit
-from tiny import tiny_memory_config, tiny_model
+from tiny import cli_error, tiny_memory_config, tiny_model
 
 RETROFIT = ["--layers", "1", "--n-keys", "16", "--heads", "2", "--knn", "4", "--k-dim", "8"]
 SMALL = dict(batch_size=4, max_length=48, eval_max_length=64, eval_stride=64)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -213,18 +204,6 @@ def test_heal_cli_end_to_end(replace_dir, tmp_path):
     assert held_out_perplexity(model, tokenizer, texts, config, bypass=True, progress=False) == pytest.approx(ppl["base"], rel=1e-5)
 
 
-def _fails(args, capsys, message):
-    try:
-        code = main(args)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err.strip()
-    assert code != 0, err
-    assert message in err, err
-    assert err.count("\n") == 0, err
-    return err
-
-
 @pytest.mark.parametrize("args, message", [
     (["--lm-weight", "0", "--distill-weight", "0"], "nothing to train"),
     (["--lookup-lr", "-1"], "lookup_lr=-1"),
@@ -235,18 +214,18 @@ def _fails(args, capsys, message):
     (["--eval-stride", "128"], "eval_stride=128"),
 ])
 def test_bad_input(replace_dir, tmp_path, capsys, args, message):
-    _fails(["heal", "--model", str(replace_dir), *HEAL, "--max-steps", "1", *args, "--out", str(tmp_path / "run")],
+    cli_error(["heal", "--model", str(replace_dir), *HEAL, "--max-steps", "1", *args, "--out", str(tmp_path / "run")],
            capsys, message)
     assert not (tmp_path / "run").exists()
 
 
 def test_heal_needs_a_memory_model(tiny_model_dir, tmp_path, capsys):
-    _fails(["heal", "--model", str(tiny_model_dir), *HEAL, "--out", str(tmp_path / "run")], capsys, "no memory layers")
+    cli_error(["heal", "--model", str(tiny_model_dir), *HEAL, "--out", str(tmp_path / "run")], capsys, "no memory layers")
     assert not (tmp_path / "run").exists()
 
 
 def test_heal_refuses_an_existing_run(replace_dir, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "keep").write_text("x")
-    _fails(["heal", "--model", str(replace_dir), *HEAL, "--out", str(tmp_path / "run")], capsys, "already exists")
+    cli_error(["heal", "--model", str(replace_dir), *HEAL, "--out", str(tmp_path / "run")], capsys, "already exists")
     assert (tmp_path / "run" / "keep").read_text() == "x"

@@ -77,3 +77,18 @@ def save_tiny_model(path: Path, arch: str = "llama") -> Path:
     tiny_model(arch).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def cli_error(args: list[str], capsys, message: str) -> str:
+    """Run `memtune ARGS`; assert it fails with a one-line error containing `message`."""
+    from memtune.cli import main
+
+    try:
+        code = main(args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code != 0, err
+    assert message in err, err
+    assert err.count("\n") == 0, err
+    return err
