@@ -51,3 +51,16 @@ def test_unknown_model_is_one_line_error(capsys):
     assert main(["generate", "--model", "nope", "hi"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown model 'nope'" in err
+
+
+def test_threads_option(tiny_model_dir, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "--model", str(tiny_model_dir), "--threads", "1", "--max-new-tokens", "2", "hi"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["generate", "--model", str(tiny_model_dir), "--threads", "0", "hi"]) == 2
+    assert "threads=0" in capsys.readouterr().err

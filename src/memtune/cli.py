@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads <= 0:
+                raise MemtuneError(f"threads={args.threads} is invalid: expected a positive integer")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args) or 0
     except MemtuneError as e:
         print(f"memtune {args.command}: error: {e}", file=sys.stderr)

@@ -71,6 +71,12 @@ def dataclass_kwargs(cls: type, args: argparse.Namespace, prefix: str = "") -> d
     return out
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """`--threads`, applied by `memtune.cli.main` before the command runs."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is fastest on a busy machine) [default: torch's choice]")
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import transformers

@@ -7,6 +7,8 @@ import json
 import logging
 import time
 
+from memtune.commands import add_threads_argument
+
 log = logging.getLogger("memtune")
 
 PROBES = ("qa", "perplexity", "drift", "choice", "answer-loss", "lm-eval")
@@ -15,8 +17,7 @@ PROBES = ("qa", "perplexity", "drift", "choice", "answer-loss", "lm-eval")
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--batch-size", type=int, default=32, help="questions (or windows) per batch [default: 32]")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (1 is fastest on a busy machine) [default: torch's choice]")
+    add_threads_argument(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,17 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 def cmd_facts(args: argparse.Namespace) -> int:
     from memtune.facts import run_facts
 
-    _set_threads(args.threads)
     summary = run_facts(
         args.model, args.out, source=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite,
@@ -121,7 +114,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from memtune.io import write_json
     from memtune.models import load_model
 
-    _set_threads(args.threads)
     probes = parse_probes(args.probe)
     files = _data_file_for(args, probes)
     kw = {"limit": args.limit, "split": args.split}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memtune.commands import add_dataclass_arguments, dataclass_kwargs
+from memtune.commands import add_dataclass_arguments, add_threads_argument, dataclass_kwargs
 from memtune.heal import HealConfig
 
 
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_arguments(p, HealConfig)
+    add_threads_argument(p)
     p.set_defaults(func=cmd_heal)
 
 

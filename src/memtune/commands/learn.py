@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from memtune.commands import add_dataclass_arguments, dataclass_kwargs
+from memtune.commands import add_dataclass_arguments, add_threads_argument, dataclass_kwargs
 from memtune.train import LearnConfig
 
 DATA_HELP = ("a .jsonl file of {question, answer} or {text}, a .txt file, a Hugging Face dataset name, "
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="positions whose reads count; use the same as for learn [default: loss]")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_background)
 
     p = sub.add_parser("learn", help="learn new facts or documents (SMF, or the baselines full / lora)")
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true")
     add_dataclass_arguments(p, LearnConfig)
+    add_threads_argument(p)
     p.set_defaults(func=cmd_learn)
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from memtune.commands import add_dataclass_arguments, dataclass_kwargs
+from memtune.commands import add_dataclass_arguments, add_threads_argument, dataclass_kwargs
 from memtune.config import MemoryConfig
 
 log = logging.getLogger("memtune")
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_dataclass_arguments(p, MemoryConfig, exclude=("base_model", "hidden_size"))
+    add_threads_argument(p)
     p.set_defaults(func=cmd_retrofit)
 
     p = sub.add_parser("generate", help="answer prompts with a base model or a saved memory model")
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, answer}")
+    add_threads_argument(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("inspect", help="architecture, memory layers, parameter counts and bytes")
