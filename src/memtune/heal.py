@@ -36,7 +36,7 @@ from memtune.errors import MemtuneError
 from memtune.memory import MemoryBank
 from memtune.retrofit import MemoryFFN, bypass_memory, freeze_base, memory_ffns, memory_parameters, require_memory_bank
 from memtune.sparse_optim import SparseAdam
-from memtune.train import peak_rss_mb
+from memtune.train import cost_fields, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -298,12 +298,10 @@ def heal(
                 losses["loss"].backward()
                 rows = optimizer.step()
                 step += 1
-                elapsed = time.perf_counter() - t0
                 record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
                           **{k: v.item() for k, v in losses.items()},
-                          "value_rows": rows, "value_lr": optimizer.values.lr, "step_time_s": round(elapsed, 4),
-                          "tokens_per_s": round(int(batch["attention_mask"].sum()) / elapsed, 1),
-                          "peak_rss_mb": round(peak_rss_mb(), 1), "elapsed_s": round(time.perf_counter() - start, 2)}
+                          "value_rows": rows, "value_lr": optimizer.values.lr,
+                          **cost_fields(t0, start, int(batch["attention_mask"].sum()))}
                 history.append(record)
                 if on_step is not None:
                     on_step(record)

@@ -93,6 +93,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cost_fields(step_start: float, run_start: float, real_tokens: int) -> dict:
+    """The cost columns every method's metrics.jsonl shares: step time, throughput, peak RSS."""
+    now = time.perf_counter()
+    elapsed = now - step_start
+    return {"step_time_s": round(elapsed, 4), "tokens_per_s": round(real_tokens / elapsed, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "elapsed_s": round(now - run_start, 2)}
+
+
 def train(
     model: nn.Module,
     tokenizer,
@@ -144,12 +152,9 @@ def train(
                         usage.add(b["count_mask"])
                 info = method.step(usage)
                 step += 1
-                elapsed = time.perf_counter() - t0
                 real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum / max(n_tokens, 1),
-                          "loss_tokens": n_tokens, "lr": config.lr, "step_time_s": round(elapsed, 4),
-                          "tokens_per_s": round(real_tokens / elapsed, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-                          "elapsed_s": round(time.perf_counter() - start, 2), **info}
+                          "loss_tokens": n_tokens, "lr": config.lr, **cost_fields(t0, start, real_tokens), **info}
                 history.append(record)
                 if on_step is not None:
                     on_step(record)
