@@ -21,6 +21,8 @@ from memtune.prompts import answer_suffix, encode_prompt
 
 IGNORE = -100
 COUNT_POSITIONS = ("loss", "all")
+# How to read a data source: detect it, QA pairs, or documents.
+DATA_KINDS = ("auto", "qa", "documents")
 
 
 @dataclass

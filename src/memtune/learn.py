@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from memtune.batches import Example, collate, encode_documents, encode_qa
+from memtune.batches import DATA_KINDS, Example, collate, encode_documents, encode_qa
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, check_output_free, write_json
 from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, train
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "qa", "documents")
 DOCUMENT_SOURCES = ("prose", "wikitext", "oasst1")
 
 
@@ -44,8 +43,8 @@ def load_examples(source: str, tokenizer, kind: str = "auto", max_length: int = 
                   limit: int | None = None) -> tuple[str, list[Example]]:
     from memtune.data import load_documents, load_qa
 
-    if kind not in KINDS:
-        raise MemtuneError(f"format={kind!r} is invalid: expected one of {', '.join(KINDS)}")
+    if kind not in DATA_KINDS:
+        raise MemtuneError(f"format={kind!r} is invalid: expected one of {', '.join(DATA_KINDS)}")
     kind = detect_kind(source) if kind == "auto" else kind
     if kind == "qa":
         items = load_qa(source, limit=limit)

@@ -71,6 +71,26 @@ def dataclass_kwargs(cls: type, args: argparse.Namespace, prefix: str = "") -> d
     return out
 
 
+def add_data_arguments(parser: argparse.ArgumentParser, help: str, default: str | None = None,
+                       limit: bool = True) -> None:
+    """`--data SOURCE`, `--format` and (optionally) `--limit`: what a training stage reads."""
+    from memtune.batches import DATA_KINDS
+
+    if default is None:
+        parser.add_argument("--data", required=True, help=help)
+    else:
+        parser.add_argument("--data", default=default, help=f"{help} [default: {default}]")
+    parser.add_argument("--format", default="auto", choices=DATA_KINDS, help="how to read --data")
+    if limit:
+        parser.add_argument("--limit", type=int, default=None, help="use the first N items only")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, help: str) -> None:
+    """`--out DIR` (written atomically) and `--overwrite`."""
+    parser.add_argument("--out", required=True, help=help)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """`--threads`, applied by `memtune.cli.main` before the command runs."""
     parser.add_argument("--threads", type=int, default=None,

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from memtune.commands import add_dataclass_arguments, add_threads_argument, dataclass_kwargs
+from memtune.commands import (
+    add_data_arguments,
+    add_dataclass_arguments,
+    add_output_arguments,
+    add_threads_argument,
+    dataclass_kwargs,
+)
 from memtune.heal import HealConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("heal", help="train the memory parameters (base frozen) so a retrofitted model recovers")
     p.add_argument("--model", required=True, help="a memory checkpoint (from retrofit), typically replace mode")
-    p.add_argument("--data", default="prose:background",
-                   help="general text or instruction data: a .jsonl/.txt file, a Hugging Face dataset name "
-                        "(wikitext, oasst1 ...), or prose:background [default: prose:background]")
-    p.add_argument("--format", default="auto", choices=["auto", "qa", "documents"], help="how to read --data")
-    p.add_argument("--limit", type=int, default=None, help="use the first N items only")
-    p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--overwrite", action="store_true")
+    add_data_arguments(p, "general text or instruction data: a .jsonl/.txt file, a Hugging Face dataset name "
+                          "(wikitext, oasst1 ...), or prose:background", default="prose:background")
+    add_output_arguments(p, "run folder to create")
     add_dataclass_arguments(p, HealConfig)
     add_threads_argument(p)
     p.set_defaults(func=cmd_heal)

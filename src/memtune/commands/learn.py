@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from memtune.commands import add_dataclass_arguments, add_threads_argument, dataclass_kwargs
+from memtune.commands import (
+    add_data_arguments,
+    add_dataclass_arguments,
+    add_output_arguments,
+    add_threads_argument,
+    dataclass_kwargs,
+)
 from memtune.train import LearnConfig
 
 DATA_HELP = ("a .jsonl file of {question, answer} or {text}, a .txt file, a Hugging Face dataset name, "
@@ -14,27 +20,22 @@ DATA_HELP = ("a .jsonl file of {question, answer} or {text}, a .txt file, a Hugg
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("background", help="record how often general text reads each memory slot (for SMF rankers)")
     p.add_argument("--model", required=True, help="a memory checkpoint (from retrofit, heal or learn)")
-    p.add_argument("--data", default="prose:background", help=f"background text: {DATA_HELP} [default: prose:background]")
-    p.add_argument("--format", default="auto", choices=["auto", "qa", "documents"], help="how to read --data")
+    add_data_arguments(p, f"background text: {DATA_HELP}", default="prose:background", limit=False)
     p.add_argument("--batches", type=int, default=200, help="number of background batches N [default: 200]")
     p.add_argument("--batch-size", type=int, default=8, help="[default: 8]")
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence [default: 128]")
     p.add_argument("--count-positions", default="loss", choices=["loss", "all"],
                    help="positions whose reads count; use the same as for learn [default: loss]")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--overwrite", action="store_true")
+    add_output_arguments(p, "output folder")
     add_threads_argument(p)
     p.set_defaults(func=cmd_background)
 
     p = sub.add_parser("learn", help="learn new facts or documents (SMF, or the baselines full / lora)")
     p.add_argument("--model", required=True,
                    help="smf: a memory checkpoint; full/lora: a base model (alias, folder or HF id)")
-    p.add_argument("--data", required=True, help=DATA_HELP)
-    p.add_argument("--format", default="auto", choices=["auto", "qa", "documents"], help="how to read --data")
-    p.add_argument("--limit", type=int, default=None, help="use the first N items only")
+    add_data_arguments(p, DATA_HELP)
     p.add_argument("--background", default=None, help="background statistics folder (tfidf and kl rankers)")
-    p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--overwrite", action="store_true")
+    add_output_arguments(p, "run folder to create")
     add_dataclass_arguments(p, LearnConfig)
     add_threads_argument(p)
     p.set_defaults(func=cmd_learn)

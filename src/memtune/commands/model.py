@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from memtune.commands import add_dataclass_arguments, add_threads_argument, dataclass_kwargs
+from memtune.commands import add_dataclass_arguments, add_output_arguments, add_threads_argument, dataclass_kwargs
 from memtune.config import MemoryConfig
 
 log = logging.getLogger("memtune")
@@ -15,10 +15,9 @@ log = logging.getLogger("memtune")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrofit", help="add memory layers to a model and save them (memory weights only)")
     p.add_argument("--model", default="smollm2-135m", help="base model: alias, folder or HF id [default: smollm2-135m]")
-    p.add_argument("--out", required=True, help="output folder for the memory checkpoint")
+    add_output_arguments(p, "output folder for the memory checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for the memory's initial weights [default: 0]")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_dataclass_arguments(p, MemoryConfig, exclude=("base_model", "hidden_size"))
     add_threads_argument(p)
     p.set_defaults(func=cmd_retrofit)
