@@ -52,3 +52,10 @@ def test_prose_parts_are_disjoint_and_deterministic():
     assert max(len(d.text) for d in everything) < 20_000
     with pytest.raises(MemtuneError, match="unknown prose source 'prose:train'"):
         load_documents("prose:train")
+
+
+def test_every_country_fact_states_itself():
+    items = load_qa("countries")
+    assert all(q.statement and q.statement.endswith(".") and q.answer in q.statement for q in items)
+    chad = next(q for q in items if q.id == "countries/chad/capital")
+    assert chad.statement == "The capital of Chad is N'Djamena."

@@ -27,7 +27,11 @@ DEFAULT_LR = {("smf", "adam"): 1.0, ("smf", "sgd"): 10.0, ("full", "adamw"): 2e-
 
 
 class Method(Protocol):
+    """`prepare` once, then `step` per optimizer step; `model` is what `prepare` returned, so
+    training can resume on it (another chunk of a stream) with the optimizer state kept."""
+
     name: str
+    model: nn.Module | None
 
     def prepare(self, model: nn.Module) -> nn.Module: ...
 
@@ -45,6 +49,7 @@ class SparseMemoryFinetuning:
     the top-T, and update only those value rows (the union over layers sharing a table)."""
 
     name = "smf"
+    model: nn.Module | None = None
 
     def __init__(self, ranker: str, top_t: int, optimizer: str, lr: float,
                  background: Background | None, seed: int = 0):
@@ -70,6 +75,7 @@ class SparseMemoryFinetuning:
         bank.set_record(True)
         self.bank = bank
         self.trainable = _count_trainable(model)
+        self.model = model
         return model
 
     def select(self, usage: StepUsage) -> dict[str, Tensor]:
@@ -112,6 +118,7 @@ class _DenseMethod:
     """Shared by the baselines: AdamW over every trainable parameter."""
 
     name = "dense"
+    model: nn.Module | None = None
 
     def __init__(self, lr: float, weight_decay: float = 0.0):
         self.lr = lr
@@ -121,6 +128,7 @@ class _DenseMethod:
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         self.trainable = _count_trainable(model)
+        self.model = model
 
     def step(self, usage: StepUsage | None) -> dict:
         self.optimizer.step()

@@ -90,7 +90,24 @@ def make_method(config: LearnConfig, background: Background | None):
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process (since `reset_peak_rss`, where Linux allows it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-memory measurement (Linux: VmHWM := current RSS); a no-op elsewhere."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def cost_fields(step_start: float, run_start: float, real_tokens: int) -> dict:
@@ -111,11 +128,13 @@ def train(
     progress: bool = True,
 ) -> tuple[nn.Module, list[dict]]:
     """Run the method over `examples` for `config.epochs` (or `max_steps`); returns the
-    (possibly wrapped) model and the per-step metrics."""
+    (possibly wrapped) model and the per-step metrics. Called again with the returned model,
+    training continues (optimizer state kept), as for the next chunk of a stream."""
     if not examples:
         raise MemtuneError("no training examples: the data is empty")
     torch.manual_seed(config.seed)
-    model = method.prepare(model)
+    if method.model is None or method.model is not model:
+        model = method.prepare(model)
     model.train()
     bank = getattr(method, "bank", None)
     device = next(model.parameters()).device

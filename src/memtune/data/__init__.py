@@ -25,13 +25,16 @@ from memtune.errors import MemtuneError
 @dataclass
 class QA:
     """A question with its reference answer; any of `answer` + `aliases` counts as right.
-    `paraphrases` ask the same thing in other words (generalisation tests)."""
+    `paraphrases` ask the same thing in other words (generalisation tests); `statement`, when
+    known, states the fact as a sentence ("The capital of Chad is N'Djamena."), the way a chat
+    model answers — a training target that changes less of the model than the bare answer."""
 
     question: str
     answer: str
     aliases: list[str] = field(default_factory=list)
     paraphrases: list[str] = field(default_factory=list)
     id: str | None = None
+    statement: str | None = None
 
     @property
     def answers(self) -> list[str]:

@@ -56,11 +56,13 @@ _THE_WORDS = ("United", "Islands", "Republic", "Netherlands", "Philippines", "Ma
 
 @dataclass(frozen=True)
 class Relation:
-    """A question about a country; `templates[0]` is the trained phrasing, the rest paraphrases.
-    `value` gives (answer, aliases) for a country, or None when the data lacks it."""
+    """A question about a country; `templates[0]` is the trained phrasing, the rest paraphrases;
+    `statement` states the fact as a sentence. `value` gives (answer, aliases, extra template
+    fields) for a country, or None when the data lacks it."""
 
     name: str
     templates: tuple[str, ...]
+    statement: str
     value: Callable[[dict[str, Any], "_Tables"], tuple[str, list[str], dict[str, str]] | None]
 
 
@@ -184,36 +186,36 @@ def _neighbor(info, t):
 
 RELATIONS: tuple[Relation, ...] = (
     Relation("capital", ("What is the capital of {country}?", "Which city is the capital of {country}?",
-                         "Name the capital city of {country}."), _capital),
+                         "Name the capital city of {country}."), "The capital of {country} is {answer}.", _capital),
     Relation("capital_of", ("{capital} is the capital of which country?", "Which country has {capital} as its capital?",
-                            "Of which country is {capital} the capital city?"), _capital_of),
+                            "Of which country is {capital} the capital city?"), "{capital} is the capital of {answer}.", _capital_of),
     Relation("continent", ("On which continent is {country}?", "Which continent is {country} located in?",
-                           "{Country} lies on which continent?"), _continent),
+                           "{Country} lies on which continent?"), "{Country} is in {answer}.", _continent),
     Relation("subregion", ("Which subregion of the world is {country} part of?",
                            "In which geographic subregion is {country} located?",
                            "Name the region of the world, more precisely than the continent, where {country} lies."),
-             _subregion),
+             "{Country} is in the {answer} subregion.", _subregion),
     Relation("currency", ("What is the ISO 4217 currency code used in {country}?",
                           "Which three-letter currency code does {country} use?",
-                          "Give the currency code of {country}."), _currency),
+                          "Give the currency code of {country}."), "The ISO 4217 currency code used in {country} is {answer}.", _currency),
     Relation("language", ("What is an official language of {country}?", "Which language is official in {country}?",
-                          "Name one official language of {country}."), _language),
+                          "Name one official language of {country}."), "An official language of {country} is {answer}.", _language),
     Relation("calling_code", ("What is the international calling code of {country}?",
                               "Which telephone country code does {country} use?",
-                              "What code do you dial from abroad to call a phone in {country}?"), _calling_code),
+                              "What code do you dial from abroad to call a phone in {country}?"), "The international calling code of {country} is {answer}.", _calling_code),
     Relation("tld", ("What is the internet country code top-level domain of {country}?",
                      "Which top-level domain do websites from {country} use?",
-                     "Give the internet domain suffix of {country}."), _tld),
+                     "Give the internet domain suffix of {country}."), "The internet country code top-level domain of {country} is {answer}.", _tld),
     Relation("demonym", ("What is the demonym for people from {country}?", "What are people from {country} called?",
-                         "What word describes a person from {country}?"), _demonym),
+                         "What word describes a person from {country}?"), "People from {country} are called {answer}.", _demonym),
     Relation("iso_alpha2", ("What is the two-letter ISO 3166 country code of {country}?",
                             "Which ISO alpha-2 code stands for {country}?",
-                            "Give the two-letter country code of {country}."), _iso(2)),
+                            "Give the two-letter country code of {country}."), "The two-letter ISO 3166 country code of {country} is {answer}.", _iso(2)),
     Relation("iso_alpha3", ("What is the three-letter ISO 3166 country code of {country}?",
                             "Which ISO alpha-3 code stands for {country}?",
-                            "Give the three-letter country code of {country}."), _iso(3)),
+                            "Give the three-letter country code of {country}."), "The three-letter ISO 3166 country code of {country} is {answer}.", _iso(3)),
     Relation("neighbor", ("Name a country that borders {country}.", "Which country shares a land border with {country}?",
-                          "Give one neighbouring country of {country}."), _neighbor),
+                          "Give one neighbouring country of {country}."), "{Country} borders {answer}.", _neighbor),
 )
 RELATION_NAMES = tuple(r.name for r in RELATIONS)
 SEED = 0
@@ -261,9 +263,11 @@ def country_facts(relations: list[str] | None = None) -> list[QA]:
             answer, aliases, fields = value
             fmt = {"country": name, "Country": name[0].upper() + name[1:], **fields}
             question, *paraphrases = (t.format(**fmt) for t in rel.templates)
+            statement = rel.statement.format(answer=answer, **fmt)
             slug = _plain(c["name"]).lower().replace(" ", "_")
             items.append(QA(question=question, answer=answer, aliases=[a for a in aliases if a != answer],
-                            paraphrases=paraphrases, id=f"countries/{slug}/{rel.name}"))
+                            paraphrases=paraphrases, id=f"countries/{slug}/{rel.name}",
+                            statement=statement))
     random.Random(SEED).shuffle(items)
     return items
 

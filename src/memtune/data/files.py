@@ -119,6 +119,7 @@ def read_qa(path: str | Path) -> list:
             aliases=text_list(row.get("aliases"), where, "aliases"),
             paraphrases=text_list(row.get("paraphrases"), where, "paraphrases"),
             id=_id(row),
+            statement=None if row.get("statement") in (None, "") else str(row["statement"]),
         )
         for where, row in read_rows(path)
     ]

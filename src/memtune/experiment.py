@@ -1,0 +1,676 @@
+"""Continual-learning experiments: a stream of data learned chunk by chunk, by several methods
+from the same base model, with learning and forgetting probed along the way.
+
+An experiment is one YAML (or JSON) file::
+
+    model: smollm2-135m
+    memory: {layers: [8, 16, 24], n_keys: 1024}     # retrofit for SMF runs (parallel mode)
+    background: {data: prose:background}            # slot statistics for tfidf / kl
+    stream: {kind: facts, data: facts/learn.jsonl, size: 200, chunks: 4, target: statement}
+    probes: {known: facts/known.jsonl, text: prose:heldout, every: 1}
+    methods:
+      - {name: smf, method: smf, top_t: [500, 2000], lr: 1.0, epochs: 10}
+      - {name: full, method: full, lr: 1.0e-5, epochs: 5}
+
+A list value in a method expands into one run per value (a sweep). Each run writes its own
+folder under the output root — ``config.json``, ``metrics.jsonl`` (training steps and probe
+events) and, last, ``results.json`` — atomically: an interrupted run leaves nothing behind and
+rerunning the same command skips every run that has its ``results.json``.
+
+Two protocols, both recorded: *immediate* probes the chunk just learned right after learning
+it; *final* probes everything at the end of the stream (and ``every`` k chunks on the way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from memtune.batches import Example, collate, encode_documents, encode_qa
+from memtune.config import MemoryConfig
+from memtune.data import QA, Choice, Document
+from memtune.errors import MemtuneError
+from memtune.io import atomic_dir, write_json
+from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, reset_peak_rss, train
+
+log = logging.getLogger(__name__)
+
+STREAM_KINDS = ("facts", "documents", "task")
+RESULTS = "results.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Source:
+    """A data source: a file or a named source, optionally a hub split or a local copy of it."""
+
+    source: str
+    limit: int | None = None
+    split: str | None = None
+    data_file: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> Source:
+        if isinstance(value, str):
+            return cls(value)
+        if isinstance(value, dict):
+            return _build(cls, value, where)
+        raise MemtuneError(f"{where}={value!r} is invalid: expected a source name or a mapping with 'source'")
+
+    def kwargs(self) -> dict:
+        return {"limit": self.limit, "split": self.split, "data_file": self.data_file}
+
+
+@dataclass
+class StreamConfig:
+    """What arrives, in which order. `size` items (after a seeded shuffle) in `chunks` parts."""
+
+    kind: Literal["facts", "documents", "task"] = "facts"
+    data: Source | None = None
+    size: int | None = None
+    chunks: int = 1
+    shuffle: bool = True
+    # facts: train on the bare answer or on the fact stated as a sentence (QA.statement)
+    target: Literal["answer", "statement"] = "answer"
+    # facts: also train on the first N paraphrases of each question (they then leave the probe)
+    augment: int = 0
+    # task: held-out items whose accuracy is the learning probe (default: items after `size`)
+    eval_data: Source | None = None
+    eval_size: int = 200
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.kind not in STREAM_KINDS:
+            raise MemtuneError(f"stream.kind={self.kind!r} is invalid: expected one of {', '.join(STREAM_KINDS)}")
+        if self.data is None:
+            raise MemtuneError("stream.data is missing: name the data to learn")
+        if self.target not in ("answer", "statement"):
+            raise MemtuneError(f"stream.target={self.target!r} is invalid: expected answer or statement")
+        for name in ("chunks", "eval_size", "max_length"):
+            _positive(f"stream.{name}", getattr(self, name))
+        if self.size is not None:
+            _positive("stream.size", self.size)
+        if not isinstance(self.augment, int) or self.augment < 0:
+            raise MemtuneError(f"stream.augment={self.augment!r} is invalid: expected an integer >= 0")
+
+
+@dataclass
+class ProbeConfig:
+    """What is measured, and how often (`every` k chunks; the last chunk always)."""
+
+    every: int = 1
+    known: Source | None = None  # QA the model answers right before learning (forgetting)
+    text: Source | None = None  # held-out text: perplexity and drift from the base model
+    qa: list[Source] = field(default_factory=list)  # further QA forgetting probes (F1, contains)
+    choices: list[Source] = field(default_factory=list)  # multiple-choice forgetting probes
+    answers: list[Source] = field(default_factory=list)  # answer-loss forgetting probes
+    paraphrases: bool = True  # learned facts asked in other words, at the end
+    max_new_tokens: int = 24
+    batch_size: int = 32
+    max_length: int = 256  # perplexity / drift windows
+
+    def __post_init__(self) -> None:
+        for name in ("every", "max_new_tokens", "batch_size", "max_length"):
+            _positive(f"probes.{name}", getattr(self, name))
+
+
+@dataclass
+class BackgroundConfig:
+    """Slot statistics for tfidf / kl, computed once per experiment on the retrofitted model."""
+
+    data: Source | None = None
+    batches: int = 100
+    batch_size: int = 8
+    max_length: int = 128
+
+
+@dataclass
+class Run:
+    name: str
+    learn: LearnConfig
+    sweep: dict[str, Any]  # the values this run took from a method's lists
+
+
+@dataclass
+class ExperimentConfig:
+    model: str
+    stream: StreamConfig
+    methods: list[dict]
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
+    memory: dict = field(default_factory=dict)  # MemoryConfig fields for SMF's retrofit
+    memory_model: str | None = None  # or: a saved memory checkpoint (then `memory` is unused)
+    background: BackgroundConfig | None = None
+    seed: int = 0
+    name: str | None = None
+    description: str | None = None
+    save_models: bool = False
+    runs: list[Run] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.methods, list) or not self.methods:
+            raise MemtuneError("methods is missing or empty: list at least one method")
+        self.runs = expand_methods(self.methods)
+        if any(r.learn.method == "smf" for r in self.runs):
+            if self.memory_model is None:
+                self.memory_config()  # validate now, not after the first run
+            ranked = any(r.learn.ranker in ("tfidf", "kl") for r in self.runs if r.learn.method == "smf")
+            if ranked and (self.background is None or self.background.data is None):
+                raise MemtuneError("an SMF run ranks slots with tfidf or kl: add background: {data: SOURCE}")
+
+    def memory_config(self) -> MemoryConfig:
+        fields = {"mode": "parallel", **self.memory, "base_model": self.model}
+        return _build(MemoryConfig, fields, "memory")
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return json.loads(json.dumps(out, default=lambda o: asdict(o)))
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
+
+
+def _build(cls: type, values: dict, where: str):
+    """`cls(**values)` with a clear error for an unknown or missing key."""
+    if not isinstance(values, dict):
+        raise MemtuneError(f"{where} must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise MemtuneError(f"{where}: unknown key {unknown[0]!r}: expected one of {', '.join(sorted(known))}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise MemtuneError(f"{where}: {e}") from None
+
+
+def expand_methods(methods: list[dict]) -> list[Run]:
+    """Method entries -> runs; every list value is swept (the product of all lists)."""
+    runs: list[Run] = []
+    for i, entry in enumerate(methods):
+        if not isinstance(entry, dict):
+            raise MemtuneError(f"methods[{i}] must be a mapping of learn options, got {entry!r}")
+        entry = dict(entry)
+        base_name = str(entry.pop("name", entry.get("method", "smf")))
+        swept = {k: v for k, v in entry.items() if isinstance(v, list)}
+        for values in itertools.product(*swept.values()):
+            choice = dict(zip(swept, values))
+            name = base_name + "".join(f"-{k}={v}" for k, v in choice.items())
+            learn = _build(LearnConfig, {**entry, **choice}, f"methods[{i}] ({name})")
+            runs.append(Run(name, learn, choice))
+    names = [r.name for r in runs]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise MemtuneError(f"two runs are named {dup!r}: give each method entry its own name")
+    return runs
+
+
+def parse_config(raw: dict, where: str = "config") -> ExperimentConfig:
+    if not isinstance(raw, dict):
+        raise MemtuneError(f"{where}: expected a mapping at the top level")
+    raw = dict(raw)
+    if "model" not in raw or "stream" not in raw or "methods" not in raw:
+        missing = [k for k in ("model", "stream", "methods") if k not in raw]
+        raise MemtuneError(f"{where}: missing key {missing[0]!r} (an experiment needs model, stream and methods)")
+    stream = dict(raw["stream"] or {})
+    for key in ("data", "eval_data"):
+        if stream.get(key) is not None:
+            stream[key] = Source.parse(stream[key], f"stream.{key}")
+    raw["stream"] = _build(StreamConfig, stream, "stream")
+    probes = dict(raw.get("probes") or {})
+    for key in ("known", "text"):
+        if probes.get(key) is not None:
+            probes[key] = Source.parse(probes[key], f"probes.{key}")
+    for key in ("qa", "choices", "answers"):
+        value = probes.get(key) or []
+        value = value if isinstance(value, list) else [value]
+        probes[key] = [Source.parse(v, f"probes.{key}") for v in value]
+    raw["probes"] = _build(ProbeConfig, probes, "probes")
+    if raw.get("background") is not None:
+        bg = dict(raw["background"])
+        if bg.get("data") is not None:
+            bg["data"] = Source.parse(bg["data"], "background.data")
+        raw["background"] = _build(BackgroundConfig, bg, "background")
+    return _build(ExperimentConfig, raw, where)
+
+
+def set_option(raw: dict, assignment: str) -> None:
+    """Apply ``a.b.c=VALUE`` (VALUE read as YAML) to a raw config, in place."""
+    import yaml
+
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise MemtuneError(f"--set {assignment!r} is invalid: expected KEY=VALUE, e.g. stream.size=50")
+    *parents, last = key.split(".")
+    node = raw
+    for p in parents:
+        if p.isdigit() and isinstance(node, list) and int(p) < len(node):
+            node = node[int(p)]
+            continue
+        if not isinstance(node, dict):
+            raise MemtuneError(f"--set {assignment!r}: {p!r} is not a mapping in the config")
+        node = node.setdefault(p, {})
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = yaml.safe_load(value)
+    elif isinstance(node, dict):
+        node[last] = yaml.safe_load(value)
+    else:
+        raise MemtuneError(f"--set {assignment!r}: cannot set {last!r} there")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> tuple[ExperimentConfig, dict]:
+    """Read and validate an experiment file; returns the config and the raw (overridden) mapping."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise MemtuneError(f"experiment config {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise MemtuneError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise MemtuneError(f"{path}: expected a mapping at the top level")
+    for o in overrides:
+        set_option(raw, o)
+    return parse_config(raw, str(path)), raw
+
+
+# --------------------------------------------------------------------------------------------
+# The stream
+
+
+@dataclass
+class Chunk:
+    """One part of the stream: what is trained on and what probes that it was learned."""
+
+    train: list[Any]  # QA (facts), Document (documents) or Choice (task)
+    questions: list[QA]  # facts and documents: the learning probe (empty for task)
+
+
+@dataclass
+class Stream:
+    kind: str
+    chunks: list[Chunk]
+    eval_choices: list[Choice] = field(default_factory=list)  # task: held-out items
+
+    @property
+    def questions(self) -> list[QA]:
+        return [q for c in self.chunks for q in c.questions]
+
+
+def _split(items: list, n: int) -> list[list]:
+    if len(items) < n:
+        raise MemtuneError(f"stream.chunks={n} is more than the {len(items)} items in the stream")
+    bounds = [round(i * len(items) / n) for i in range(n + 1)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(n)]
+
+
+def _ordered(items: list, cfg: StreamConfig, seed: int) -> list:
+    items = list(items)
+    if cfg.shuffle:
+        random.Random(seed).shuffle(items)
+    return items
+
+
+def read_document_stream(path: str) -> list[tuple[Document, list[QA]]]:
+    """A JSONL/CSV/parquet file of documents, each with the questions it answers::
+
+        {"id": "d1", "text": "...", "questions": [{"question": "...", "answer": "...", "aliases": [...]}]}
+    """
+    from memtune.data.files import field as required, read_rows, text_list
+
+    out = []
+    for where, row in read_rows(path):
+        text = str(required(row, "text", where, '"text" and "questions"'))
+        questions = required(row, "questions", where, '"text" and "questions"')
+        if not isinstance(questions, list):
+            raise MemtuneError(f"{where}: field 'questions' must be a list of {{question, answer}} objects")
+        qas = []
+        for j, q in enumerate(questions):
+            if not isinstance(q, dict) or "question" not in q or "answer" not in q:
+                raise MemtuneError(f"{where}: questions[{j}] needs 'question' and 'answer'")
+            qas.append(QA(str(q["question"]), str(q["answer"]), text_list(q.get("aliases"), where, "aliases"),
+                          text_list(q.get("paraphrases"), where, "paraphrases"), q.get("id")))
+        out.append((Document(text, None if row.get("id") is None else str(row["id"])), qas))
+    return out
+
+
+def load_stream(cfg: StreamConfig, seed: int) -> Stream:
+    from memtune.data import load_choices, load_qa
+
+    src = cfg.data
+    if cfg.kind == "facts":
+        items = _ordered(load_qa(src.source, **src.kwargs()), cfg, seed)[: cfg.size]
+        if cfg.target == "statement":
+            missing = next((q for q in items if not q.statement), None)
+            if missing is not None:
+                raise MemtuneError(f"stream.target=statement but fact {missing.id or missing.question!r} has no "
+                                   "statement: add a 'statement' field to the data or use target: answer")
+        return Stream("facts", [Chunk(part, part) for part in _split(items, cfg.chunks)])
+    if cfg.kind == "documents":
+        if src.split or src.data_file or src.limit:
+            raise MemtuneError("stream.data of a document stream is a file: split/data_file/limit do not apply")
+        docs = _ordered(read_document_stream(src.source), cfg, seed)[: cfg.size]
+        return Stream("documents", [Chunk([d for d, _ in part], [q for _, qs in part for q in qs])
+                                    for part in _split(docs, cfg.chunks)])
+    items = _ordered(load_choices(src.source, **src.kwargs()), cfg, seed)
+    size = cfg.size or max(len(items) - cfg.eval_size, 1)
+    if cfg.eval_data is not None:
+        held_out = load_choices(cfg.eval_data.source, **cfg.eval_data.kwargs())[: cfg.eval_size]
+    else:
+        held_out = items[size : size + cfg.eval_size]
+    if not held_out:
+        raise MemtuneError(f"stream.data {src.source!r} leaves no held-out items after stream.size={size}: "
+                           "lower stream.size or give stream.eval_data")
+    return Stream("task", [Chunk(part, []) for part in _split(items[:size], cfg.chunks)], held_out)
+
+
+def fact_examples(items: list[QA], cfg: StreamConfig, tokenizer) -> list[Example]:
+    """Each fact as the stream trains it: its question (and `augment` paraphrases) -> its
+    answer or statement."""
+    pairs = []
+    for q in items:
+        target = q.statement if cfg.target == "statement" and q.statement else q.answer
+        pairs += [(text, target) for text in [q.question, *q.paraphrases[: cfg.augment]]]
+    return encode_qa(tokenizer, pairs, cfg.max_length)
+
+
+def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer) -> list[Example]:
+    from memtune.batches import IGNORE
+    from memtune.probes.likelihood import _truncate_left, split_encode
+
+    if kind == "facts":
+        return fact_examples(chunk.train, cfg, tokenizer)
+    if kind == "documents":
+        return encode_documents(tokenizer, [d.text for d in chunk.train], cfg.max_length)
+    out = []  # task: the right choice continues the question, scored as the choice probe scores it
+    for item in chunk.train:
+        ids, start = _truncate_left(*split_encode(tokenizer, item.question, " " + item.choices[item.label]),
+                                    cfg.max_length)
+        out.append(Example(ids, [IGNORE] * start + ids[start:]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Probes
+
+
+class Prober:
+    """Runs the configured probes on a model; loads each probe's data once."""
+
+    def __init__(self, cfg: ProbeConfig, stream: Stream, tokenizer, augment: int):
+        from memtune.data import load_choices, load_documents, load_qa
+
+        self.cfg, self.stream, self.tokenizer, self.augment = cfg, stream, tokenizer, augment
+        self.known = load_qa(cfg.known.source, **cfg.known.kwargs()) if cfg.known else []
+        self.text = load_documents(cfg.text.source, **cfg.text.kwargs()) if cfg.text else []
+        self.qa = {s.source: load_qa(s.source, **s.kwargs()) for s in cfg.qa}
+        self.choices = {s.source: load_choices(s.source, **s.kwargs()) for s in cfg.choices}
+        self.answers = {s.source: load_qa(s.source, **s.kwargs()) for s in cfg.answers}
+
+    def accuracy(self, model, items: list[QA]) -> float | None:
+        from memtune.probes import qa_accuracy
+
+        if not items:
+            return None
+        return qa_accuracy(model, self.tokenizer, items, max_new_tokens=self.cfg.max_new_tokens,
+                           batch_size=self.cfg.batch_size, paraphrases=False, progress=False)["contains"]
+
+    def learning(self, model, chunks: list[Chunk]) -> float | None:
+        """Accuracy on what `chunks` taught: their questions, or the task's held-out items."""
+        if self.stream.kind == "task":
+            from memtune.probes import choice_accuracy
+
+            r = choice_accuracy(model, self.tokenizer, self.stream.eval_choices,
+                                batch_size=max(1, self.cfg.batch_size // 4), progress=False)
+            return r["accuracy"]
+        return self.accuracy(model, [q for c in chunks for q in c.questions])
+
+    def paraphrases(self, model) -> float | None:
+        """Learned questions asked in the words not trained on (after `augment` were)."""
+        items = [dataclasses.replace(q, question=p, paraphrases=[])
+                 for q in self.stream.questions for p in q.paraphrases[self.augment :]]
+        return self.accuracy(model, items)
+
+    def forgetting(self, model, base: nn.Module | None) -> dict:
+        """Known-fact accuracy, held-out perplexity and drift, and the extra probes."""
+        from memtune import probes as P
+
+        c, out = self.cfg, {}
+        if self.known:
+            out["known"] = self.accuracy(model, self.known)
+        if self.text:
+            out["perplexity"] = P.perplexity(model, self.tokenizer, self.text, max_length=c.max_length,
+                                             stride=c.max_length // 2, batch_size=max(1, c.batch_size // 8),
+                                             progress=False)["perplexity"]
+            if base is not None or _has_builtin_base(model):
+                out["drift"] = P.drift(model, self.tokenizer, self.text, base=base, max_length=c.max_length,
+                                       batch_size=max(1, c.batch_size // 8), progress=False)["kl"]
+        for name, items in self.qa.items():
+            r = P.qa_accuracy(model, self.tokenizer, items, max_new_tokens=c.max_new_tokens,
+                              batch_size=c.batch_size, paraphrases=False, progress=False)
+            out[f"qa:{name}"] = {"f1": r["f1"], "contains": r["contains"]}
+        for name, items in self.choices.items():
+            out[f"choice:{name}"] = P.choice_accuracy(model, self.tokenizer, items,
+                                                       batch_size=max(1, c.batch_size // 4), progress=False)["accuracy"]
+        for name, items in self.answers.items():
+            out[f"answer-loss:{name}"] = P.answer_loss(model, self.tokenizer, items,
+                                                                       batch_size=max(1, c.batch_size // 4), progress=False)["loss"]
+        return out
+
+
+def _has_builtin_base(model: nn.Module) -> bool:
+    from memtune.probes.drift import builtin_base
+
+    return builtin_base(model) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+class Experiment:
+    """Runs every method of a config over the same stream, one run folder each, resumably."""
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True):
+        self.config, self.out, self.progress = config, Path(out), progress
+        self._base: nn.Module | None = None
+        self._background = None
+
+    # -- models ------------------------------------------------------------------------------
+    def load_base(self):
+        from memtune.models import load_model
+
+        return load_model(self.config.model)
+
+    def load_memory_model(self):
+        from memtune.models import load_model
+        from memtune.retrofit import retrofit
+
+        if self.config.memory_model:
+            return load_model(self.config.memory_model)
+        model, tokenizer = self.load_base()
+        torch.manual_seed(self.config.seed)  # the same keys in every SMF run: one background fits all
+        retrofit(model, self.config.memory_config())
+        return model, tokenizer
+
+    def reference(self) -> nn.Module:
+        """The untouched base model, for drift of full finetuning (loaded once)."""
+        if self._base is None:
+            self._base = self.load_base()[0].eval()
+        return self._base
+
+    def background(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer):
+        """Slot statistics of the background data, computed once and kept in `out/background`."""
+        from memtune.data import load_documents, load_qa
+        from memtune.learn import detect_kind
+        from memtune.stats import Background, compute_background
+
+        path = self.out / "background"
+        if (path / "background.json").is_file():
+            if self._background is None:
+                self._background = Background.load(path)
+            return self._background
+        cfg = self.config.background
+        src = cfg.data
+        if detect_kind(src.source) == "qa":  # formatted as the stream trains facts
+            examples = fact_examples(load_qa(src.source, **src.kwargs()), stream_cfg, tokenizer)
+        else:
+            examples = encode_documents(tokenizer, [d.text for d in load_documents(src.source, **src.kwargs())],
+                                        cfg.max_length)
+        random.Random(self.config.seed).shuffle(examples)
+        n = min(cfg.batches, -(-len(examples) // cfg.batch_size))
+        batches = (collate(examples[b * cfg.batch_size : (b + 1) * cfg.batch_size], tokenizer.pad_token_id)
+                   for b in range(n))
+        stats = compute_background(model, batches, n_batches=n, progress=self.progress)
+        stats.meta |= {"source": src.source, "batch_size": cfg.batch_size, "max_length": cfg.max_length}
+        stats.save(path, overwrite=True)
+        self._background = stats
+        log.info("background: %d batches of %s saved to %s", n, src.source, path)
+        return stats
+
+    # -- runs --------------------------------------------------------------------------------
+    def run_all(self, only: list[str] | None = None) -> list[dict]:
+        c = self.config
+        runs = [r for r in c.runs if not only or r.name in only]
+        if only and len(runs) < len(set(only)):
+            missing = sorted(set(only) - {r.name for r in runs})
+            raise MemtuneError(f"--only {missing[0]!r} names no run: expected one of {', '.join(r.name for r in c.runs)}")
+        stream = load_stream(c.stream, c.seed)  # every input is checked before anything is written
+        model, tokenizer = self.load_base()
+        self.prober = Prober(c.probes, stream, tokenizer, c.stream.augment)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for stale in self.out.glob(".*.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        self._check_same_config()
+        log.info("%s stream: %d chunks, %d items; %d runs: %s", stream.kind, len(stream.chunks),
+                 sum(len(ch.train) for ch in stream.chunks), len(runs), ", ".join(r.name for r in runs))
+        base = self.base_results(model, stream)
+        del model
+        results = []
+        for i, run in enumerate(runs):
+            done = self.out / run.name / RESULTS
+            if done.is_file():
+                log.info("[%d/%d] %s: done already, skipped", i + 1, len(runs), run.name)
+                results.append(json.loads(done.read_text()))
+                continue
+            log.info("[%d/%d] %s", i + 1, len(runs), run.name)
+            results.append(self.run_one(run, stream, base))
+        return results
+
+    def _check_same_config(self) -> None:
+        """Resuming into a folder made by a different config would mix incomparable runs."""
+        path = self.out / "experiment.json"
+        mine = self.config.to_dict()
+        if path.is_file():
+            theirs = json.loads(path.read_text())
+            if theirs != mine:
+                # Adding (or dropping) methods is fine: each run folder records its own method.
+                changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "methods")
+                if changed:
+                    raise MemtuneError(f"{self.out} holds an experiment with a different {changed[0]!r}: "
+                                       "use another --out, or the same config to resume")
+        write_json(path, mine)
+
+    def base_results(self, model: nn.Module, stream: Stream) -> dict:
+        """Every probe on the base model before learning (kept in `out/base.json`)."""
+        path = self.out / "base.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        prober = self.prober
+        start = time.perf_counter()
+        result = {"learning": prober.learning(model, stream.chunks), "paraphrases": prober.paraphrases(model)
+                  if self.config.probes.paraphrases and stream.kind != "task" else None,
+                  **prober.forgetting(model, model), "seconds": round(time.perf_counter() - start, 1)}
+        write_json(path, result)
+        log.info("base model: %s", _brief(result))
+        return result
+
+    def run_one(self, run: Run, stream: Stream, base: dict) -> dict:
+        c, cfg = self.config, run.learn
+        smf = cfg.method == "smf"
+        model, tokenizer = self.load_memory_model() if smf else self.load_base()
+        background = self.background(model, c.stream, tokenizer) if smf and cfg.ranker in ("tfidf", "kl") else None
+        method = make_method(cfg, background)
+        prober = self.prober
+        reference = None if smf or cfg.method == "lora" else self.reference()
+        with atomic_dir(self.out / run.name, overwrite=True) as tmp:
+            write_json(tmp / "config.json", {"run": run.name, "sweep": run.sweep, "learn": cfg.to_dict(),
+                                             "experiment": c.to_dict()})
+            writer = JsonlWriter(tmp / "metrics.jsonl")
+            reset_peak_rss()
+            train_time, immediate, seen, record = 0.0, [], 0, {}
+            try:
+                for k, chunk in enumerate(stream.chunks):
+                    examples = training_examples(chunk, stream.kind, c.stream, tokenizer)
+                    seen += len(chunk.train)
+
+                    def log_step(r: dict, k=k) -> None:
+                        writer({"event": "step", "chunk": k + 1, **r})
+
+                    t = time.perf_counter()
+                    model, _ = train(model, tokenizer, examples, cfg, method, on_step=log_step, progress=self.progress)
+                    train_time += time.perf_counter() - t
+                    now = prober.learning(model, [chunk]) if stream.kind != "task" else None
+                    immediate.append(now)
+                    record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen,
+                              "immediate": now, "train_time_s": round(train_time, 1)}
+                    if (k + 1) % c.probes.every == 0 or k + 1 == len(stream.chunks):
+                        record |= {"learning": prober.learning(model, stream.chunks[: k + 1]),
+                                   **prober.forgetting(model, reference)}
+                    writer(record)
+                    log.info("%s chunk %d/%d: %s", run.name, k + 1, len(stream.chunks), _brief(record))
+                final = {**{k: v for k, v in record.items() if k not in ("event", "chunk", "chunks", "immediate")}}
+                if c.probes.paraphrases and stream.kind != "task":
+                    final["paraphrases"] = prober.paraphrases(model)
+            finally:
+                writer.close()
+            scored = [x for x in immediate if x is not None]
+            results = {
+                "run": run.name, "method": cfg.method, "sweep": run.sweep, "stream": stream.kind,
+                "learning_immediate": sum(scored) / len(scored) if scored else None,
+                **final, "base": base, "train_time_s": round(train_time, 1),
+                "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_parameters": method.trainable,
+                "steps": sum(1 for _ in _steps(tmp / "metrics.jsonl")),
+            }
+            if smf:
+                results["touched_rows"] = sum(v.numel() for v in method.touched.values())
+            if c.save_models:
+                method.save(model, tokenizer, tmp / "model")
+            write_json(tmp / RESULTS, results)
+        log.info("%s done: %s", run.name, _brief(results))
+        return results
+
+
+def _steps(path: Path):
+    with path.open() as f:
+        for line in f:
+            if '"event": "step"' in line:
+                yield line
+
+
+def _brief(r: dict) -> str:
+    keys = ("learning", "immediate", "paraphrases", "known", "perplexity", "drift")
+    return ", ".join(f"{k} {r[k]:.3f}" for k in keys if isinstance(r.get(k), float))
+
+
+def run_experiment(config_path: str, out: str, overrides: list[str] = (), only: list[str] | None = None,
+                   progress: bool = True) -> list[dict]:
+    config, _ = load_config(config_path, overrides)
+    return Experiment(config, out, progress).run_all(only)

@@ -1,0 +1,191 @@
+"""`memtune report`: a markdown table and plots from experiment runs.
+
+Learning (accuracy on the learned facts at the end and right after each chunk, on their
+paraphrases), forgetting (known-fact accuracy change, held-out perplexity change, drift, and
+any extra probes, each against the base model), and cost (training time, peak memory,
+trainable parameters). Plots: learning and forgetting curves over the stream, and the
+learning-versus-forgetting frontier across every run given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from memtune.errors import MemtuneError
+from memtune.experiment import RESULTS
+from memtune.io import atomic_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunRecord:
+    name: str
+    path: Path
+    results: dict
+    probes: list[dict]  # probe events from metrics.jsonl, in stream order
+
+    @property
+    def method(self) -> str:
+        return self.results.get("method", "?")
+
+
+def find_runs(paths: list[str]) -> list[RunRecord]:
+    """Run folders (with results.json) given directly or inside experiment folders."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / RESULTS).is_file():
+            found.append(p)
+        elif p.is_dir():
+            inner = sorted(d for d in p.iterdir() if (d / RESULTS).is_file())
+            if not inner:
+                raise MemtuneError(f"{str(p)!r} holds no finished run (no */{RESULTS}): run `memtune experiment` first")
+            found += inner
+        else:
+            raise MemtuneError(f"run folder {str(p)!r} does not exist")
+    runs = []
+    prefix = len(paths) > 1 and len({p.parent for p in found}) > 1  # name runs of several experiments apart
+    for d in found:
+        results = json.loads((d / RESULTS).read_text())
+        probes = []
+        metrics = d / "metrics.jsonl"
+        if metrics.is_file():
+            probes = [r for r in map(json.loads, metrics.read_text().splitlines()) if r.get("event") == "probe"]
+        name = f"{d.parent.name}/{d.name}" if prefix else d.name
+        runs.append(RunRecord(name, d, results, probes))
+    return runs
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _delta_pts(x: float | None, base: float | None) -> str:
+    return "–" if x is None or base is None else f"{100 * (x - base):+.1f}"
+
+
+def _delta_rel(x: float | None, base: float | None) -> str:
+    return "–" if x is None or not base else f"{100 * (x / base - 1):+.2f}%"
+
+
+def _extra_keys(runs: list[RunRecord]) -> list[str]:
+    return sorted({k for r in runs for k in r.results if k.split(":")[0] in ("qa", "choice", "answer-loss")})
+
+
+def _extra_value(value) -> float | None:
+    return value.get("f1") if isinstance(value, dict) else value
+
+
+def table(runs: list[RunRecord]) -> str:
+    """The markdown table: one row per run, plus the base model."""
+    extras = _extra_keys(runs)
+    head = ["run", "method", "learned %", "learned, immediate %", "paraphrases %", "known Δ pts",
+            "perplexity Δ", "drift KL", *[f"{k} Δ" for k in extras], "train time", "peak RSS MiB", "trainable params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = runs[0].results.get("base", {})
+    base_cells = ["base model", "–", _pct(base.get("learning")), "–", _pct(base.get("paraphrases")),
+                  f"({_pct(base.get('known'))} %)" if base.get("known") is not None else "–",
+                  f"({base['perplexity']:.3f})" if base.get("perplexity") else "–", "0",
+                  *[f"({_extra_value(base.get(k)):.3f})" if base.get(k) is not None else "–" for k in extras],
+                  "–", "–", "–"]
+    lines.append("| " + " | ".join(base_cells) + " |")
+    for r in runs:
+        x, b = r.results, r.results.get("base", {})
+        cells = [r.name, r.method, _pct(x.get("learning")), _pct(x.get("learning_immediate")),
+                 _pct(x.get("paraphrases")), _delta_pts(x.get("known"), b.get("known")),
+                 _delta_rel(x.get("perplexity"), b.get("perplexity")),
+                 "–" if x.get("drift") is None else f"{x['drift']:.4f}"]
+        for k in extras:
+            v, bv = _extra_value(x.get(k)), _extra_value(b.get(k))
+            cells.append("–" if v is None or bv is None else f"{v - bv:+.3f}")
+        cells += [f"{x.get('train_time_s', 0) / 60:.1f} min", f"{x.get('peak_rss_mb', 0):.0f}",
+                  f"{x.get('trainable_parameters', 0):,}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _colors(runs: list[RunRecord]) -> dict[str, str]:
+    palette = {"smf": "tab:blue", "full": "tab:red", "lora": "tab:orange"}
+    return {r.name: palette.get(r.method, "tab:gray") for r in runs}
+
+
+def plot_curves(runs: list[RunRecord], path: Path) -> None:
+    """Learning and forgetting over the stream: one panel per measured quantity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("learning", "accuracy on what was learned so far (%)", 100),
+              ("known", "known-fact accuracy (%)", 100), ("perplexity", "held-out perplexity", 1)]
+    panels = [p for p in panels if any(p[0] in e for r in runs for e in r.probes)]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
+    colors = _colors(runs)
+    styles = ["-", "--", ":", "-."]
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        for i, r in enumerate(runs):
+            points = [(e["seen"], scale * e[key]) for e in r.probes if e.get(key) is not None]
+            base = r.results.get("base", {}).get(key)
+            if base is not None:
+                points = [(0, scale * base), *points]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, styles[i % len(styles)], marker="o", color=colors[r.name], label=r.name)
+        ax.set_xlabel("items learned")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_frontier(runs: list[RunRecord], path: Path) -> None:
+    """Each run at the end of the stream: learned (x) against what was lost (y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    use_known = all(r.results.get("known") is not None for r in runs)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colors = _colors(runs)
+    for r in runs:
+        x, b = r.results, r.results.get("base", {})
+        if x.get("learning") is None:
+            continue
+        if use_known:
+            y = 100 * (b["known"] - x["known"])
+        elif x.get("perplexity") and b.get("perplexity"):
+            y = 100 * (x["perplexity"] / b["perplexity"] - 1)
+        else:
+            continue
+        ax.scatter(100 * x["learning"], y, color=colors[r.name], s=40)
+        ax.annotate(r.name, (100 * x["learning"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("learned (%)")
+    ax.set_ylabel("known-fact accuracy lost (points)" if use_known else "held-out perplexity increase (%)")
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_title("learning vs forgetting (lower right is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(paths: list[str], out: str | Path) -> Path:
+    """Write report.md, curves.png and frontier.png into `out` (replaced atomically)."""
+    runs = find_runs(paths)
+    with atomic_dir(out, overwrite=True) as tmp:
+        plot_curves(runs, tmp / "curves.png")
+        plot_frontier(runs, tmp / "frontier.png")
+        text = ["# memtune report", "", f"Runs: {', '.join(str(r.path) for r in runs)}", "",
+                "Accuracies: the greedy answer contains the reference answer or an alias. Δ: against the base "
+                "model (its own values in brackets). Perplexity and drift: held-out text.", "",
+                table(runs), "", "![learning and forgetting over the stream](curves.png)", "",
+                "![learning vs forgetting](frontier.png)", ""]
+        (tmp / "report.md").write_text("\n".join(text))
+    log.info("report of %d runs written to %s", len(runs), out)
+    return Path(out)
