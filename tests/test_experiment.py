@@ -70,6 +70,7 @@ def test_two_methods_end_to_end_and_report(config, tmp_path, capsys):
         assert results["base"]["known"] == json.loads((out / "base.json").read_text())["known"]
     smf = json.loads((out / "smf" / "results.json").read_text())
     assert 0 < smf["touched_rows"] <= 2 * 2 * 8  # top-T per step, 4 steps, one table
+    assert smf["updated_parameters"] == smf["touched_rows"] * 32  # rows x hidden size
     full = json.loads((out / "full" / "results.json").read_text())
     assert full["drift"] > smf["drift"] >= 0  # full finetuning moves every weight
     report = (out / "report" / "report.md").read_text()

@@ -597,7 +597,7 @@ class Experiment:
         start = time.perf_counter()
         result = {"learning": prober.learning(model, stream.chunks), "paraphrases": prober.paraphrases(model)
                   if self.config.probes.paraphrases and stream.kind != "task" else None,
-                  **prober.forgetting(model, model), "seconds": round(time.perf_counter() - start, 1)}
+                  **prober.forgetting(model, None), "seconds": round(time.perf_counter() - start, 1)}
         write_json(path, result)
         log.info("base model: %s", _brief(result))
         return result
@@ -649,8 +649,9 @@ class Experiment:
                 "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_parameters": method.trainable,
                 "steps": sum(1 for _ in _steps(tmp / "metrics.jsonl")),
             }
-            if smf:
+            if smf:  # the table is trainable, but only the rows ever selected changed
                 results["touched_rows"] = sum(v.numel() for v in method.touched.values())
+                results["updated_parameters"] = results["touched_rows"] * method.bank.values[0].weight.shape[1]
             if c.save_models:
                 method.save(model, tokenizer, tmp / "model")
             write_json(tmp / RESULTS, results)

@@ -83,7 +83,7 @@ def table(runs: list[RunRecord]) -> str:
     """The markdown table: one row per run, plus the base model."""
     extras = _extra_keys(runs)
     head = ["run", "method", "learned %", "learned, immediate %", "paraphrases %", "known Δ pts",
-            "perplexity Δ", "drift KL", *[f"{k} Δ" for k in extras], "train time", "peak RSS MiB", "trainable params"]
+            "perplexity Δ", "drift KL", *[f"{k} Δ" for k in extras], "train time", "peak RSS MiB", "params updated"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = runs[0].results.get("base", {})
     base_cells = ["base model", "–", _pct(base.get("learning")), "–", _pct(base.get("paraphrases")),
@@ -102,7 +102,7 @@ def table(runs: list[RunRecord]) -> str:
             v, bv = _extra_value(x.get(k)), _extra_value(b.get(k))
             cells.append("–" if v is None or bv is None else f"{v - bv:+.3f}")
         cells += [f"{x.get('train_time_s', 0) / 60:.1f} min", f"{x.get('peak_rss_mb', 0):.0f}",
-                  f"{x.get('trainable_parameters', 0):,}"]
+                  f"{x.get('updated_parameters', x.get('trainable_parameters', 0)):,}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -183,7 +183,8 @@ def write_report(paths: list[str], out: str | Path) -> Path:
         plot_frontier(runs, tmp / "frontier.png")
         text = ["# memtune report", "", f"Runs: {', '.join(str(r.path) for r in runs)}", "",
                 "Accuracies: the greedy answer contains the reference answer or an alias. Δ: against the base "
-                "model (its own values in brackets). Perplexity and drift: held-out text.", "",
+                "model (its own values in brackets). Perplexity and drift: held-out text. Params updated: for "
+                "SMF the value-table rows that ever changed × their width; otherwise every trainable parameter.", "",
                 table(runs), "", "![learning and forgetting over the stream](curves.png)", "",
                 "![learning vs forgetting](frontier.png)", ""]
         (tmp / "report.md").write_text("\n".join(text))
