@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from memtune.config import MemoryConfig
-from memtune.memory import ProductKeyMemory, ValueTable, _gathered_dots, read_values
-from memtune.product_keys import brute_force_topk, product_key_topk
+from memtune.memory import ProductKeyMemory, ValueTable, _gathered_dots, empty_huge, read_values
+from memtune.product_keys import blocked_topk, brute_force_topk, product_key_topk
 
 
 @pytest.mark.parametrize("knn", [1, 2, 7, 16, 32])
@@ -25,16 +25,40 @@ def test_product_key_topk_equals_brute_force(knn: int, dtype: torch.dtype) -> No
     assert (scores[..., :-1] >= scores[..., 1:]).all()
 
 
-def test_product_key_topk_gradients_match_brute_force() -> None:
+@pytest.mark.parametrize(("n", "knn"), [(1024, 32), (256, 32), (64, 4), (40, 7), (36, 1), (40, 16), (30, 3)])
+def test_blocked_topk_equals_topk(n: int, knn: int) -> None:
+    """Both the blocked path (n/4 + 4·knn < n) and the fallback (n not a multiple of 4, too few
+    blocks, nothing saved) give torch.topk's values and indices."""
+    g = torch.Generator().manual_seed(n + knn)
+    scores = torch.randn(3, 70, n, generator=g)
+    values, indices = blocked_topk(scores, knn)
+    ref_values, ref_indices = scores.topk(knn, dim=-1)
+    assert torch.equal(values, ref_values)
+    assert torch.equal(indices, ref_indices)
+    if n % 4 == 0:  # the whole top knn packed into as few blocks (j, j + n/4, ...) as possible
+        scores = torch.randn(5, 4, n // 4, generator=g)
+        scores[:, :, : -(-knn // 4)] += 100.0
+        scores = scores.view(5, n)
+        assert torch.equal(blocked_topk(scores, knn)[1], scores.topk(knn, dim=-1).indices)
+
+
+@pytest.mark.parametrize(("n_keys", "knn"), [(64, 4), (20, 16)])  # blocked top-k and plain top-k
+def test_product_key_topk_gradients_match_brute_force(n_keys: int, knn: int) -> None:
     g = torch.Generator().manual_seed(0)
     query = torch.randn(30, 2, 2, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    keys = torch.randn(2, 2, 20, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(30, 2, 16, generator=g, dtype=torch.float64)
-    grads = torch.autograd.grad((product_key_topk(query, keys, 16)[0] * weight).sum(), (query, keys))
-    ref = torch.autograd.grad((brute_force_topk(query, keys, 16)[0] * weight).sum(), (query, keys))
+    keys = torch.randn(2, 2, n_keys, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 2, knn, generator=g, dtype=torch.float64)
+    scores, indices = product_key_topk(query, keys, knn)
+    ref_scores, ref_indices = brute_force_topk(query, keys, knn)
+    assert torch.equal(indices, ref_indices)
+    grads = torch.autograd.grad((scores * weight).sum(), (query, keys))
+    ref = torch.autograd.grad((ref_scores * weight).sum(), (query, keys))
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
-    torch.autograd.gradcheck(lambda q, k: product_key_topk(q, k, 5)[0], (query[:6], keys))
+    torch.autograd.gradcheck(lambda q, k: product_key_topk(q, k, min(knn, 5))[0], (query[:6], keys))
+    # Only one input needing a gradient.
+    (gk,) = torch.autograd.grad((product_key_topk(query.detach(), keys, knn)[0] * weight).sum(), (keys,))
+    torch.testing.assert_close(gk, ref[1])
 
 
 def _read_case(n: int = 12, k: int = 9, slots: int = 40, v: int = 5, dtype=torch.float64):
@@ -101,6 +125,30 @@ def test_sparse_table_gradient_is_coalesced_and_holds_only_read_rows() -> None:
     (ref,) = torch.autograd.grad(
         (weights[..., None] * (values.weight[indices] + values.weight[other])).sum(), (values.weight,)
     )
+    torch.testing.assert_close(grad.to_dense(), ref)
+
+
+def test_empty_huge_is_a_plain_tensor() -> None:
+    """Huge-page advice changes the page size only: shape, dtype, writes and reads as usual."""
+    t = empty_huge((40 * 2**20 // 4 // 3, 3), torch.float32)  # above the madvise threshold
+    assert t.shape == (40 * 2**20 // 4 // 3, 3) and t.dtype == torch.float32 and t.is_contiguous()
+    t.fill_(2.0)
+    assert float(t[-1, -1]) == 2.0 and float(t.sum()) == 2.0 * t.numel()
+    small = empty_huge((4, 5), torch.float64)
+    assert small.shape == (4, 5) and small.dtype == torch.float64
+    values = ValueTable(10, 3, init="zeros", dtype=torch.bfloat16)
+    assert values.weight.dtype == torch.bfloat16 and not values.weight.any()
+
+
+def test_table_gradient_with_many_repeated_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows read many times (small table) and chunk sizes smaller than the rows: the first read of
+    each row and the repeats are written in several chunks."""
+    monkeypatch.setattr("memtune.memory._GRAD_ROWS_CHUNK", 5)
+    weights, indices, table = _read_case(n=30, k=8, slots=17, v=6)
+    grad_out = torch.randn(30, 6, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(read_values(weights, indices, table), (table,), grad_out)
+    (ref,) = torch.autograd.grad((weights[..., None] * table[indices]).sum(1), (table,), grad_out)
+    assert grad.is_sparse and grad.is_coalesced()
     torch.testing.assert_close(grad.to_dense(), ref)
 
 
