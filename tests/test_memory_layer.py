@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from memtune.config import MemoryConfig
-from memtune.memory import ProductKeyMemory, ValueTable, _gathered_dots, empty_huge, read_values
-from memtune.product_keys import blocked_topk, brute_force_topk, product_key_topk
+from memtune.memory import ProductKeyMemory, ValueTable, _gathered_dots, read_values
+from memtune.product_keys import blocked_topk, brute_force_topk, empty_huge, product_key_topk
 
 
 @pytest.mark.parametrize("knn", [1, 2, 7, 16, 32])
