@@ -272,3 +272,22 @@ def test_bad_command_line(config, tmp_path, capsys):
     capsys.readouterr()
     assert main(["experiment", path, "--set", "stream.size=4", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["runs"] == ["smf", "full"]
+
+
+def test_report_table_values(tmp_path):
+    from memtune.report import find_runs, table
+
+    base = {"learning": 0.0, "paraphrases": 0.1, "known": 1.0, "perplexity": 10.0}
+    for name, method, learned, known, ppl in [("a", "smf", 0.9, 0.99, 10.05), ("b", "full", 0.95, 0.5, 12.0)]:
+        run = tmp_path / "exp" / name
+        run.mkdir(parents=True)
+        (run / "results.json").write_text(json.dumps({
+            "method": method, "learning": learned, "learning_immediate": 1.0, "paraphrases": 0.2, "known": known,
+            "perplexity": ppl, "drift": 0.01, "base": base, "train_time_s": 120, "peak_rss_mb": 2048.4,
+            "trainable_parameters": 7, **({"updated_parameters": 5} if method == "smf" else {})}))
+        (run / "metrics.jsonl").write_text(json.dumps({"event": "probe", "seen": 2, "learning": learned}) + "\n")
+    runs = find_runs([str(tmp_path / "exp")])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table(runs).splitlines()}
+    assert rows["a"] == "| a | smf | 90.0 | 100.0 | 20.0 | -1.0 | +0.50% | 0.0100 | 2.0 min | 2048 | 5 |"
+    assert rows["b"] == "| b | full | 95.0 | 100.0 | 20.0 | -50.0 | +20.00% | 0.0100 | 2.0 min | 2048 | 7 |"
+    assert rows["base model"].startswith("| base model | – | 0.0 | – | 10.0 | (100.0 %) | (10.000) |")
