@@ -128,8 +128,10 @@ class _HalfTopK(torch.autograd.Function):
             grad_q = F.embedding_bag(rows, keys.reshape(p * n_keys, h), per_sample_weights=grad_s, mode="sum")
             grad_q = grad_q.view(p, n, h)
         if ctx.needs_input_grad[1]:  # segment-sum of grad_s · q over the queries that kept each key
-            flat = rows.reshape(-1)
-            sorted_rows, order = flat.sort()
+            # Two thirds of the kept half scores reach no selected pair: their gradient is 0.
+            live = grad_s.reshape(-1).nonzero().squeeze(1)
+            sorted_rows, order = rows.reshape(-1)[live].sort()
+            order = live[order]
             unique, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
             sums = F.embedding_bag(
                 order // knn, q.reshape(p * n, h), offsets=counts.cumsum(0) - counts,
