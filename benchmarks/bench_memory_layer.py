@@ -83,6 +83,16 @@ def _rss_kib() -> int:
     return -1
 
 
+def _thp_mode() -> str:
+    """The kernel's transparent-huge-page policy: the table and its gradient ask for huge pages
+    (madvise), which only "always" or "madvise" grant."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unavailable"
+    return text.split("[")[1].split("]")[0] if "[" in text else text.strip()
+
+
 def _grad_bytes(params: list[nn.Parameter], table: nn.Parameter) -> int:
     g = table.grad
     if g is None:
@@ -192,7 +202,7 @@ def bench(args: argparse.Namespace) -> None:
     print()
     print(f"tokens={args.tokens} d={d} heads={args.heads} knn={args.knn} k_dim={args.k_dim} "
           f"threads={args.threads} repeats={args.repeats} (medians; ratios = median of per-repeat ratios "
-          f"against the FFN step run just before)")
+          f"against the FFN step run just before); transparent huge pages: {_thp_mode()}")
     print()
     hdr = (f"| {'layer':<20} | {'slots':>9} | {'fwd ms':>7} | {'bwd ms':>7} | {'f+b ms':>7} | {'fwd/FFN':>7} "
            f"| {'bwd/FFN':>7} | {'f+b/FFN':>7} | {'bwd peak MiB':>12} | {'grad MiB':>8} | {'RSS MiB':>7} | {'table MiB':>9} |")

@@ -3,7 +3,9 @@ holds all of a model's memory parameters under one name prefix (`memory.`).
 
 A read touches only the value rows that were looked up: forward is a weighted bag-sum of rows,
 and backward returns a *sparse* (coalesced COO) gradient holding just the unique rows read, so
-neither an (n_slots × d) gradient nor optimizer state is ever materialised.
+neither an (n_slots × d) gradient nor optimizer state is ever materialised. The table and that
+gradient sit in transparent huge pages where Linux allows it (`empty_huge`): random row reads
+miss the TLB less, and a fresh gradient costs 70 page faults instead of 36 K.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ _GRAD_CHUNK_ELEMENTS = 4 * 2**20
 # Rows of the table gradient written per step: small enough that scaling a chunk right after
 # gathering it finds it in cache.
 _GRAD_ROWS_CHUNK = 1024
-
 
 
 def _mark_coalesced(param: Tensor) -> None:
