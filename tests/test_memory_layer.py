@@ -140,10 +140,12 @@ def test_empty_huge_is_a_plain_tensor() -> None:
     assert values.weight.dtype == torch.bfloat16 and not values.weight.any()
 
 
-def test_table_gradient_with_many_repeated_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows read many times (small table) and chunk sizes smaller than the rows: the first read of
-    each row and the repeats are written in several chunks."""
+@pytest.mark.parametrize("huge_pages", [True, False])
+def test_table_gradient_with_many_repeated_reads(monkeypatch: pytest.MonkeyPatch, huge_pages: bool) -> None:
+    """Rows read many times (small table), through both ways of writing the rows: first reads
+    then repeats in chunks smaller than the rows (huge pages), or one segment-sum (without)."""
     monkeypatch.setattr("memtune.memory._GRAD_ROWS_CHUNK", 5)
+    monkeypatch.setattr("memtune.memory.huge_pages_granted", lambda: huge_pages)
     weights, indices, table = _read_case(n=30, k=8, slots=17, v=6)
     grad_out = torch.randn(30, 6, dtype=torch.float64)
     (grad,) = torch.autograd.grad(read_values(weights, indices, table), (table,), grad_out)

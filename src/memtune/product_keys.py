@@ -57,6 +57,18 @@ def _load_madvise():
 _madvise = _load_madvise()
 
 
+@lru_cache(maxsize=1)
+def huge_pages_granted() -> bool:
+    """Whether `empty_huge` buffers really get huge pages: Linux with THP "always" or "madvise"."""
+    if _madvise is None:
+        return False
+    try:
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
 def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
     """torch.empty, with the buffer's 2 MiB-aligned interior marked for transparent huge pages
     (Linux madvise) before anything touches it.
