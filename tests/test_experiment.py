@@ -90,6 +90,11 @@ def test_statement_target_is_trained(config, tmp_path, tokenizer):
     examples = training_examples(stream.chunks[0], "facts", cfg.stream, tokenizer)
     answer = tokenizer.decode([t for t in examples[0].labels if t != -100])
     assert answer.startswith("The capital of Zorbia") and answer.endswith("<|end|>")
+    cfg.stream.loss = "answer"  # the statement is the context; the loss (and SMF's counts) on the answer
+    masked = training_examples(stream.chunks[0], "facts", cfg.stream, tokenizer)[0]
+    assert masked.input_ids == examples[0].input_ids
+    first = stream.chunks[0].train[0]
+    assert tokenizer.decode([t for t in masked.labels if t != -100]).strip() == f"{first.answer}.<|end|>"
     cfg.stream.augment = 1  # + one paraphrase per fact, which then leaves the paraphrase probe
     assert len(training_examples(stream.chunks[0], "facts", cfg.stream, tokenizer)) == 2 * len(stream.chunks[0].train)
 

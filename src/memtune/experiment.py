@@ -86,6 +86,9 @@ class StreamConfig:
     shuffle: bool = True
     # facts: train on the bare answer or on the fact stated as a sentence (QA.statement)
     target: Literal["answer", "statement"] = "answer"
+    # facts with target=statement: the loss covers the whole statement ("target") or only the
+    # answer inside it ("answer"; the words before it are teacher-forced context)
+    loss: Literal["target", "answer"] = "target"
     # facts: also train on the first N paraphrases of each question (they then leave the probe)
     augment: int = 0
     # task: held-out items whose accuracy is the learning probe (default: items after `size`)
@@ -100,6 +103,8 @@ class StreamConfig:
             raise MemtuneError("stream.data is missing: name the data to learn")
         if self.target not in ("answer", "statement"):
             raise MemtuneError(f"stream.target={self.target!r} is invalid: expected answer or statement")
+        if self.loss not in ("target", "answer"):
+            raise MemtuneError(f"stream.loss={self.loss!r} is invalid: expected target or answer")
         for name in ("chunks", "eval_size", "max_length"):
             _positive(f"stream.{name}", getattr(self, name))
         if self.size is not None:
@@ -384,11 +389,29 @@ def load_stream(cfg: StreamConfig, seed: int) -> Stream:
 def fact_examples(items: list[QA], cfg: StreamConfig, tokenizer) -> list[Example]:
     """Each fact as the stream trains it: its question (and `augment` paraphrases) -> its
     answer or statement."""
-    pairs = []
+    pairs, prefixes = [], []
     for q in items:
-        target = q.statement if cfg.target == "statement" and q.statement else q.answer
-        pairs += [(text, target) for text in [q.question, *q.paraphrases[: cfg.augment]]]
-    return encode_qa(tokenizer, pairs, cfg.max_length)
+        stated = cfg.target == "statement" and bool(q.statement)
+        target = q.statement if stated else q.answer
+        cut = target.find(q.answer) if stated and cfg.loss == "answer" else -1
+        for text in [q.question, *q.paraphrases[: cfg.augment]]:
+            pairs.append((text, target))
+            prefixes.append(target[:cut].rstrip() if cut > 0 else "")
+    examples = encode_qa(tokenizer, pairs, cfg.max_length)
+    for example, prefix in zip(examples, prefixes):
+        if prefix:
+            mask_prefix(example, tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    return examples
+
+
+def mask_prefix(example: Example, prefix: list[int]) -> None:
+    """Take the loss off the first tokens of the target when they are `prefix` (the words of a
+    statement before its answer), so the loss — and SMF's slot counts — cover the answer."""
+    from memtune.batches import IGNORE
+
+    first = next(i for i, t in enumerate(example.labels) if t != IGNORE)
+    if example.input_ids[first : first + len(prefix)] == prefix and first + len(prefix) < len(example.labels):
+        example.labels[first : first + len(prefix)] = [IGNORE] * len(prefix)
 
 
 def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer) -> list[Example]:
