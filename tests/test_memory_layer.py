@@ -25,6 +25,18 @@ def test_product_key_topk_equals_brute_force(knn: int, dtype: torch.dtype) -> No
     assert (scores[..., :-1] >= scores[..., 1:]).all()
 
 
+def test_product_key_topk_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half scores made in blocks of 7 rows (the last one short) give the brute-force top-k."""
+    monkeypatch.setattr("memtune.product_keys._SCORE_CHUNK_ELEMENTS", 7 * 64)
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(50, 3, 2, 8, generator=g)
+    keys = torch.randn(3, 2, 64, 8, generator=g)
+    scores, indices = product_key_topk(query, keys, 6)
+    ref_scores, ref_indices = brute_force_topk(query, keys, 6)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(scores, ref_scores)
+
+
 @pytest.mark.parametrize(("n", "knn"), [(1024, 32), (256, 32), (64, 4), (40, 7), (36, 1), (40, 16), (30, 3)])
 def test_blocked_topk_equals_topk(n: int, knn: int) -> None:
     """Both the blocked path (n/4 + 4·knn < n) and the fallback (n not a multiple of 4, too few

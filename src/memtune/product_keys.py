@@ -5,8 +5,8 @@ of slot (i1, i2) is s1[i1] + s2[i2], so the best knn slots all lie in the Cartes
 each half's best knn (Lample et al., 2019).
 
 Four facts make the lookup cheap on CPU:
-- the half scores of all heads are one batched matmul, (H·2, N, h) @ (H·2, h, n_keys), laid out
-  so that the top-k runs over the contiguous last dimension;
+- the half scores are matmuls (N, h) @ (h, n_keys), one per head and half, in row blocks of
+  ~4 MiB that the top-k reads back from cache; the top-k runs over the contiguous last dimension;
 - ATen's CPU top-k costs ~9 ns per element scanned, so each half's top knn is taken from the
   knn blocks of 4 with the highest maxima, found the same way (for n_keys = 1024 and knn = 32,
   64 + 128 + 128 elements scanned instead of 1024);
@@ -35,8 +35,7 @@ def _candidate_ranks(knn: int) -> tuple[Tensor, Tensor]:
     return torch.tensor(a), torch.tensor(b)
 
 
-# Huge pages live here because both the lookup (half scores at n_keys >= 2048) and the memory
-# layer (value table, its gradient) allocate buffers of tens to thousands of MiB.
+# Huge pages for the memory layer's value table and its gradient (memory.py imports them from here).
 _HUGE_PAGE = 2 * 2**20
 _HUGE_MIN_BYTES = 32 * 2**20  # glibc serves allocations this large by a fresh mmap
 _MADV_HUGEPAGE = 14
@@ -87,6 +86,7 @@ def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
 
 
 _BLOCK = 4
+_SCORE_CHUNK_ELEMENTS = 2**20
 
 
 def blocked_topk(scores: Tensor, knn: int, sorted: bool = True) -> tuple[Tensor, Tensor]:
@@ -121,9 +121,19 @@ class _HalfTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, keys: Tensor, knn: int) -> tuple[Tensor, Tensor]:
-        scores = empty_huge((q.shape[0], q.shape[1], keys.shape[1]), q.dtype, q.device)  # (P, N, n_keys)
-        torch.bmm(q, keys.transpose(1, 2), out=scores)
-        top_s, top_i = blocked_topk(scores, knn)  # (P, N, knn)
+        p, n, _ = q.shape
+        n_keys = keys.shape[1]
+        top_s = q.new_empty(p, n, knn)
+        top_i = torch.empty(p, n, knn, dtype=torch.long, device=q.device)
+        # Scores are made and consumed in blocks of ~4 MiB: the top-k then reads them from cache,
+        # and no large buffer is page-faulted afresh each step.
+        rows = max(1, min(n, _SCORE_CHUNK_ELEMENTS // n_keys))
+        buf = q.new_empty(rows, n_keys)
+        for i in range(p):
+            for s in range(0, n, rows):
+                e = min(n, s + rows)
+                scores = torch.mm(q[i, s:e], keys[i].T, out=buf[: e - s])  # (rows, n_keys)
+                top_s[i, s:e], top_i[i, s:e] = blocked_topk(scores, knn)
         ctx.mark_non_differentiable(top_i)
         ctx.save_for_backward(q, keys, top_i)
         return top_s, top_i
