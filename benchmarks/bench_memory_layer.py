@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -132,7 +133,7 @@ def measure_memory(fn, params, table, x, g) -> dict[str, float]:
     except OSError:
         rss = float("nan")
     y.backward(g)
-    rss = (_rss_peak_kib() - rss0) * 1024 if rss == rss else rss
+    rss = (_rss_peak_kib() - rss0) * 1024 if not math.isnan(rss) else rss
     for p in params:
         p.grad = None
     return {"peak": peak / MiB, "grad": grad / MiB, "rss": rss / MiB}
@@ -166,7 +167,7 @@ def bench(args: argparse.Namespace) -> None:
             params = list(layer.parameters()) + [module.bag.weight]
             table_param = module.bag.weight
         else:
-            fn = lambda inp, layer=layer, table=table: layer(inp, table)  # noqa: E731
+            fn = lambda inp, layer=layer, table=table: layer(inp, table)
             params = list(layer.parameters()) + list(table.parameters())
             table_param = table.weight
         for _ in range(args.warmup):

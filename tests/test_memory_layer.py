@@ -7,8 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from memtune.config import MemoryConfig
-from memtune.memory import ProductKeyMemory, ValueTable, _gathered_dots, read_values
-from memtune.product_keys import blocked_topk, brute_force_topk, empty_huge, product_key_topk
+from memtune.memory import (
+    ProductKeyMemory,
+    ValueTable,
+    _gathered_dots,
+    empty_huge,
+    read_values,
+)
+from memtune.product_keys import blocked_topk, brute_force_topk, product_key_topk
 
 
 @pytest.mark.parametrize("knn", [1, 2, 7, 16, 32])
@@ -167,7 +173,7 @@ def test_table_gradient_with_many_repeated_reads(monkeypatch: pytest.MonkeyPatch
 
 
 def test_gathered_dots_sampled_and_chunked_paths_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    weights, indices, table = _read_case(n=20, k=6, slots=50, v=4)
+    _, indices, table = _read_case(n=20, k=6, slots=50, v=4)
     rows = torch.randn(20, 4, dtype=torch.float64)
     ref = (table.detach()[indices] * rows[:, None]).sum(-1)
     torch.testing.assert_close(_gathered_dots(table.detach(), indices, rows), ref)

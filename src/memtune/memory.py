@@ -10,15 +10,18 @@ miss the TLB less, and a fresh gradient costs 70 page faults instead of 36 K.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 import warnings
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtune.config import MemoryConfig
-from memtune.product_keys import empty_huge, huge_pages_granted, product_key_topk
+from memtune.product_keys import product_key_topk
 
 # Elements of the buffer that gathered value rows are recomputed into in backward when no
 # sampled matmul is available: 4M elements bounds the temporary whatever the batch size.
@@ -26,6 +29,56 @@ _GRAD_CHUNK_ELEMENTS = 4 * 2**20
 # Rows of the table gradient written per step: small enough that scaling a chunk right after
 # gathering it finds it in cache.
 _GRAD_ROWS_CHUNK = 1024
+
+# Transparent huge pages for the value table and its gradient, asked for through madvise.
+_HUGE_PAGE = 2 * 2**20
+_HUGE_MIN_BYTES = 32 * 2**20  # glibc serves allocations this large by a fresh mmap
+_MADV_HUGEPAGE = 14
+
+
+def _load_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_madvise = _load_madvise()
+
+
+@lru_cache(maxsize=1)
+def huge_pages_granted() -> bool:
+    """Whether `empty_huge` buffers really get huge pages: Linux with THP "always" or "madvise"."""
+    if _madvise is None:
+        return False
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """torch.empty, with the buffer's 2 MiB-aligned interior marked for transparent huge pages
+    (Linux madvise) before anything touches it.
+
+    A fresh 140 MiB buffer in 4 KiB pages costs ~36 K page faults, 4x the time of writing it;
+    in 2 MiB pages, 70. Random reads from a multi-GiB value table also miss the TLB far less.
+    Only the page size changes; without Linux or THP this is plain torch.empty.
+    """
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _madvise is not None and t.device.type == "cpu" and t.nbytes >= _HUGE_MIN_BYTES:
+        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            _madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure changes nothing
+    return t
 
 
 def _mark_coalesced(param: Tensor) -> None:

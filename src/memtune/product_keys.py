@@ -19,8 +19,6 @@ Four facts make the lookup cheap on CPU:
 
 from __future__ import annotations
 
-import ctypes
-import sys
 from functools import lru_cache
 
 import torch
@@ -33,56 +31,6 @@ def _candidate_ranks(knn: int) -> tuple[Tensor, Tensor]:
     """Rank pairs (a, b) with (a+1)(b+1) <= knn: the only pairs that can reach the top knn."""
     a, b = zip(*[(i, j) for i in range(knn) for j in range(knn // (i + 1))])
     return torch.tensor(a), torch.tensor(b)
-
-
-# Huge pages for the memory layer's value table and its gradient (memory.py imports them from here).
-_HUGE_PAGE = 2 * 2**20
-_HUGE_MIN_BYTES = 32 * 2**20  # glibc serves allocations this large by a fresh mmap
-_MADV_HUGEPAGE = 14
-
-
-def _load_madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_madvise = _load_madvise()
-
-
-@lru_cache(maxsize=1)
-def huge_pages_granted() -> bool:
-    """Whether `empty_huge` buffers really get huge pages: Linux with THP "always" or "madvise"."""
-    if _madvise is None:
-        return False
-    try:
-        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return False
-    return "[always]" in mode or "[madvise]" in mode
-
-
-def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
-    """torch.empty, with the buffer's 2 MiB-aligned interior marked for transparent huge pages
-    (Linux madvise) before anything touches it.
-
-    A fresh 140 MiB buffer in 4 KiB pages costs ~36 K page faults, 4x the time of writing it;
-    in 2 MiB pages, 70. Random reads from a multi-GiB value table also miss the TLB far less.
-    Only the page size changes; without Linux or THP this is plain torch.empty.
-    """
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if _madvise is not None and t.device.type == "cpu" and t.nbytes >= _HUGE_MIN_BYTES:
-        start = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (t.data_ptr() + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: failure changes nothing
-    return t
 
 
 _BLOCK = 4
@@ -173,7 +121,7 @@ def product_key_topk(query: Tensor, keys: Tensor, knn: int) -> tuple[Tensor, Ten
     """
     n, heads, _, h = query.shape
     n_keys = keys.shape[2]
-    q = query.reshape(n, heads * 2, h).transpose(0, 1).contiguous()  # (H·2, N, h); bmm is 1.5x slower on the view
+    q = query.reshape(n, heads * 2, h).transpose(0, 1).contiguous()  # (H·2, N, h)
     k = keys.reshape(heads * 2, n_keys, h)  # (H·2, n_keys, h)
     top_s, top_i = _HalfTopK.apply(q, k, knn)  # (H·2, N, knn), sorted descending
     top_s = top_s.view(heads, 2, n, knn)
