@@ -638,7 +638,7 @@ class Experiment:
                                              "experiment": c.to_dict()})
             writer = JsonlWriter(tmp / "metrics.jsonl")
             reset_peak_rss()
-            train_time, immediate, seen, record = 0.0, [], 0, {}
+            train_time, immediate, seen, steps, record = 0.0, [], 0, 0, {}
             try:
                 for k, chunk in enumerate(stream.chunks):
                     examples = training_examples(chunk, stream.kind, c.stream, tokenizer)
@@ -648,8 +648,10 @@ class Experiment:
                         writer({"event": "step", "chunk": k + 1, **r})
 
                     t = time.perf_counter()
-                    model, _ = train(model, tokenizer, examples, cfg, method, on_step=log_step, progress=self.progress)
+                    model, history = train(model, tokenizer, examples, cfg, method, on_step=log_step,
+                                           progress=self.progress)
                     train_time += time.perf_counter() - t
+                    steps += len(history)
                     now = prober.learning(model, [chunk]) if stream.kind != "task" else None
                     immediate.append(now)
                     record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen,
@@ -659,7 +661,7 @@ class Experiment:
                                    **prober.forgetting(model, reference)}
                     writer(record)
                     log.info("%s chunk %d/%d: %s", run.name, k + 1, len(stream.chunks), _brief(record))
-                final = {**{k: v for k, v in record.items() if k not in ("event", "chunk", "chunks", "immediate")}}
+                final = {k: v for k, v in record.items() if k not in ("event", "chunk", "chunks", "immediate")}
                 if c.probes.paraphrases and stream.kind != "task":
                     final["paraphrases"] = prober.paraphrases(model)
             finally:
@@ -670,7 +672,7 @@ class Experiment:
                 "learning_immediate": sum(scored) / len(scored) if scored else None,
                 **final, "base": base, "train_time_s": round(train_time, 1),
                 "peak_rss_mb": round(peak_rss_mb(), 1), "trainable_parameters": method.trainable,
-                "steps": sum(1 for _ in _steps(tmp / "metrics.jsonl")),
+                "steps": steps,
             }
             if smf:  # the table is trainable, but only the rows ever selected changed
                 results["touched_rows"] = sum(v.numel() for v in method.touched.values())
@@ -682,19 +684,6 @@ class Experiment:
         return results
 
 
-def _steps(path: Path):
-    with path.open() as f:
-        for line in f:
-            if '"event": "step"' in line:
-                yield line
-
-
 def _brief(r: dict) -> str:
     keys = ("learning", "immediate", "paraphrases", "known", "perplexity", "drift")
     return ", ".join(f"{k} {r[k]:.3f}" for k in keys if isinstance(r.get(k), float))
-
-
-def run_experiment(config_path: str, out: str, overrides: list[str] = (), only: list[str] | None = None,
-                   progress: bool = True) -> list[dict]:
-    config, _ = load_config(config_path, overrides)
-    return Experiment(config, out, progress).run_all(only)
