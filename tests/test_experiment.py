@@ -2,6 +2,7 @@
 the shipped configs, and bad configs."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -130,10 +131,13 @@ def test_resume_skips_finished_runs_and_interrupt_loses_only_the_current(config,
 def test_killed_run_leftovers_are_cleaned_and_changed_config_refused(config, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".smf.tmp-abc").mkdir()  # what `kill -9` leaves
+    (out / ".smf.tmp-999999999-abc").mkdir()  # what `kill -9` leaves (that process is gone)
+    running = out / f".full.tmp-{os.getpid()}-xyz"  # another job, running, writing its run
+    running.mkdir()
     cfg = parse_config({**config, "methods": config["methods"][:1]})
     Experiment(cfg, out, progress=False).run_all()
-    assert not list(out.glob(".*.tmp-*"))
+    assert list(out.glob(".*.tmp-*")) == [running]
+    running.rmdir()
     changed = {**config, "stream": {**config["stream"], "chunks": 3}}
     with pytest.raises(MemtuneError, match="different 'stream'"):
         Experiment(parse_config(changed), out, progress=False).run_all()

@@ -28,7 +28,6 @@ import itertools
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from memtune.batches import Example, collate, encode_documents, encode_qa
 from memtune.config import MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
-from memtune.io import atomic_dir, write_json
+from memtune.io import atomic_dir, remove_stale_temporaries, write_json
 from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, reset_peak_rss, train
 
 log = logging.getLogger(__name__)
@@ -579,8 +578,7 @@ class Experiment:
         model, tokenizer = self.load_base()
         self.prober = Prober(c.probes, stream, tokenizer, c.stream.augment)
         self.out.mkdir(parents=True, exist_ok=True)
-        for stale in self.out.glob(".*.tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temporaries(self.out)  # left by a killed run; not those of a running one
         self._check_same_config()
         log.info("%s stream: %d chunks, %d items; %d runs: %s", stream.kind, len(stream.chunks),
                  sum(len(ch.train) for ch in stream.chunks), len(runs), ", ".join(r.name for r in runs))
