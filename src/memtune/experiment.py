@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memtune.batches import Example, collate, encode_documents, encode_qa
+from memtune.batches import Example, encode_documents, encode_qa
 from memtune.config import MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
@@ -541,8 +541,8 @@ class Experiment:
     def background(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer):
         """Slot statistics of the background data, computed once and kept in `out/background`."""
         from memtune.data import load_documents, load_qa
-        from memtune.learn import detect_kind
-        from memtune.stats import Background, compute_background
+        from memtune.learn import background_stats, detect_kind
+        from memtune.stats import Background
 
         path = self.out / "background"
         if (path / "background.json").is_file():
@@ -557,14 +557,12 @@ class Experiment:
             examples = encode_documents(tokenizer, [d.text for d in load_documents(src.source, **src.kwargs())],
                                         cfg.max_length)
         random.Random(self.config.seed).shuffle(examples)
-        n = min(cfg.batches, -(-len(examples) // cfg.batch_size))
-        batches = (collate(examples[b * cfg.batch_size : (b + 1) * cfg.batch_size], tokenizer.pad_token_id)
-                   for b in range(n))
-        stats = compute_background(model, batches, n_batches=n, progress=self.progress)
+        stats = background_stats(model, examples, tokenizer.pad_token_id, cfg.batches, cfg.batch_size,
+                                 progress=self.progress)
         stats.meta |= {"source": src.source, "batch_size": cfg.batch_size, "max_length": cfg.max_length}
         stats.save(path, overwrite=True)
         self._background = stats
-        log.info("background: %d batches of %s saved to %s", n, src.source, path)
+        log.info("background: %d batches of %s saved to %s", stats.n_batches, src.source, path)
         return stats
 
     # -- runs --------------------------------------------------------------------------------

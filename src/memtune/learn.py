@@ -136,22 +136,29 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
     QA sources are formatted exactly as `learn` formats them, so a background of chat-formatted
     questions looks like the data being learned (the lesson of DESIGN.md)."""
     from memtune.models import load_model
-    from memtune.stats import compute_background
 
     if n_batches <= 0 or batch_size <= 0:
         raise MemtuneError(f"n_batches={n_batches}, batch_size={batch_size}: expected positive integers")
     check_output_free(out, overwrite)
     model, tokenizer = load_model(model_name)
     kind, examples = load_examples(source, tokenizer, kind, max_length)
-    n = min(n_batches, -(-len(examples) // batch_size))
+    stats = background_stats(model, examples, tokenizer.pad_token_id, n_batches, batch_size, count_positions, progress)
+    n = stats.n_batches
     if n < n_batches:
         log.warning("%s gives %d batches of %d, fewer than the %d asked for", source, n, batch_size, n_batches)
-    batches = (collate(examples[b * batch_size : (b + 1) * batch_size], tokenizer.pad_token_id, count_positions)
-               for b in range(n))
-    stats = compute_background(model, batches, n_batches=n, progress=progress)
     stats.meta |= {"source": source, "format": kind, "batch_size": batch_size, "max_length": max_length,
                    "count_positions": count_positions, "memory_model": model_name}
     stats.save(out, overwrite=overwrite)
     read = {k: int((v > 0).sum()) for k, v in stats.df.items()}
     log.info("background: %d batches of %s; slots read per layer %s; saved to %s", n, source, read, out)
     return {"n_batches": n, "slots_read": read}
+
+
+def background_stats(model, examples: list[Example], pad_id: int, n_batches: int, batch_size: int,
+                     count_positions: str = "loss", progress: bool = True):
+    """Slot statistics of the first `n_batches` batches of `examples` (fewer when they run out)."""
+    from memtune.stats import compute_background
+
+    n = min(n_batches, -(-len(examples) // batch_size))
+    batches = (collate(examples[b * batch_size : (b + 1) * batch_size], pad_id, count_positions) for b in range(n))
+    return compute_background(model, batches, n_batches=n, progress=progress)
