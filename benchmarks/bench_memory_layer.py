@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -37,7 +36,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from memtune.config import MemoryConfig
-from memtune.memory import ProductKeyMemory, ValueTable
+from memtune.memory import ProductKeyMemory, ValueTable, thp_mode
+from memtune.train import peak_rss_mb, reset_peak_rss
 
 MiB = 2**20
 
@@ -70,28 +70,11 @@ def _step(fn: Callable[[Tensor], Tensor], params: list[nn.Parameter], x: Tensor,
     return t1 - t0, t2 - t1
 
 
-def _rss_peak_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return -1
-
-
 def _rss_kib() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return -1
-
-
-def _thp_mode() -> str:
-    """The kernel's transparent-huge-page policy: the table and its gradient ask for huge pages
-    (madvise), which only "always" or "madvise" grant."""
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "unavailable"
-    return text.split("[")[1].split("]")[0] if "[" in text else text.strip()
 
 
 def _grad_bytes(params: list[nn.Parameter], table: nn.Parameter) -> int:
@@ -127,13 +110,9 @@ def measure_memory(fn, params, table, x, g) -> dict[str, float]:
     y = fn(x)
     gc.collect()
     rss0 = _rss_kib()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-        rss = (_rss_peak_kib() - rss0) * 1024
-    except OSError:
-        rss = float("nan")
+    measured = reset_peak_rss()  # VmHWM := the current RSS
     y.backward(g)
-    rss = (_rss_peak_kib() - rss0) * 1024 if not math.isnan(rss) else rss
+    rss = (peak_rss_mb() * 1024 - rss0) * 1024 if measured else float("nan")
     for p in params:
         p.grad = None
     return {"peak": peak / MiB, "grad": grad / MiB, "rss": rss / MiB}
@@ -203,7 +182,7 @@ def bench(args: argparse.Namespace) -> None:
     print()
     print(f"tokens={args.tokens} d={d} heads={args.heads} knn={args.knn} k_dim={args.k_dim} "
           f"threads={args.threads} repeats={args.repeats} (medians; ratios = median of per-repeat ratios "
-          f"against the FFN step run just before); transparent huge pages: {_thp_mode()}")
+          f"against the FFN step run just before); transparent huge pages: {thp_mode()}")
     print()
     hdr = (f"| {'layer':<20} | {'slots':>9} | {'fwd ms':>7} | {'bwd ms':>7} | {'f+b ms':>7} | {'fwd/FFN':>7} "
            f"| {'bwd/FFN':>7} | {'f+b/FFN':>7} | {'bwd peak MiB':>12} | {'grad MiB':>8} | {'RSS MiB':>7} | {'table MiB':>9} |")

@@ -51,17 +51,20 @@ def _load_madvise():
 _madvise = _load_madvise()
 
 
+def thp_mode() -> str:
+    """The kernel's transparent-huge-page policy ("always", "madvise", "never"), or "unavailable"."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "unavailable"
+    return text.split("[")[1].split("]")[0] if "[" in text else text.strip()
+
+
 @lru_cache(maxsize=1)
 def huge_pages_granted() -> bool:
     """Whether `empty_huge` buffers really get huge pages: Linux with THP "always" or "madvise"."""
-    if _madvise is None:
-        return False
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            mode = f.read()
-    except OSError:
-        return False
-    return "[always]" in mode or "[madvise]" in mode
+    return _madvise is not None and thp_mode() in ("always", "madvise")
 
 
 def empty_huge(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:

@@ -101,13 +101,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def reset_peak_rss() -> None:
-    """Start a new peak-memory measurement (Linux: VmHWM := current RSS); a no-op elsewhere."""
+def reset_peak_rss() -> bool:
+    """Start a new peak-memory measurement (Linux: VmHWM := current RSS); False where the OS
+    does not allow it (the peak then stays the process's lifetime peak)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 def cost_fields(step_start: float, run_start: float, real_tokens: int) -> dict:
