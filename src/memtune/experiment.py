@@ -337,7 +337,8 @@ def read_document_stream(path: str) -> list[tuple[Document, list[QA]]]:
 
         {"id": "d1", "text": "...", "questions": [{"question": "...", "answer": "...", "aliases": [...]}]}
     """
-    from memtune.data.files import field as required, read_rows, text_list
+    from memtune.data.files import field as required
+    from memtune.data.files import read_rows, text_list
 
     out = []
     for where, row in read_rows(path):
@@ -415,7 +416,7 @@ def mask_prefix(example: Example, prefix: list[int]) -> None:
 
 def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer) -> list[Example]:
     from memtune.batches import IGNORE
-    from memtune.probes.likelihood import _truncate_left, split_encode
+    from memtune.probes.likelihood import split_encode, truncate_left
 
     if kind == "facts":
         return fact_examples(chunk.train, cfg, tokenizer)
@@ -423,7 +424,7 @@ def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer) -> 
         return encode_documents(tokenizer, [d.text for d in chunk.train], cfg.max_length)
     out = []  # task: the right choice continues the question, scored as the choice probe scores it
     for item in chunk.train:
-        ids, start = _truncate_left(*split_encode(tokenizer, item.question, " " + item.choices[item.label]),
+        ids, start = truncate_left(*split_encode(tokenizer, item.question, " " + item.choices[item.label]),
                                     cfg.max_length)
         out.append(Example(ids, [IGNORE] * start + ids[start:]))
     return out

@@ -107,6 +107,15 @@ def table(runs: list[RunRecord]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _colors(runs: list[RunRecord]) -> dict[str, str]:
     palette = {"smf": "tab:blue", "full": "tab:red", "lora": "tab:orange"}
     return {r.name: palette.get(r.method, "tab:gray") for r in runs}
@@ -114,11 +123,7 @@ def _colors(runs: list[RunRecord]) -> dict[str, str]:
 
 def plot_curves(runs: list[RunRecord], path: Path) -> None:
     """Learning and forgetting over the stream: one panel per measured quantity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     panels = [("learning", "accuracy on what was learned so far (%)", 100),
               ("known", "known-fact accuracy (%)", 100), ("perplexity", "held-out perplexity", 1)]
     panels = [p for p in panels if any(p[0] in e for r in runs for e in r.probes)]
@@ -145,11 +150,7 @@ def plot_curves(runs: list[RunRecord], path: Path) -> None:
 
 def plot_frontier(runs: list[RunRecord], path: Path) -> None:
     """Each run at the end of the stream: learned (x) against what was lost (y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     use_known = all(r.results.get("known") is not None for r in runs)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     colors = _colors(runs)
@@ -182,9 +183,9 @@ def write_report(paths: list[str], out: str | Path) -> Path:
         plot_curves(runs, tmp / "curves.png")
         plot_frontier(runs, tmp / "frontier.png")
         text = ["# memtune report", "", f"Runs: {', '.join(str(r.path) for r in runs)}", "",
-                "Accuracies: the greedy answer contains the reference answer or an alias. Δ: against the base "
-                "model (its own values in brackets). Perplexity and drift: held-out text. Params updated: for "
-                "SMF the value-table rows that ever changed × their width; otherwise every trainable parameter.", "",
+                ("Accuracies: the greedy answer contains the reference answer or an alias. Δ: against the base "
+                 "model (its own values in brackets). Perplexity and drift: held-out text. Params updated: for "
+                 "SMF the value-table rows that ever changed × their width; otherwise every trainable parameter."), "",
                 table(runs), "", "![learning and forgetting over the stream](curves.png)", "",
                 "![learning vs forgetting](frontier.png)", ""]
         (tmp / "report.md").write_text("\n".join(text))

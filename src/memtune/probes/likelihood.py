@@ -93,7 +93,7 @@ def split_encode(tokenizer: PreTrainedTokenizerBase, context: str, continuation:
     return ctx + tokenizer(continuation, add_special_tokens=False).input_ids, len(ctx)
 
 
-def _truncate_left(ids: list[int], start: int, max_length: int) -> tuple[list[int], int]:
+def truncate_left(ids: list[int], start: int, max_length: int) -> tuple[list[int], int]:
     """Keep the last `max_length` tokens (the continuation, as much context as fits)."""
     cut = max(0, len(ids) - max_length)
     return ids[cut:], max(1, start - cut)
@@ -149,7 +149,7 @@ def choice_accuracy(
     seqs, starts, owners = [], [], []
     for i, item in enumerate(items):
         for choice in item.choices:
-            ids, start = _truncate_left(*split_encode(tokenizer, item.question, " " + choice), max_length)
+            ids, start = truncate_left(*split_encode(tokenizer, item.question, " " + choice), max_length)
             seqs.append(ids)
             starts.append(start)
             owners.append(i)
@@ -180,7 +180,7 @@ def answer_loss(
     for item in items:
         prompt = build_prompt(tokenizer, item.question, chat)
         ids, start = split_encode(tokenizer, prompt, answer_suffix(tokenizer, item.answer, chat))
-        ids, start = _truncate_left(ids, start, max_length)
+        ids, start = truncate_left(ids, start, max_length)
         seqs.append(ids)
         starts.append(start)
     scored = continuation_logprobs(model, seqs, starts, batch_size, _pad_id(tokenizer), "answer loss", progress)
