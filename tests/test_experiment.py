@@ -260,6 +260,7 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c["methods"][0].update(speed=3), "unknown key 'speed'"),
         (lambda c: c.pop("background"), "add background"),
         (lambda c: c["memory"].update(k_dim=7), "k_dim"),
+        (lambda c: c["background"].update(calibrate="pca"), "background.calibrate='pca' is invalid"),
         (lambda c: c["stream"].update(chunks=50), "more than the 6 items"),
     ],
 )

@@ -9,7 +9,7 @@ example also carries the positions whose slot reads count for sparse finetuning:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +81,13 @@ def collate(examples: Sequence[Example], pad_id: int, count_positions: str = "lo
         count = torch.zeros_like(mask, dtype=torch.bool)
         count[:, :-1] = labels[:, 1:] != IGNORE
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "count_mask": count}
+
+
+def first_batches(examples: Sequence[Example], pad_id: int, n_batches: int, batch_size: int,
+                  count_positions: str = "loss") -> tuple[int, Iterator[dict[str, Tensor]]]:
+    """The first `n_batches` collated batches of `examples` (fewer when they run out): (n, batches)."""
+    n = min(n_batches, -(-len(examples) // batch_size))
+    return n, (collate(examples[b * batch_size : (b + 1) * batch_size], pad_id, count_positions) for b in range(n))
 
 
 def token_loss_sum(logits: Tensor, labels: Tensor) -> Tensor:

@@ -84,6 +84,7 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     shapes = {PREFIX + k: v.shape for k, v in bank.state_dict().items()}
     state = {k.removeprefix(PREFIX): v for k, v in _expand(state, shapes).items()}
     missing, unexpected = bank.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith(".query_center")]  # older checkpoints: uncalibrated
     if missing or unexpected:
         raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config: missing {missing}, unexpected {unexpected}")
     return model

@@ -52,6 +52,11 @@ class MemoryConfig:
         default="auto",
         metadata={"help": "auto: zeros in parallel mode (exact base model), normal in replace mode"},
     )
+    query_calibration: str | None = field(
+        default=None,
+        metadata={"help": "how the queries were calibrated on data (standardize, whiten), set by "
+                  "memtune.calibrate; None: not calibrated"},
+    )
     base_model: str | None = field(
         default=None, metadata={"help": "the base model this memory belongs to (id, path or alias)"}
     )
@@ -81,6 +86,9 @@ class MemoryConfig:
             raise MemtuneError(
                 f"value_dtype={self.value_dtype!r} is invalid: expected one of {', '.join(VALUE_DTYPES)}"
             )
+        if self.query_calibration not in (None, "standardize", "whiten"):
+            raise MemtuneError(f"query_calibration={self.query_calibration!r} is invalid: expected standardize, "
+                               "whiten or None")
         if any(i < 0 for i in self.layers):
             raise MemtuneError(f"layers={self.layers} is invalid: expected non-negative indices")
         if len(set(self.layers)) != len(self.layers):

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memtune.batches import Example, encode_documents, encode_qa
+from memtune.batches import Example, encode_documents, encode_qa, first_batches
 from memtune.config import MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
@@ -140,6 +140,15 @@ class BackgroundConfig:
     batches: int = 100
     batch_size: int = 8
     max_length: int = 128
+    # calibrate SMF's memory queries on the same data first (memtune.calibrate): standardize, whiten
+    calibrate: str | None = None
+
+    def __post_init__(self) -> None:
+        from memtune.calibrate import CALIBRATIONS
+
+        if self.calibrate is not None and self.calibrate not in CALIBRATIONS:
+            raise MemtuneError(f"background.calibrate={self.calibrate!r} is invalid: expected one of "
+                               f"{', '.join(CALIBRATIONS)} (or leave it out)")
 
 
 @dataclass
@@ -539,17 +548,11 @@ class Experiment:
             self._base = self.load_base()[0].eval()
         return self._base
 
-    def background(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer):
-        """Slot statistics of the background data, computed once and kept in `out/background`."""
+    def background_examples(self, stream_cfg: StreamConfig, tokenizer) -> list[Example]:
+        """The background data, formatted as the stream trains it, in a seeded order."""
         from memtune.data import load_documents, load_qa
-        from memtune.learn import background_stats, detect_kind
-        from memtune.stats import Background
+        from memtune.learn import detect_kind
 
-        path = self.out / "background"
-        if (path / "background.json").is_file():
-            if self._background is None:
-                self._background = Background.load(path)
-            return self._background
         cfg = self.config.background
         src = cfg.data
         if detect_kind(src.source) == "qa":  # formatted as the stream trains facts
@@ -558,12 +561,37 @@ class Experiment:
             examples = encode_documents(tokenizer, [d.text for d in load_documents(src.source, **src.kwargs())],
                                         cfg.max_length)
         random.Random(self.config.seed).shuffle(examples)
+        return examples
+
+    def calibrate(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer) -> None:
+        """Calibrate the memory queries on the background data, when the config asks for it."""
+        from memtune.calibrate import calibrate_queries
+
+        cfg = self.config.background
+        if cfg is None or cfg.calibrate is None or self.config.memory_model:
+            return
+        examples = self.background_examples(stream_cfg, tokenizer)
+        n, batches = first_batches(examples, tokenizer.pad_token_id, cfg.batches, cfg.batch_size)
+        calibrate_queries(model, batches, cfg.calibrate, n_batches=n, progress=self.progress)
+
+    def background(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer):
+        """Slot statistics of the background data, computed once and kept in `out/background`."""
+        from memtune.learn import background_stats
+        from memtune.stats import Background
+
+        path = self.out / "background"
+        if (path / "background.json").is_file():
+            if self._background is None:
+                self._background = Background.load(path)
+            return self._background
+        cfg = self.config.background
+        examples = self.background_examples(stream_cfg, tokenizer)
         stats = background_stats(model, examples, tokenizer.pad_token_id, cfg.batches, cfg.batch_size,
                                  progress=self.progress)
-        stats.meta |= {"source": src.source, "batch_size": cfg.batch_size, "max_length": cfg.max_length}
+        stats.meta |= {"source": cfg.data.source, "batch_size": cfg.batch_size, "max_length": cfg.max_length}
         stats.save(path, overwrite=True)
         self._background = stats
-        log.info("background: %d batches of %s saved to %s", stats.n_batches, src.source, path)
+        log.info("background: %d batches of %s saved to %s", stats.n_batches, cfg.data.source, path)
         return stats
 
     # -- runs --------------------------------------------------------------------------------
@@ -626,6 +654,8 @@ class Experiment:
         c, cfg = self.config, run.learn
         smf = cfg.method == "smf"
         model, tokenizer = self.load_memory_model() if smf else self.load_base()
+        if smf:
+            self.calibrate(model, c.stream, tokenizer)
         background = self.background(model, c.stream, tokenizer) if smf and cfg.ranker in ("tfidf", "kl") else None
         method = make_method(cfg, background)
         prober = self.prober

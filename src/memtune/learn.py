@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from memtune.batches import DATA_KINDS, Example, collate, encode_documents, encode_qa
+from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa, first_batches
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, check_output_free, write_json
 from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, train
@@ -159,6 +159,5 @@ def background_stats(model, examples: list[Example], pad_id: int, n_batches: int
     """Slot statistics of the first `n_batches` batches of `examples` (fewer when they run out)."""
     from memtune.stats import compute_background
 
-    n = min(n_batches, -(-len(examples) // batch_size))
-    batches = (collate(examples[b * batch_size : (b + 1) * batch_size], pad_id, count_positions) for b in range(n))
+    n, batches = first_batches(examples, pad_id, n_batches, batch_size, count_positions)
     return compute_background(model, batches, n_batches=n, progress=progress)

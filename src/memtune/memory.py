@@ -239,6 +239,9 @@ class ProductKeyMemory(nn.Module):
         with torch.no_grad():
             bound = 1 / math.sqrt(c.k_dim // 2)
             self.keys.uniform_(-bound, bound)
+        # Subtracted from the input before the query projection; zero until `calibrate_queries`
+        # sets it to the mean input of representative data (see memtune.calibrate).
+        self.register_buffer("query_center", torch.zeros(hidden_size, dtype=dtype))
         # When `record` is set, the slots read by the last forward are kept (detached) for
         # slot statistics and sparse finetuning: (B, T, heads * knn).
         self.record = False
@@ -247,7 +250,7 @@ class ProductKeyMemory(nn.Module):
     def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, d) -> softmax weights (B*T, H*knn) and slot indices (B*T, H*knn)."""
         c = self.config
-        q = self.query_norm(self.query(x).view(-1, c.heads, c.k_dim))  # (N, H, k_dim)
+        q = self.query_norm(self.query(x - self.query_center).view(-1, c.heads, c.k_dim))  # (N, H, k_dim)
         q = q.view(-1, c.heads, 2, c.k_dim // 2)  # (N, H, 2, k_dim/2)
         scores, indices = product_key_topk(q, self.keys, c.knn)  # (N, H, knn)
         weights = scores.float().softmax(dim=-1).to(x.dtype)

@@ -69,7 +69,7 @@ def memory_fingerprint(bank: MemoryBank) -> str:
     config = bank.config.to_dict()
     h = hashlib.sha256(json.dumps({k: config[k] for k in LOOKUP_FIELDS}, sort_keys=True).encode())
     for name, p in sorted(bank.layers.state_dict().items()):
-        if name.split(".")[1] in ("query", "query_norm", "keys"):
+        if name.split(".")[1] in ("query", "query_norm", "keys", "query_center"):
             h.update(name.encode())
             h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]

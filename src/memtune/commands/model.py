@@ -8,6 +8,7 @@ import logging
 
 from memtune.commands import add_dataclass_arguments, add_output_arguments, add_threads_argument, dataclass_kwargs
 from memtune.config import MemoryConfig
+from memtune.errors import MemtuneError
 
 log = logging.getLogger("memtune")
 
@@ -18,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_output_arguments(p, "output folder for the memory checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed for the memory's initial weights [default: 0]")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    add_dataclass_arguments(p, MemoryConfig, exclude=("base_model", "hidden_size"))
+    add_dataclass_arguments(p, MemoryConfig, exclude=("base_model", "hidden_size", "query_calibration"))
+    p.add_argument("--calibrate", metavar="SOURCE", default=None,
+                   help="calibrate the queries on this data (like the data to learn; QA is measured at the answer "
+                        "positions): lookups of similar inputs overlap less. Same sources as --data of learn")
+    p.add_argument("--calibration", choices=("standardize", "whiten"), default="standardize",
+                   help="how: per-dimension or full whitening of the memory input [default: standardize]")
+    p.add_argument("--calibration-batches", type=int, default=100, help="batches of 8 examples [default: 100]")
     add_threads_argument(p)
     p.set_defaults(func=cmd_retrofit)
 
@@ -49,10 +56,14 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     from memtune.retrofit import parameter_counts, retrofit
 
     config = MemoryConfig(**dataclass_kwargs(MemoryConfig, args), base_model=args.model)
+    if args.calibration_batches <= 0:
+        raise MemtuneError(f"--calibration-batches={args.calibration_batches} is invalid: expected a positive integer")
     check_output_free(args.out, args.overwrite)
-    model, _ = load_base_model(args.model, dtype=args.dtype)
+    model, tokenizer = load_base_model(args.model, dtype=args.dtype)
     torch.manual_seed(args.seed)
     retrofit(model, config)
+    if args.calibrate:
+        calibrate_on(model, tokenizer, args.calibrate, args.calibration, args.calibration_batches)
     save_memory(model, args.out, overwrite=args.overwrite)
     counts = parameter_counts(model)
     log.info(
@@ -60,6 +71,17 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
         config.layers, config.mode, config.n_slots, counts["memory"] / 1e6, counts["memory_bytes"] / 2**20, args.out,
     )
     return 0
+
+
+def calibrate_on(model, tokenizer, source: str, mode: str, n_batches: int, batch_size: int = 8) -> None:
+    """Calibrate the memory queries on the first `n_batches` batches of `source`."""
+    from memtune.batches import first_batches
+    from memtune.calibrate import calibrate_queries
+    from memtune.learn import load_examples
+
+    _, examples = load_examples(source, tokenizer, max_length=128)
+    n, batches = first_batches(examples, tokenizer.pad_token_id, n_batches, batch_size)
+    calibrate_queries(model, batches, mode, n_batches=n)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

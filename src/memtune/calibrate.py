@@ -1,0 +1,104 @@
+"""Query calibration: make a retrofitted memory's lookup tell inputs of one kind apart.
+
+A memory layer's query is a random projection of the hidden state. Hidden states of one kind of
+text (every "The capital of X is" position, say) share a large common component, so their random
+projections are close and they read many of the same slots; sparse finetuning on one of them then
+moves slots the others read. Calibration subtracts the mean input of representative data and
+scales each input direction to unit variance (`standardize`: per dimension; `whiten`: along the
+principal directions), folding the scaling into the query projection. Only which slots are read
+changes; in `parallel` mode with zero values the model's output is unchanged.
+
+Measured on SmolLM2-135M (BENCHMARKS.md): the share of held-out facts' read weight that falls on
+the slots selected for 100 learned facts drops 2-4x, while the learned facts' own share barely moves.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from memtune.errors import MemtuneError
+from memtune.retrofit import bypass_memory, memory_ffns, require_memory_bank
+
+log = logging.getLogger(__name__)
+
+CALIBRATIONS = ("standardize", "whiten")
+# Whitening: eigenvalues are floored at this fraction of the largest, so directions the data
+# barely spans are not blown up into noise.
+WHITEN_FLOOR = 1e-3
+
+
+class _Moments:
+    """Running sums of x and x xᵀ (or x², for the diagonal) in float64."""
+
+    def __init__(self, dim: int, full: bool):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.sq = torch.zeros(dim, dim, dtype=torch.float64) if full else torch.zeros(dim, dtype=torch.float64)
+
+    def add(self, x: Tensor) -> None:
+        x = x.detach().to("cpu", torch.float64)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.sq += x.T @ x if self.sq.dim() == 2 else (x * x).sum(0)
+
+    def mean_and_transform(self) -> tuple[Tensor, Tensor]:
+        """The mean and T such that T (x - mean) has unit variance (per dimension or whitened)."""
+        mean = self.sum / self.n
+        if self.sq.dim() == 1:
+            var = (self.sq / self.n - mean * mean).clamp_min(0)
+            return mean, torch.diag((var + 1e-6 * var.max().clamp_min(1e-12)).rsqrt())
+        cov = self.sq / self.n - torch.outer(mean, mean)
+        eigenvalues, vectors = torch.linalg.eigh(cov)
+        floor = WHITEN_FLOOR * eigenvalues.max().clamp_min(1e-12)
+        return mean, vectors @ torch.diag(eigenvalues.clamp_min(floor).rsqrt()) @ vectors.T
+
+
+@torch.no_grad()
+def calibrate_queries(model: nn.Module, batches: Iterable[dict[str, Tensor]], mode: str = "standardize",
+                      n_batches: int | None = None, progress: bool = True) -> int:
+    """Calibrate every memory layer's query on `batches` (collated: input_ids, attention_mask and
+    count_mask — the positions whose inputs are measured). Returns the number of positions used.
+
+    The inputs are those of the original model (memory bypassed), so every layer is calibrated on
+    the same hidden states whatever its order or mode. Call it once, after retrofit and before
+    background statistics or training: it changes which slots are read.
+    """
+    if mode not in CALIBRATIONS:
+        raise MemtuneError(f"calibration={mode!r} is invalid: expected one of {', '.join(CALIBRATIONS)}")
+    bank = require_memory_bank(model)
+    device = next(model.parameters()).device
+    names = {id(m): name for name, m in bank.layers.items()}
+    moments = {name: _Moments(m.query.in_features, full=mode == "whiten") for name, m in bank.layers.items()}
+    mask: dict[str, Tensor] = {}
+    # The wrappers see the layer input even when the memory is bypassed.
+    handles = [w.register_forward_pre_hook(lambda _, args, name=names[id(w.memory)]:
+                                           moments[name].add(args[0][mask["count"]]))
+               for w in memory_ffns(model)]
+    was_training = model.training
+    model.eval()
+    try:
+        with bypass_memory(model):
+            for b in tqdm(batches, total=n_batches, desc="calibrate", disable=not progress):
+                mask["count"] = b["count_mask"].to(device, torch.bool)
+                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                      use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    n = min(m.n for m in moments.values())
+    if n < 2:
+        raise MemtuneError(f"calibration saw {n} position(s): expected data with counted positions (at least 2)")
+    for name, layer in bank.layers.items():
+        mean, transform = moments[name].mean_and_transform()
+        weight = layer.query.weight
+        layer.query.weight.copy_((weight.double() @ transform.to(weight.device)).to(weight.dtype))
+        layer.query_center.copy_(mean.to(layer.query_center))
+    bank.config.query_calibration = mode
+    log.info("calibrated the queries of memory layers %s (%s) on %d positions", list(bank.layers), mode, n)
+    return n

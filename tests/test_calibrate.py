@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from memtune.batches import collate, encode_documents
+from memtune.calibrate import calibrate_queries
+from memtune.checkpoint import load_memory, save_memory
+from memtune.errors import MemtuneError
+from memtune.retrofit import memory_ffns, retrofit
+from memtune.stats import memory_fingerprint
+from tiny import tiny_memory_config, tiny_model, tiny_tokenizer
+
+TEXTS = ["The capital of France is Paris.", "The capital of Italy is Rome.", "What is the currency of Japan?",
+         "Python is a programming language.", "A function returns a value and a class defines objects.",
+         "Which region is Chile in? South America."] * 3
+
+
+def _batches(tokenizer, size=4):
+    examples = encode_documents(tokenizer, TEXTS, max_length=32)
+    return [collate(examples[i : i + size], tokenizer.pad_token_id, "all") for i in range(0, len(examples), size)]
+
+
+def _layer_inputs(model, batches) -> dict[int, torch.Tensor]:
+    """The inputs of each memory layer at the real tokens of `batches`, by brute force."""
+    seen = {i: [] for i in range(len(memory_ffns(model)))}
+    hooks = [w.register_forward_pre_hook(lambda _, a, i=i: seen[i].append(a[0])) for i, w in enumerate(memory_ffns(model))]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    for h in hooks:
+        h.remove()
+    masks = [b["attention_mask"].bool() for b in batches]
+    return {i: torch.cat([x[m] for x, m in zip(xs, masks)]) for i, xs in seen.items()}
+
+
+@pytest.mark.parametrize("mode", ["standardize", "whiten"])
+def test_queries_see_standardized_inputs(mode):
+    torch.manual_seed(0)
+    model, tok = tiny_model(hidden=16), tiny_tokenizer()
+    retrofit(model, tiny_memory_config(layers=[0, 1], k_dim=8))
+    batches = _batches(tok)
+    x = _layer_inputs(model, batches)
+    before = {name: m.query.weight.detach().clone() for name, m in model.memory.layers.items()}
+    n = calibrate_queries(model, batches, mode, progress=False)
+    assert n == x[0].shape[0]
+    for i, (name, m) in enumerate(model.memory.layers.items()):
+        xi = x[i].double()
+        assert torch.allclose(m.query_center.double(), xi.mean(0), atol=1e-5)
+        # the new projection = the old one applied to standardized (or whitened) inputs
+        t = torch.linalg.lstsq(before[name].double(), m.query.weight.double()).solution  # (d, d)
+        z = (xi - xi.mean(0)) @ t.T
+        if mode == "standardize":
+            assert torch.allclose(z.std(0, unbiased=False), torch.ones(16, dtype=torch.float64), atol=1e-3)
+        else:
+            cov = z.T @ z / z.shape[0]
+            assert torch.allclose(torch.diag(cov), torch.ones(16, dtype=torch.float64), atol=1e-2)
+            assert (cov - torch.diag(torch.diag(cov))).abs().max() < 1e-2
+    assert model.memory.config.query_calibration == mode
+
+
+def test_calibration_changes_the_lookup_not_the_parallel_model():
+    torch.manual_seed(0)
+    model, tok = tiny_model(hidden=32), tiny_tokenizer()
+    retrofit(model, tiny_memory_config(layers=[0, 1]))
+    batches = _batches(tok)
+    ids = batches[0]["input_ids"]
+    layer = model.memory.layers["1"]
+    x = torch.randn(10, 32)
+    with torch.no_grad():
+        logits = model(ids).logits
+        slots = layer.lookup(x[None])[1]
+    fingerprint = memory_fingerprint(model.memory)
+    calibrate_queries(model, batches, progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)  # zero values: still exactly the base model
+        assert not torch.equal(layer.lookup(x[None])[1], slots)
+    assert memory_fingerprint(model.memory) != fingerprint  # background statistics must be redone
+
+
+def test_calibrated_checkpoint_round_trips(tmp_path):
+    torch.manual_seed(0)
+    model, tok = tiny_model(), tiny_tokenizer()
+    retrofit(model, tiny_memory_config())
+    calibrate_queries(model, _batches(tok), "whiten", progress=False)
+    save_memory(model, tmp_path / "m")
+    loaded = load_memory(tiny_model(), tmp_path / "m")
+    for (name, a), (_, b) in zip(model.memory.state_dict().items(), loaded.memory.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.memory.config.query_calibration == "whiten"
+
+
+def test_bad_calibration_is_an_error():
+    torch.manual_seed(0)
+    model, tok = tiny_model(), tiny_tokenizer()
+    retrofit(model, tiny_memory_config())
+    with pytest.raises(MemtuneError, match="calibration='pca' is invalid"):
+        calibrate_queries(model, _batches(tok), "pca", progress=False)
+    empty = [{**b, "count_mask": torch.zeros_like(b["count_mask"])} for b in _batches(tok)]
+    with pytest.raises(MemtuneError, match="calibration saw 0 position"):
+        calibrate_queries(model, empty, progress=False)
+
+
+def test_checkpoint_without_query_center_loads_uncalibrated(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from memtune.checkpoint import WEIGHTS_NAME
+
+    torch.manual_seed(0)
+    model = retrofit(tiny_model(), tiny_memory_config())
+    save_memory(model, tmp_path / "m")
+    path = tmp_path / "m" / WEIGHTS_NAME
+    state = {k: v for k, v in load_file(path).items() if not k.endswith("query_center")}
+    save_file(state, path)  # as written before calibration existed
+    loaded = load_memory(tiny_model(), tmp_path / "m")
+    assert all(not m.query_center.any() for m in loaded.memory.layers.values())
