@@ -301,3 +301,25 @@ def test_report_table_values(tmp_path):
     assert rows["a"] == "| a | smf | 90.0 | 100.0 | 20.0 | -1.0 | +0.50% | 0.0100 | 2.0 min | 2048 | 5 |"
     assert rows["b"] == "| b | full | 95.0 | 100.0 | 20.0 | -50.0 | +20.00% | 0.0100 | 2.0 min | 2048 | 7 |"
     assert rows["base model"].startswith("| base model | – | 0.0 | – | 10.0 | (100.0 %) | (10.000) |")
+
+
+def test_diverge_loss_starts_where_the_model_leaves_the_target(tokenizer):
+    import torch
+
+    from memtune.batches import IGNORE, Example
+    from memtune.experiment import mask_predicted
+    from tiny import tiny_model
+
+    model = tiny_model(init_range=0.5)
+    prompt = tokenizer("The capital of France is")["input_ids"]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(4):  # the model's own greedy continuation
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    own = ids[len(prompt):]
+    other = next(t for t in range(10, 300) if t != own[2])
+    diverging = Example(prompt + own[:2] + [other, own[3]], [IGNORE] * len(prompt) + own[:2] + [other, own[3]])
+    predicted = Example(list(ids), [IGNORE] * len(prompt) + own)
+    mask_predicted(model, [diverging, predicted], tokenizer.pad_token_id)
+    assert diverging.labels == [IGNORE] * (len(prompt) + 2) + [other, own[3]]  # from the first token it gets wrong
+    assert predicted.labels == [IGNORE] * (len(prompt) + 3) + [own[3]]  # all predicted: the last keeps its loss

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memtune.batches import Example, encode_documents, encode_qa, first_batches
+from memtune.batches import Example, collate, encode_documents, encode_qa, first_batches
 from memtune.config import MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
@@ -85,9 +85,11 @@ class StreamConfig:
     shuffle: bool = True
     # facts: train on the bare answer or on the fact stated as a sentence (QA.statement)
     target: Literal["answer", "statement"] = "answer"
-    # facts with target=statement: the loss covers the whole statement ("target") or only the
-    # answer inside it ("answer"; the words before it are teacher-forced context)
-    loss: Literal["target", "answer"] = "target"
+    # facts: the loss covers the whole target ("target"), only the answer inside a statement
+    # ("answer"; the words before it are teacher-forced context), or the target from its first
+    # token that the model being trained does not already predict ("diverge": greedy decoding
+    # follows the model's own words up to there, so that is where the answer must be taught)
+    loss: Literal["target", "answer", "diverge"] = "target"
     # facts: also train on the first N paraphrases of each question (they then leave the probe)
     augment: int = 0
     # task: held-out items whose accuracy is the learning probe (default: items after `size`)
@@ -102,8 +104,8 @@ class StreamConfig:
             raise MemtuneError("stream.data is missing: name the data to learn")
         if self.target not in ("answer", "statement"):
             raise MemtuneError(f"stream.target={self.target!r} is invalid: expected answer or statement")
-        if self.loss not in ("target", "answer"):
-            raise MemtuneError(f"stream.loss={self.loss!r} is invalid: expected target or answer")
+        if self.loss not in ("target", "answer", "diverge"):
+            raise MemtuneError(f"stream.loss={self.loss!r} is invalid: expected target, answer or diverge")
         for name in ("chunks", "eval_size", "max_length"):
             _positive(f"stream.{name}", getattr(self, name))
         if self.size is not None:
@@ -395,9 +397,9 @@ def load_stream(cfg: StreamConfig, seed: int) -> Stream:
     return Stream("task", [Chunk(part, []) for part in _split(items[:size], cfg.chunks)], held_out)
 
 
-def fact_examples(items: list[QA], cfg: StreamConfig, tokenizer) -> list[Example]:
+def fact_examples(items: list[QA], cfg: StreamConfig, tokenizer, model: nn.Module | None = None) -> list[Example]:
     """Each fact as the stream trains it: its question (and `augment` paraphrases) -> its
-    answer or statement."""
+    answer or statement. `loss: diverge` needs the `model` that will learn them."""
     pairs, prefixes = [], []
     for q in items:
         stated = cfg.target == "statement" and bool(q.statement)
@@ -410,7 +412,37 @@ def fact_examples(items: list[QA], cfg: StreamConfig, tokenizer) -> list[Example
     for example, prefix in zip(examples, prefixes):
         if prefix:
             mask_prefix(example, tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    if cfg.loss == "diverge":
+        if model is None:
+            raise ValueError("loss=diverge needs the model that learns the facts")
+        mask_predicted(model, examples, tokenizer.pad_token_id)
     return examples
+
+
+@torch.no_grad()
+def mask_predicted(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> None:
+    """Take the loss off each example's leading target tokens that `model` already predicts
+    (greedy, teacher-forced): training — and SMF's slot counts — start where the model's own
+    words leave the target. The last target token always keeps its loss."""
+    from memtune.batches import IGNORE
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(examples), batch_size):
+            part = examples[s : s + batch_size]
+            b = collate(part, pad_id)
+            predicted = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                              use_cache=False).logits.argmax(-1).cpu()
+            for row, e in zip(predicted, part):
+                loss_at = [t for t, y in enumerate(e.labels) if y != IGNORE]
+                for t in loss_at[:-1]:
+                    if t == 0 or int(row[t - 1]) != e.labels[t]:
+                        break
+                    e.labels[t] = IGNORE
+    finally:
+        model.train(was_training)
 
 
 def mask_prefix(example: Example, prefix: list[int]) -> None:
@@ -423,12 +455,13 @@ def mask_prefix(example: Example, prefix: list[int]) -> None:
         example.labels[first : first + len(prefix)] = [IGNORE] * len(prefix)
 
 
-def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer) -> list[Example]:
+def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer,
+                      model: nn.Module | None = None) -> list[Example]:
     from memtune.batches import IGNORE
     from memtune.probes.likelihood import split_encode, truncate_left
 
     if kind == "facts":
-        return fact_examples(chunk.train, cfg, tokenizer)
+        return fact_examples(chunk.train, cfg, tokenizer, model)
     if kind == "documents":
         return encode_documents(tokenizer, [d.text for d in chunk.train], cfg.max_length)
     out = []  # task: the right choice continues the question, scored as the choice probe scores it
@@ -548,7 +581,7 @@ class Experiment:
             self._base = self.load_base()[0].eval()
         return self._base
 
-    def background_examples(self, stream_cfg: StreamConfig, tokenizer) -> list[Example]:
+    def background_examples(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer) -> list[Example]:
         """The background data, formatted as the stream trains it, in a seeded order."""
         from memtune.data import load_documents, load_qa
         from memtune.learn import detect_kind
@@ -556,7 +589,7 @@ class Experiment:
         cfg = self.config.background
         src = cfg.data
         if detect_kind(src.source) == "qa":  # formatted as the stream trains facts
-            examples = fact_examples(load_qa(src.source, **src.kwargs()), stream_cfg, tokenizer)
+            examples = fact_examples(load_qa(src.source, **src.kwargs()), stream_cfg, tokenizer, model)
         else:
             examples = encode_documents(tokenizer, [d.text for d in load_documents(src.source, **src.kwargs())],
                                         cfg.max_length)
@@ -570,7 +603,7 @@ class Experiment:
         cfg = self.config.background
         if cfg is None or cfg.calibrate is None or self.config.memory_model:
             return
-        examples = self.background_examples(stream_cfg, tokenizer)
+        examples = self.background_examples(model, stream_cfg, tokenizer)
         n, batches = first_batches(examples, tokenizer.pad_token_id, cfg.batches, cfg.batch_size)
         calibrate_queries(model, batches, cfg.calibrate, n_batches=n, progress=self.progress)
 
@@ -585,7 +618,7 @@ class Experiment:
                 self._background = Background.load(path)
             return self._background
         cfg = self.config.background
-        examples = self.background_examples(stream_cfg, tokenizer)
+        examples = self.background_examples(model, stream_cfg, tokenizer)
         stats = background_stats(model, examples, tokenizer.pad_token_id, cfg.batches, cfg.batch_size,
                                  progress=self.progress)
         stats.meta |= {"source": cfg.data.source, "batch_size": cfg.batch_size, "max_length": cfg.max_length}
@@ -668,7 +701,7 @@ class Experiment:
             train_time, immediate, seen, steps, record = 0.0, [], 0, 0, {}
             try:
                 for k, chunk in enumerate(stream.chunks):
-                    examples = training_examples(chunk, stream.kind, c.stream, tokenizer)
+                    examples = training_examples(chunk, stream.kind, c.stream, tokenizer, model)
                     seen += len(chunk.train)
 
                     def log_step(r: dict, k=k) -> None:
