@@ -21,12 +21,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from memtune.config import CALIBRATIONS
 from memtune.errors import MemtuneError
 from memtune.retrofit import bypass_memory, memory_ffns, require_memory_bank
 
 log = logging.getLogger(__name__)
 
-CALIBRATIONS = ("standardize", "whiten")
 # Whitening: eigenvalues are floored at this fraction of the largest, so directions the data
 # barely spans are not blown up into noise.
 WHITEN_FLOOR = 1e-3

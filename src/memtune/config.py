@@ -13,6 +13,7 @@ from memtune.errors import MemtuneError
 MODES = ("parallel", "replace")
 VALUE_INITS = ("auto", "zeros", "normal")
 VALUE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+CALIBRATIONS = ("standardize", "whiten")  # memtune.calibrate
 
 
 @dataclass
@@ -86,9 +87,9 @@ class MemoryConfig:
             raise MemtuneError(
                 f"value_dtype={self.value_dtype!r} is invalid: expected one of {', '.join(VALUE_DTYPES)}"
             )
-        if self.query_calibration not in (None, "standardize", "whiten"):
-            raise MemtuneError(f"query_calibration={self.query_calibration!r} is invalid: expected standardize, "
-                               "whiten or None")
+        if self.query_calibration not in (None, *CALIBRATIONS):
+            raise MemtuneError(f"query_calibration={self.query_calibration!r} is invalid: expected one of "
+                               f"{', '.join(CALIBRATIONS)} or None")
         if any(i < 0 for i in self.layers):
             raise MemtuneError(f"layers={self.layers} is invalid: expected non-negative indices")
         if len(set(self.layers)) != len(self.layers):

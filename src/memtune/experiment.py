@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from memtune.batches import Example, collate, encode_documents, encode_qa, first_batches
-from memtune.config import MemoryConfig
+from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, remove_stale_temporaries, write_json
@@ -146,8 +146,6 @@ class BackgroundConfig:
     calibrate: str | None = None
 
     def __post_init__(self) -> None:
-        from memtune.calibrate import CALIBRATIONS
-
         if self.calibrate is not None and self.calibrate not in CALIBRATIONS:
             raise MemtuneError(f"background.calibrate={self.calibrate!r} is invalid: expected one of "
                                f"{', '.join(CALIBRATIONS)} (or leave it out)")
@@ -557,6 +555,7 @@ class Experiment:
         self.config, self.out, self.progress = config, Path(out), progress
         self._base: nn.Module | None = None
         self._background = None
+        self._background_examples: list[Example] | None = None
 
     # -- models ------------------------------------------------------------------------------
     def load_base(self):
@@ -582,10 +581,13 @@ class Experiment:
         return self._base
 
     def background_examples(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer) -> list[Example]:
-        """The background data, formatted as the stream trains it, in a seeded order."""
+        """The background data, formatted as the stream trains it, in a seeded order (made once:
+        `loss: diverge` asks the untrained model, which every SMF run starts from)."""
         from memtune.data import load_documents, load_qa
         from memtune.learn import detect_kind
 
+        if self._background_examples is not None:
+            return self._background_examples
         cfg = self.config.background
         src = cfg.data
         if detect_kind(src.source) == "qa":  # formatted as the stream trains facts
@@ -594,6 +596,7 @@ class Experiment:
             examples = encode_documents(tokenizer, [d.text for d in load_documents(src.source, **src.kwargs())],
                                         cfg.max_length)
         random.Random(self.config.seed).shuffle(examples)
+        self._background_examples = examples
         return examples
 
     def calibrate(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 
 from memtune.commands import add_dataclass_arguments, add_output_arguments, add_threads_argument, dataclass_kwargs
-from memtune.config import MemoryConfig
+from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.errors import MemtuneError
 
 log = logging.getLogger("memtune")
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate", metavar="SOURCE", default=None,
                    help="calibrate the queries on this data (like the data to learn; QA is measured at the answer "
                         "positions): lookups of similar inputs overlap less. Same sources as --data of learn")
-    p.add_argument("--calibration", choices=("standardize", "whiten"), default="standardize",
+    p.add_argument("--calibration", choices=CALIBRATIONS, default="standardize",
                    help="how: per-dimension or full whitening of the memory input [default: standardize]")
     p.add_argument("--calibration-batches", type=int, default=100, help="batches of 8 examples [default: 100]")
     add_threads_argument(p)
