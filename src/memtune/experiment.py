@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memtune.batches import Example, collate, encode_documents, encode_qa, first_batches
+from memtune.batches import IGNORE, Example, collate, encode_documents, encode_qa, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
@@ -422,8 +422,6 @@ def mask_predicted(model: nn.Module, examples: list[Example], pad_id: int, batch
     """Take the loss off each example's leading target tokens that `model` already predicts
     (greedy, teacher-forced): training — and SMF's slot counts — start where the model's own
     words leave the target. The last target token always keeps its loss."""
-    from memtune.batches import IGNORE
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -446,8 +444,6 @@ def mask_predicted(model: nn.Module, examples: list[Example], pad_id: int, batch
 def mask_prefix(example: Example, prefix: list[int]) -> None:
     """Take the loss off the first tokens of the target when they are `prefix` (the words of a
     statement before its answer), so the loss — and SMF's slot counts — cover the answer."""
-    from memtune.batches import IGNORE
-
     first = next(i for i, t in enumerate(example.labels) if t != IGNORE)
     if example.input_ids[first : first + len(prefix)] == prefix and first + len(prefix) < len(example.labels):
         example.labels[first : first + len(prefix)] = [IGNORE] * len(prefix)
@@ -455,7 +451,6 @@ def mask_prefix(example: Example, prefix: list[int]) -> None:
 
 def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer,
                       model: nn.Module | None = None) -> list[Example]:
-    from memtune.batches import IGNORE
     from memtune.probes.likelihood import split_encode, truncate_left
 
     if kind == "facts":
