@@ -100,6 +100,21 @@ def test_statement_target_is_trained(config, tmp_path, tokenizer):
     assert len(training_examples(stream.chunks[0], "facts", cfg.stream, tokenizer)) == 2 * len(stream.chunks[0].train)
 
 
+def test_fact_background_leaves_out_the_stream(config, tmp_path, tokenizer):
+    from memtune.experiment import load_stream
+
+    rows = facts(10)
+    config["stream"] |= {"data": write_jsonl(tmp_path / "all.jsonl", rows), "size": 4}
+    config["background"]["data"] = str(tmp_path / "all.jsonl")  # the stream's own file, as the headline
+    cfg = parse_config(config)
+    exp = Experiment(cfg, tmp_path / "out", progress=False)
+    examples = exp.background_examples(None, cfg.stream, tokenizer)
+    learned = {q.statement for q in load_stream(cfg.stream, cfg.seed).questions}
+    trained = {tokenizer.decode([t for t in e.labels if t != -100]).removesuffix("<|end|>") for e in examples}
+    assert len(examples) == 6 and len(learned) == 4
+    assert trained == {r["statement"] for r in rows} - learned
+
+
 def test_resume_skips_finished_runs_and_interrupt_loses_only_the_current(config, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = parse_config(config)

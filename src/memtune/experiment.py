@@ -577,7 +577,8 @@ class Experiment:
 
     def background_examples(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer) -> list[Example]:
         """The background data, formatted as the stream trains it, in a seeded order (made once:
-        `loss: diverge` asks the untrained model, which every SMF run starts from)."""
+        `loss: diverge` asks the untrained model, which every SMF run starts from). Facts of the
+        stream itself are left out: the background stands for what the model must keep."""
         from memtune.data import load_documents, load_qa
         from memtune.learn import detect_kind
 
@@ -586,7 +587,11 @@ class Experiment:
         cfg = self.config.background
         src = cfg.data
         if detect_kind(src.source) == "qa":  # formatted as the stream trains facts
-            examples = fact_examples(load_qa(src.source, **src.kwargs()), stream_cfg, tokenizer, model)
+            items = load_qa(src.source, **src.kwargs())
+            if stream_cfg.kind == "facts":
+                learned = {q.question for q in load_stream(stream_cfg, self.config.seed).questions}
+                items = [q for q in items if q.question not in learned]
+            examples = fact_examples(items, stream_cfg, tokenizer, model)
         else:
             examples = encode_documents(tokenizer, [d.text for d in load_documents(src.source, **src.kwargs())],
                                         cfg.max_length)
