@@ -23,7 +23,7 @@ from memtune.stats import Background, StepUsage
 log = logging.getLogger(__name__)
 
 METHODS = ("smf", "full", "lora")
-DEFAULT_LR = {("smf", "adam"): 1.0, ("smf", "sgd"): 10.0, ("full", "adamw"): 2e-5, ("lora", "adamw"): 5e-4}
+DEFAULT_LR = {("smf", "adam"): 1.0, ("smf", "sgd"): 1e7, ("full", "adamw"): 2e-5, ("lora", "adamw"): 5e-4}
 
 
 class Method(Protocol):

@@ -38,8 +38,8 @@ class LearnConfig:
     optimizer: str = field(default="adam", metadata={"help": "SMF: adam (per-row state) or sgd"})
     lr: float | None = field(
         default=None,
-        metadata={"help": "learning rate; default by method: smf adam 1.0 (zero-initialised values need large "
-                  "steps; measured on SmolLM2-135M), smf sgd 10 (not tuned), full 2e-5, lora 5e-4"},
+        metadata={"help": "learning rate; default by method: smf adam 1.0, smf sgd 1e7 (zero-initialised values "
+                  "get gradients of ~1e-6 per element: measured on SmolLM2-135M), full 2e-5, lora 5e-4"},
     )
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})

@@ -1,0 +1,113 @@
+"""One chunk of an experiment's stream, learned by one of its methods with settings changed:
+how much is learned, and how many known facts are kept? The quick proxy for choosing settings
+before a whole stream (a chunk takes ~10 min of training on one core, a stream of 4 over an hour).
+
+    .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --run smf --set top_t=500
+    .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --run smf --set optimizer=sgd --set lr=3e6
+    .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --set background.calibrate=whiten
+
+The model, calibration and background statistics are made as `memtune experiment` makes them
+(background statistics are kept in --out/background and reused by later calls with the same
+config). Prints one markdown table row: settings, final loss, learned %, known kept % — of all
+known facts and of the robust ones, those whose base answer has a margin of at least --margin
+(nats between the greedy token and the runner-up, smallest over the tokens up to the answer):
+known facts the base model answers by a near-tie flip under the smallest update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+import yaml
+
+
+@torch.no_grad()
+def answer_margins(model, tokenizer, items, max_new_tokens: int) -> list[float]:
+    """Per question: the smallest log-prob gap between the greedy token and the runner-up over
+    the generated tokens up to the first one after which the answer is contained."""
+    from memtune.probes.qa import is_correct
+    from memtune.prompts import encode_prompt
+
+    model.eval()
+    margins = []
+    for q, ids in zip(items, encode_prompt(tokenizer, [q.question for q in items])):
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        new, gaps = out.sequences[0, len(ids) :], []
+        for t, scores in enumerate(out.scores):
+            top = scores[0].log_softmax(-1).topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            if is_correct(tokenizer.decode(new[: t + 1], skip_special_tokens=True), q.answers):
+                break
+        margins.append(min(gaps))
+    return margins
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config")
+    p.add_argument("--run", default="smf", help="the config's run (method) to learn with")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a learn setting of the run (top_t=500) or, with a dotted key, the config "
+                   "(background.calibrate=whiten); repeatable")
+    p.add_argument("--chunk", type=int, default=1, help="which chunk of the stream (1-based)")
+    p.add_argument("--out", default="runs/bench_one_chunk", help="cache of background statistics")
+    p.add_argument("--margin", type=float, default=0.1, help="robust known facts: base margin at least this")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from memtune.experiment import Experiment, Prober, load_config, load_stream, training_examples
+    from memtune.probes import qa_accuracy
+    from memtune.train import make_method, train
+
+    dotted = [a for a in args.set if "." in a.partition("=")[0]]
+    cfg, _ = load_config(args.config, dotted)
+    run = next((r for r in cfg.runs if r.name == args.run), None)
+    if run is None:
+        p.error(f"--run {args.run!r} names no run of {args.config}: expected one of {', '.join(r.name for r in cfg.runs)}")
+    changes = {}
+    for assignment in (a for a in args.set if a not in dotted):
+        key, sep, value = assignment.partition("=")
+        if not sep or key not in {f.name for f in dataclasses.fields(run.learn)}:
+            p.error(f"--set {assignment!r} is invalid: expected KEY=VALUE with KEY a learn setting")
+        changes[key] = yaml.safe_load(value)
+    learn = dataclasses.replace(run.learn, **changes)
+    exp = Experiment(cfg, args.out, progress=False)
+    stream = load_stream(cfg.stream, cfg.seed)
+    chunk = stream.chunks[args.chunk - 1]
+    smf = learn.method == "smf"
+    model, tok = exp.load_memory_model() if smf else exp.load_base()
+    background = None
+    if smf:
+        exp.calibrate(model, cfg.stream, tok)
+        if learn.ranker in ("tfidf", "kl"):
+            background = exp.background(model, cfg.stream, tok)
+    prober = Prober(cfg.probes, stream, tok, cfg.stream.augment)
+    robust = [m >= args.margin for m in answer_margins(model, tok, prober.known, cfg.probes.max_new_tokens)]
+    method = make_method(learn, background)
+    examples = training_examples(chunk, stream.kind, cfg.stream, tok, model)
+    start = time.perf_counter()
+    model, history = train(model, tok, examples, learn, method, progress=False)
+    minutes = (time.perf_counter() - start) / 60
+    learned = prober.learning(model, [chunk])
+    known = qa_accuracy(model, tok, prober.known, max_new_tokens=cfg.probes.max_new_tokens, paraphrases=False,
+                        predictions=True, progress=False)
+    right = [p["correct"] for p in known["predictions"]]
+    kept_robust = sum(r for r, ok in zip(right, robust) if ok) / max(sum(robust), 1)
+    settings = ", ".join([*dotted, *(f"{k}={v}" for k, v in changes.items())]) or "as configured"
+    print(f"| {args.run}: {settings} | {history[-1]['loss']:.2f} | {100 * learned:.0f} % "
+          f"({len(chunk.questions)}) | {100 * known['contains']:.1f} % ({len(right)}) | {100 * kept_robust:.1f} % "
+          f"({sum(robust)}) | {minutes:.1f} min |")
+    print(json.dumps({"run": args.run, "set": args.set, "learn": learn.to_dict(), "chunk": args.chunk,
+                      "final_loss": history[-1]["loss"], "learned": learned, "known": known["contains"],
+                      "known_robust": kept_robust, "robust": sum(robust), "margin": args.margin,
+                      "train_minutes": round(minutes, 1)}))
+
+
+if __name__ == "__main__":
+    main()
