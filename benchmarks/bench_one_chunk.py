@@ -63,7 +63,7 @@ def main() -> None:
 
     from memtune.experiment import Experiment, Prober, load_config, load_stream, training_examples
     from memtune.probes import qa_accuracy
-    from memtune.train import make_method, train
+    from memtune.train import train
 
     dotted = [a for a in args.set if "." in a.partition("=")[0]]
     cfg, _ = load_config(args.config, dotted)
@@ -80,23 +80,16 @@ def main() -> None:
     exp = Experiment(cfg, args.out, progress=False)
     stream = load_stream(cfg.stream, cfg.seed)
     chunk = stream.chunks[args.chunk - 1]
-    smf = learn.method == "smf"
-    model, tok = exp.load_memory_model() if smf else exp.load_base()
-    background = None
-    if smf:
-        exp.calibrate(model, cfg.stream, tok)
-        if learn.ranker in ("tfidf", "kl"):
-            background = exp.background(model, cfg.stream, tok)
+    model, tok, method = exp.start(learn)
     prober = Prober(cfg.probes, stream, tok, cfg.stream.augment)
     robust = [m >= args.margin for m in answer_margins(model, tok, prober.known, cfg.probes.max_new_tokens)]
-    method = make_method(learn, background)
     examples = training_examples(chunk, stream.kind, cfg.stream, tok, model)
     start = time.perf_counter()
     model, history = train(model, tok, examples, learn, method, progress=False)
     minutes = (time.perf_counter() - start) / 60
     learned = prober.learning(model, [chunk])
-    known = qa_accuracy(model, tok, prober.known, max_new_tokens=cfg.probes.max_new_tokens, paraphrases=False,
-                        predictions=True, progress=False)
+    known = qa_accuracy(model, tok, prober.known, max_new_tokens=cfg.probes.max_new_tokens,
+                        batch_size=cfg.probes.batch_size, paraphrases=False, predictions=True, progress=False)
     right = [p["correct"] for p in known["predictions"]]
     kept_robust = sum(r for r, ok in zip(right, robust) if ok) / max(sum(robust), 1)
     settings = ", ".join([*dotted, *(f"{k}={v}" for k, v in changes.items())]) or "as configured"

@@ -41,6 +41,7 @@ from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, remove_stale_temporaries, write_json
+from memtune.rankers import NEEDS_BACKGROUND
 from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, reset_peak_rss, train
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class ExperimentConfig:
         if any(r.learn.method == "smf" for r in self.runs):
             if self.memory_model is None:
                 self.memory_config()  # validate now, not after the first run
-            ranked = any(r.learn.ranker in ("tfidf", "kl") for r in self.runs if r.learn.method == "smf")
+            ranked = any(r.learn.ranker in NEEDS_BACKGROUND for r in self.runs if r.learn.method == "smf")
             if ranked and (self.background is None or self.background.data is None):
                 raise MemtuneError("an SMF run ranks slots with tfidf or kl: add background: {data: SOURCE}")
 
@@ -686,14 +687,21 @@ class Experiment:
         log.info("base model: %s", _brief(result))
         return result
 
-    def run_one(self, run: Run, stream: Stream, base: dict) -> dict:
-        c, cfg = self.config, run.learn
+    def start(self, cfg: LearnConfig):
+        """The model a run starts from (SMF: retrofitted and calibrated), its tokenizer, and the
+        method that will train it (SMF: with the background statistics its ranker needs)."""
         smf = cfg.method == "smf"
         model, tokenizer = self.load_memory_model() if smf else self.load_base()
         if smf:
-            self.calibrate(model, c.stream, tokenizer)
-        background = self.background(model, c.stream, tokenizer) if smf and cfg.ranker in ("tfidf", "kl") else None
-        method = make_method(cfg, background)
+            self.calibrate(model, self.config.stream, tokenizer)
+        ranked = smf and cfg.ranker in NEEDS_BACKGROUND
+        background = self.background(model, self.config.stream, tokenizer) if ranked else None
+        return model, tokenizer, make_method(cfg, background)
+
+    def run_one(self, run: Run, stream: Stream, base: dict) -> dict:
+        c, cfg = self.config, run.learn
+        smf = cfg.method == "smf"
+        model, tokenizer, method = self.start(cfg)
         prober = self.prober
         reference = None if smf or cfg.method == "lora" else self.reference()
         with atomic_dir(self.out / run.name, overwrite=True) as tmp:
