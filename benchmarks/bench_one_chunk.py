@@ -5,10 +5,11 @@ before a whole stream (a chunk takes ~10 min of training on one core, a stream o
     .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --run smf --set top_t=500
     .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --run smf --set optimizer=sgd --set lr=3e6
     .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --set background.calibrate=whiten
+    .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --set memory.knn=8 --sweep top_t=500,1000,2000
 
 The model, calibration and background statistics are made as `memtune experiment` makes them
 (background statistics are kept in --out/background and reused by later calls with the same
-config). Prints one markdown table row: settings, final loss, learned %, known kept % — of all
+config; `--sweep` learns the chunk once per value from the same setup). Prints one markdown table row per setting: settings, final loss, learned %, known kept % — of all
 known facts and of the robust ones, those whose base answer has a margin of at least --margin
 (nats between the greedy token and the runner-up, smallest over the tokens up to the answer):
 known facts the base model answers by a near-tie flip under the smallest update.
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change a learn setting of the run (top_t=500) or, with a dotted key, the config "
                    "(background.calibrate=whiten); repeatable")
+    p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="learn the chunk once per value of this learn setting")
     p.add_argument("--chunk", type=int, default=1, help="which chunk of the stream (1-based)")
     p.add_argument("--out", default="runs/bench_one_chunk", help="cache of background statistics")
     p.add_argument("--margin", type=float, default=0.1, help="robust known facts: base margin at least this")
@@ -70,36 +72,48 @@ def main() -> None:
     run = next((r for r in cfg.runs if r.name == args.run), None)
     if run is None:
         p.error(f"--run {args.run!r} names no run of {args.config}: expected one of {', '.join(r.name for r in cfg.runs)}")
+    fields = {f.name for f in dataclasses.fields(run.learn)}
     changes = {}
     for assignment in (a for a in args.set if a not in dotted):
         key, sep, value = assignment.partition("=")
-        if not sep or key not in {f.name for f in dataclasses.fields(run.learn)}:
+        if not sep or key not in fields:
             p.error(f"--set {assignment!r} is invalid: expected KEY=VALUE with KEY a learn setting")
         changes[key] = yaml.safe_load(value)
-    learn = dataclasses.replace(run.learn, **changes)
+    variants = [changes]
+    if args.sweep:
+        key, sep, values = args.sweep.partition("=")
+        if not sep or key not in fields or not values:
+            p.error(f"--sweep {args.sweep!r} is invalid: expected KEY=V1,V2,... with KEY a learn setting")
+        variants = [changes | {key: yaml.safe_load(v)} for v in values.split(",")]
     exp = Experiment(cfg, args.out, progress=False)
     stream = load_stream(cfg.stream, cfg.seed)
     chunk = stream.chunks[args.chunk - 1]
-    model, tok, method = exp.start(learn)
-    prober = Prober(cfg.probes, stream, tok, cfg.stream.augment)
-    robust = [m >= args.margin for m in answer_margins(model, tok, prober.known, cfg.probes.max_new_tokens)]
-    examples = training_examples(chunk, stream.kind, cfg.stream, tok, model)
-    start = time.perf_counter()
-    model, history = train(model, tok, examples, learn, method, progress=False)
-    minutes = (time.perf_counter() - start) / 60
-    learned = prober.learning(model, [chunk])
-    known = qa_accuracy(model, tok, prober.known, max_new_tokens=cfg.probes.max_new_tokens,
-                        batch_size=cfg.probes.batch_size, paraphrases=False, predictions=True, progress=False)
-    right = [p["correct"] for p in known["predictions"]]
-    kept_robust = sum(r for r, ok in zip(right, robust) if ok) / max(sum(robust), 1)
-    settings = ", ".join([*dotted, *(f"{k}={v}" for k, v in changes.items())]) or "as configured"
-    print(f"| {args.run}: {settings} | {history[-1]['loss']:.2f} | {100 * learned:.0f} % "
-          f"({len(chunk.questions)}) | {100 * known['contains']:.1f} % ({len(right)}) | {100 * kept_robust:.1f} % "
-          f"({sum(robust)}) | {minutes:.1f} min |")
-    print(json.dumps({"run": args.run, "set": args.set, "learn": learn.to_dict(), "chunk": args.chunk,
-                      "final_loss": history[-1]["loss"], "learned": learned, "known": known["contains"],
-                      "known_robust": kept_robust, "robust": sum(robust), "margin": args.margin,
-                      "train_minutes": round(minutes, 1)}))
+    robust = None
+    for change in variants:
+        learn = dataclasses.replace(run.learn, **change)
+        model, tok, method = exp.start(learn)  # a fresh model each time; background made once
+        if robust is None:
+            prober = Prober(cfg.probes, stream, tok, cfg.stream.augment)
+            robust = [m >= args.margin for m in answer_margins(model, tok, prober.known, cfg.probes.max_new_tokens)]
+            examples = training_examples(chunk, stream.kind, cfg.stream, tok, model)
+        start = time.perf_counter()
+        model, history = train(model, tok, examples, learn, method, progress=False)
+        minutes = (time.perf_counter() - start) / 60
+        learned = prober.learning(model, [chunk])
+        known = qa_accuracy(model, tok, prober.known, max_new_tokens=cfg.probes.max_new_tokens,
+                            batch_size=cfg.probes.batch_size, paraphrases=False, predictions=True, progress=False)
+        right = [p["correct"] for p in known["predictions"]]
+        kept_robust = sum(r for r, ok in zip(right, robust) if ok) / max(sum(robust), 1)
+        settings = ", ".join([*dotted, *(f"{k}={v}" for k, v in change.items())]) or "as configured"
+        print(f"| {args.run}: {settings} | {history[-1]['loss']:.2f} | {100 * learned:.0f} % "
+              f"({len(chunk.questions)}) | {100 * known['contains']:.1f} % ({len(right)}) | {100 * kept_robust:.1f} % "
+              f"({sum(robust)}) | {minutes:.1f} min |")
+        print(json.dumps({"run": args.run, "set": [*dotted, *(f"{k}={v}" for k, v in change.items())],
+                          "learn": learn.to_dict(), "chunk": args.chunk, "final_loss": history[-1]["loss"],
+                          "learned": learned, "known": known["contains"], "known_robust": kept_robust,
+                          "robust": sum(robust), "margin": args.margin, "train_minutes": round(minutes, 1)}),
+              flush=True)
+        del model, method
 
 
 if __name__ == "__main__":
