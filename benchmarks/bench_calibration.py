@@ -2,6 +2,7 @@
 query calibration? Forward passes only; no training.
 
     .venv/bin/python benchmarks/bench_calibration.py            # SmolLM2-135M, 1M slots at 8,16,24
+    .venv/bin/python benchmarks/bench_calibration.py --calibrations standardize --knn 4 --top-t 500
 
 Packaged country facts, phrased as statements ("The capital of Chad is N'Djamena."), shuffled
 (seed 0): N learned facts, 200 held-out facts, 800 background facts, disjoint. Slot reads count
@@ -9,7 +10,8 @@ at the answer positions. For each calibration the background statistics are reco
 learned facts are grouped in batches of 10, and each batch's top-T slots by tfidf (what one SMF
 step updates) are collected. Reported per memory layer: the share of the softmax read weight of
 the learned facts and of the held-out facts that falls on those slots. Interference is the
-held-out share; the ratio learned / held-out is how selectively SMF can write.
+held-out share; the ratio learned / held-out is how selectively SMF can write. Also: the
+held-out facts' mean weight on the best of the knn slots of a head (1/knn if the softmax is flat).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     p.add_argument("--layers", default="8,16,24")
     p.add_argument("--n-keys", type=int, default=1024)
     p.add_argument("--facts", type=int, default=100, help="learned facts")
+    p.add_argument("--knn", type=int, default=32, help="slots read per head and token")
     p.add_argument("--top-t", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calibrations", default="none,standardize,whiten")
@@ -46,7 +49,7 @@ def main() -> None:
     model, tok = load_base_model(args.model)
     torch.manual_seed(0)
     retrofit(model, MemoryConfig(layers=[int(x) for x in args.layers.split(",")], n_keys=args.n_keys,
-                                 heads=4, knn=32, k_dim=256))
+                                 heads=4, knn=args.knn, k_dim=256))
     model.eval()
     bank = model.memory
     items = [q for q in load_qa("countries") if q.statement]
@@ -77,9 +80,10 @@ def main() -> None:
 
     original = {k: (m.query.weight.detach().clone(), m.query_center.clone()) for k, m in bank.layers.items()}
     print(f"# {args.model}, {args.n_keys ** 2:,} slots at layers {args.layers}; {n} learned facts in batches of 10, "
-          f"top-T {args.top_t} per layer and step; 200 held-out, 800 background facts")
-    print("| calibration | layer | learned facts' read weight on updated slots | held-out facts' | ratio |")
-    print("|---|---:|---:|---:|---:|")
+          f"top-T {args.top_t} per layer and step, knn {args.knn}; 200 held-out, 800 background facts")
+    print("| calibration | layer | learned facts' read weight on updated slots | held-out facts' | ratio "
+          "| held-out weight on the best slot |")
+    print("|---|---:|---:|---:|---:|---:|")
     for calibration in args.calibrations.split(","):
         with torch.no_grad():
             for k, m in bank.layers.items():
@@ -105,7 +109,9 @@ def main() -> None:
                 with torch.no_grad():
                     w, idx = m.lookup(inputs[part][k][None])
                 shares.append(float((w * selected[k][idx]).sum() / w.sum()))
-            print(f"| {calibration} | {k} | {shares[0]:.3f} | {shares[1]:.3f} | {shares[0] / shares[1]:.1f} |", flush=True)
+            best = float(w.view(len(w), m.config.heads, -1).max(-1).values.mean())
+            print(f"| {calibration} | {k} | {shares[0]:.3f} | {shares[1]:.3f} | {shares[0] / shares[1]:.1f} "
+                  f"| {best:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
