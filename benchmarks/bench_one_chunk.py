@@ -9,10 +9,11 @@ before a whole stream (a chunk takes ~10 min of training on one core, a stream o
 
 The model, calibration and background statistics are made as `memtune experiment` makes them
 (background statistics are kept in --out/background and reused by later calls with the same
-config; `--sweep` learns the chunk once per value from the same setup). Prints one markdown table row per setting: settings, final loss, learned %, known kept % — of all
-known facts and of the robust ones, those whose base answer has a margin of at least --margin
-(nats between the greedy token and the runner-up, smallest over the tokens up to the answer):
-known facts the base model answers by a near-tie flip under the smallest update.
+config; `--sweep` learns the chunk once per value, with the background and the chunk's examples
+made once). Prints one markdown table row per setting: settings, final loss, learned %, known
+kept % — of all known facts and of the robust ones, those whose base answer has a margin of at
+least --margin (nats between the greedy token and the runner-up, smallest over the tokens up to
+the answer): known facts the base model answers by a near-tie flip under the smallest update.
 """
 
 from __future__ import annotations
