@@ -199,3 +199,19 @@ def test_fingerprint_follows_the_lookup_only():
     with torch.no_grad():
         model.memory.layers["1"].keys.add_(1e-3)
     assert memory_fingerprint(model.memory) != before
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_learned_keeps_earlier_rows_when_learning_later_data(tokenizer, freeze):
+    model = memory_model()
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2, freeze_learned=freeze)
+    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None, freeze_learned=freeze)
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
+    first = [t.weight.detach().clone() for t in model.memory.values]
+    first_rows = {t: rows.clone() for t, rows in method.touched.items()}
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[2:]), cfg, method, progress=False)
+    for t, table in enumerate(model.memory.values):
+        rewritten = changed_rows(first[t], table.weight.detach())
+        assert rewritten.numel() > 0  # the later data was learned ...
+        overwritten = torch.isin(rewritten, first_rows[t])
+        assert not overwritten.any() if freeze else overwritten.any()  # ... over the earlier rows unless frozen

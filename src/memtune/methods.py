@@ -37,6 +37,9 @@ class Method(Protocol):
 
     def step(self, usage: StepUsage | None) -> dict: ...
 
+    def begin(self) -> None:
+        """Called as `train` starts on data (each chunk of a stream)."""
+
     def save(self, model: nn.Module, tokenizer, path: Path) -> None: ...
 
 
@@ -46,13 +49,17 @@ def _count_trainable(model: nn.Module) -> int:
 
 class SparseMemoryFinetuning:
     """Per step and memory layer: rank the slots read by the step's counted positions, keep
-    the top-T, and update only those value rows (the union over layers sharing a table)."""
+    the top-T, and update only those value rows (the union over layers sharing a table).
+
+    With `freeze_learned`, rows updated while learning earlier data (earlier `train` calls:
+    the earlier chunks of a stream) are never selected again, so later data cannot overwrite
+    what they hold."""
 
     name = "smf"
     model: nn.Module | None = None
 
     def __init__(self, ranker: str, top_t: int, optimizer: str, lr: float,
-                 background: Background | None, seed: int = 0):
+                 background: Background | None, seed: int = 0, freeze_learned: bool = False):
         self.ranker_name = ranker
         self.ranker = get_ranker(ranker)
         if ranker in NEEDS_BACKGROUND and background is None:
@@ -64,7 +71,9 @@ class SparseMemoryFinetuning:
         self.optimizer = make_sparse_optimizer(optimizer, lr)
         self.background = background
         self.generator = torch.Generator().manual_seed(seed)
-        self.touched: dict[int, Tensor] = {}
+        self.freeze_learned = freeze_learned
+        self.touched: dict[int, Tensor] = {}  # table -> rows ever updated (sorted)
+        self.frozen: dict[int, Tensor] = {}  # table -> rows that may not be updated (sorted)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         bank = require_memory_bank(model)
@@ -74,14 +83,24 @@ class SparseMemoryFinetuning:
             p.requires_grad_(name.startswith("memory.values."))
         bank.set_record(True)
         self.bank = bank
+        self.table_of = {k: next(t for t, table in enumerate(bank.values) if bank.table_for(int(k)) is table)
+                         for k in bank.layers}
         self.trainable = _count_trainable(model)
         self.model = model
         return model
+
+    def begin(self) -> None:
+        if self.freeze_learned:
+            self.frozen = dict(self.touched)
 
     def select(self, usage: StepUsage) -> dict[str, Tensor]:
         """layer -> selected slots (sorted)."""
         selected = {}
         for layer, (slots, counts) in usage.counts().items():
+            frozen = self.frozen.get(self.table_of[layer])
+            if frozen is not None:
+                free = ~torch.isin(slots, frozen)
+                slots, counts = slots[free], counts[free]
             if slots.numel() == 0:
                 selected[layer] = slots
                 continue
@@ -97,7 +116,7 @@ class SparseMemoryFinetuning:
         selected = self.select(usage)
         updated = touched = 0
         for t, table in enumerate(self.bank.values):
-            layers = [k for k in self.bank.layers if self.bank.table_for(int(k)) is table]
+            layers = [k for k, owner in self.table_of.items() if owner == t]
             rows = torch.unique(torch.cat([selected[k] for k in layers]))
             updated += self.optimizer.step(table.weight, rows.to(table.weight.device))
             table.weight.grad = None
@@ -129,6 +148,9 @@ class _DenseMethod:
         self.optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         self.trainable = _count_trainable(model)
         self.model = model
+
+    def begin(self) -> None:
+        pass
 
     def step(self, usage: StepUsage | None) -> dict:
         self.optimizer.step()

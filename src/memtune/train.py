@@ -49,6 +49,9 @@ class LearnConfig:
     count_positions: Literal["loss", "all"] = field(
         default="loss", metadata={"help": "SMF: slot reads that count: at positions predicting loss tokens, or all tokens"}
     )
+    freeze_learned: bool = field(
+        default=False, metadata={"help": "SMF: never update again the rows updated for earlier data (the earlier "
+                                 "chunks of a stream), so that later data cannot overwrite it"})
     seed: int = field(default=0, metadata={"help": "data order and random ranker"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -82,7 +85,8 @@ class LearnConfig:
 
 def make_method(config: LearnConfig, background: Background | None):
     if config.method == "smf":
-        return SparseMemoryFinetuning(config.ranker, config.top_t, config.optimizer, config.lr, background, config.seed)
+        return SparseMemoryFinetuning(config.ranker, config.top_t, config.optimizer, config.lr, background,
+                                      config.seed, config.freeze_learned)
     if config.method == "full":
         return FullFinetuning(config.lr)
     targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")
@@ -137,6 +141,7 @@ def train(
     torch.manual_seed(config.seed)
     if method.model is None or method.model is not model:
         model = method.prepare(model)
+    method.begin()
     model.train()
     bank = getattr(method, "bank", None)
     device = next(model.parameters()).device
