@@ -6,34 +6,39 @@ import pytest
 
 from memtune.cli import main
 from memtune.data import QA, load_qa
-from memtune.facts import split_facts
-from memtune.probes import qa as qa_module
+from memtune import facts
 
 
-def test_split_facts_by_contains_match(monkeypatch):
+def test_split_facts_by_contains_match_and_margin(monkeypatch):
     items = [QA("What is the capital of France?", "Paris", id="a"), QA("Code of India?", "IN", id="b"),
-             QA("Capital of Peru?", "Lima", aliases=["Lima, Peru"], id="c")]
-    canned = {"a": "The capital of France is Paris.", "b": "It is in Asia.", "c": "Lima"}
-    by_question = {q.question: canned[q.id] for q in items}
-    monkeypatch.setattr(qa_module, "generate", lambda model, tok, qs, **kw: [by_question[q] for q in qs])
-    split = split_facts(None, None, items, progress=False)
+             QA("Capital of Peru?", "Lima", aliases=["Lima, Peru"], id="c"), QA("Capital of Chad?", "N'Djamena", id="d")]
+    canned = {"a": ("The capital of France is Paris.", 2.5), "b": ("It is in Asia.", 3.0), "c": ("Lima", 0.1),
+              "d": ("N'Djamena", 0.02)}
+    monkeypatch.setattr(facts, "answers_with_margins", lambda model, tok, items, **kw: [canned[q.id] for q in items])
+    split = facts.split_facts(None, None, items, min_margin=0.1, progress=False)
     assert [q.id for q in split.known] == ["a", "c"] and [q.id for q in split.learn] == ["b"]
-    assert split.rows(split.learn)[0]["prediction"] == "It is in Asia."
+    assert [q.id for q in split.unsure] == ["d"]  # right, but by a near-tie
+    assert split.rows(split.learn)[0] | {"prediction": "It is in Asia.", "margin": 3.0} == split.rows(split.learn)[0]
+    everything = facts.split_facts(None, None, items, min_margin=0.0, progress=False)
+    assert [q.id for q in everything.known] == ["a", "c", "d"] and not everything.unsure
 
 
 def test_facts_command_writes_learn_known_and_summary(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "facts"
     assert main(["facts", "--model", str(tiny_model_dir), "--out", str(out), "--limit", "6",
                  "--max-new-tokens", "3", "--batch-size", "4"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["known.jsonl", "learn.jsonl", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["known.jsonl", "learn.jsonl", "summary.json", "unsure.jsonl"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["facts"] == 6 == summary["learn"] + summary["known"]
+    assert summary["facts"] == 6 == summary["learn"] + summary["known"] + summary["unsure"]
+    assert summary["min_margin"] == 0.1
     assert summary == json.loads(capsys.readouterr().out)
     learn = load_qa(str(out / "learn.jsonl")) if summary["learn"] else []
     assert {q.id for q in learn} <= {q.id for q in load_qa("countries", limit=6)}
     assert all(q.paraphrases for q in learn)
     # the folder exists now: a second run refuses to overwrite it
     assert main(["facts", "--model", str(tiny_model_dir), "--out", str(out), "--limit", "2"]) == 2
+    assert main(["facts", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--min-margin", "-1"]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture

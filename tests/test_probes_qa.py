@@ -64,3 +64,37 @@ def test_qa_accuracy_runs_a_tiny_model_batched():
     r = qa_accuracy(model, tok, items, max_new_tokens=4, batch_size=2, predictions=True, progress=False)
     assert r["n"] == 5 and r["paraphrases"]["n"] == 5 and len(r["predictions"]) == 10
     assert 0.0 <= r["f1"] <= 1.0
+
+
+def _greedy_by_hand(model, tok, question, max_new_tokens):
+    """One question alone, unpadded: greedy tokens and top-1 minus top-2 log-probabilities."""
+    import torch
+
+    from memtune.prompts import encode_prompt
+
+    ids, gen, gaps = encode_prompt(tok, [question])[0], [], []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            top = model(torch.tensor([ids + gen])).logits[0, -1].log_softmax(-1).topk(2)
+            if int(top.indices[0]) in (tok.eos_token_id, tok.pad_token_id):
+                break
+            gen.append(int(top.indices[0]))
+            gaps.append(float(top.values[0] - top.values[1]))
+    return gen, gaps
+
+
+def test_answers_with_margins_match_a_token_by_token_greedy_reference():
+    model, tok = tiny_model(init_range=0.3), tiny_tokenizer()
+    questions = ["What is the capital of France?", "Yen?", "Which region is Chile in, and why?", "Rome"]
+    by_hand = [_greedy_by_hand(model, tok, q, 8) for q in questions]
+    # the first item's answer is complete after its first word: its margin covers only those tokens
+    gen, _ = by_hand[0]
+    cut = next(t + 1 for t in range(len(gen)) if normalize_answer(tok.decode(gen[: t + 1])))
+    early = tok.decode(gen[:cut]).strip()
+    items = [QA(questions[0], early)] + [QA(q, "never said") for q in questions[1:]]
+    got = qa_module.answers_with_margins(model, tok, items, max_new_tokens=8, batch_size=3, progress=False)
+    for item, (answer, margin), (gen, gaps) in zip(items, got, by_hand):
+        end = next((t + 1 for t in range(len(gen)) if is_correct(tok.decode(gen[: t + 1]), item.answers)), len(gen))
+        assert answer == tok.decode(gen).strip()
+        assert margin == pytest.approx(min(gaps[:end]), abs=1e-4)
+    assert is_correct(got[0][0], early)

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from memtune.prompts import encode_prompt
+
+
+def _generate_batches(model, tokenizer, questions, batch_size, chat, progress, **kwargs) -> Iterator:
+    """`model.generate` over left-padded batches of prompts; yields (prompt length, output)."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = encode_prompt(tokenizer, questions, chat)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for s in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
+            batch = tokenizer.pad({"input_ids": prompts[s : s + batch_size]}, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**batch, pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, **kwargs)
+            yield batch["input_ids"].shape[1], out
+    finally:
+        tokenizer.padding_side = side
 
 
 @torch.no_grad()
@@ -23,22 +40,33 @@ def generate(
     progress: bool = False,
 ) -> list[str]:
     """Answer each question; chat template applied when the tokenizer has one (or `chat`)."""
-    model.eval()
-    device = next(model.parameters()).device
-    prompts = encode_prompt(tokenizer, questions, chat)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    kwargs = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
     answers: list[str] = []
-    try:
-        for s in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
-            batch = tokenizer.pad(
-                {"input_ids": prompts[s : s + batch_size]}, return_tensors="pt", padding=True
-            ).to(device)
-            kwargs = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
-            out = model.generate(
-                **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **kwargs
-            )
-            new = out[:, batch["input_ids"].shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side = side
+    for n, out in _generate_batches(model, tokenizer, questions, batch_size, chat, progress,
+                                    max_new_tokens=max_new_tokens, **kwargs):
+        answers += [t.strip() for t in tokenizer.batch_decode(out.sequences[:, n:], skip_special_tokens=True)]
     return answers
+
+
+@torch.no_grad()
+def greedy_gaps(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    chat: bool | None = None,
+    progress: bool = False,
+) -> list[tuple[list[int], list[float]]]:
+    """Greedy answers with how sure each token was: per question, the generated token ids (up to
+    the end of the answer) and, per token, its log-probability minus the runner-up's (nats)."""
+    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    results = []
+    for n, out in _generate_batches(model, tokenizer, questions, batch_size, chat, progress,
+                                    max_new_tokens=max_new_tokens, do_sample=False, output_scores=True):
+        top2 = torch.stack(out.scores, dim=1).float().log_softmax(-1).topk(2, dim=-1).values  # (B, steps, 2)
+        gaps = (top2[..., 0] - top2[..., 1]).tolist()
+        for ids, row in zip(out.sequences[:, n:].tolist(), gaps):
+            end = next((t for t, i in enumerate(ids) if i in stop), len(ids))
+            results.append((ids[:end], row[:end]))
+    return results

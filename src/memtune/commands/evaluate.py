@@ -21,13 +21,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("facts", help="ask a model every packaged question; split facts into learn.jsonl and known.jsonl")
+    p = sub.add_parser("facts", help="ask a model every packaged question; split facts into learn.jsonl, known.jsonl and unsure.jsonl")
     p.add_argument("--model", default="smollm2-135m", help="alias, folder, HF id, memory checkpoint or adapter")
-    p.add_argument("--out", required=True, help="output folder: learn.jsonl, known.jsonl, summary.json")
+    p.add_argument("--out", required=True, help="output folder: learn.jsonl, known.jsonl, unsure.jsonl, summary.json")
     p.add_argument("--data", default="countries",
                    help="QA source: countries, countries:RELATION[,...], a file or a hub name [default: countries]")
     p.add_argument("--limit", type=int, default=None, help="ask only the first N questions")
     p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per answer [default: 24]")
+    p.add_argument("--min-margin", type=float, default=None,
+                   help="known only if answered right by at least this many nats over the runner-up token; right "
+                   "answers by less go to unsure.jsonl (0 keeps every right answer) [default: 0.1]")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_common(p)
     p.set_defaults(func=cmd_facts)
@@ -74,6 +77,7 @@ def cmd_facts(args: argparse.Namespace) -> int:
     summary = run_facts(
         args.model, args.out, source=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, dtype=args.dtype, overwrite=args.overwrite,
+        **({} if args.min_margin is None else {"min_margin": args.min_margin}),
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from memtune.data import QA
-from memtune.generation import generate
+from memtune.generation import generate, greedy_gaps
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -87,6 +87,15 @@ def score(predictions: list[str], answers: list[list[str]]) -> dict[str, float |
     }
 
 
+def _in_length_order(questions: list[str], answer) -> list:
+    """`answer(questions)` with the questions batched by length (less padding), in input order."""
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
+    out = [None] * len(questions)
+    for i, a in zip(order, answer([questions[i] for i in order])):
+        out[i] = a
+    return out
+
+
 def answer_questions(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -96,15 +105,31 @@ def answer_questions(
     chat: bool | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy answers in the input order; prompts are batched by length to waste less padding."""
-    order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
-    answers = generate(
-        model, tokenizer, [questions[i] for i in order], max_new_tokens=max_new_tokens,
-        batch_size=batch_size, chat=chat, progress=progress,
-    )
-    out = [""] * len(questions)
-    for i, a in zip(order, answers):
-        out[i] = a
+    """Greedy answers in the input order."""
+    return _in_length_order(questions, lambda qs: generate(
+        model, tokenizer, qs, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, progress=progress))
+
+
+def answers_with_margins(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: list[QA],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    chat: bool | None = None,
+    progress: bool = True,
+) -> list[tuple[str, float]]:
+    """Greedy answers and how surely the model gives them: the margin is the smallest gap (nats)
+    between the greedy token's log-probability and the runner-up's, over the tokens generated
+    until the answer contains one of the item's answers (over all of them if it never does). A
+    near-tie (margin ~0) flips under the smallest change to the model."""
+    gaps = _in_length_order([q.question for q in items], lambda qs: greedy_gaps(
+        model, tokenizer, qs, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, progress=progress))
+    out = []
+    for item, (ids, row) in zip(items, gaps):
+        end = next((t + 1 for t in range(len(ids))
+                    if is_correct(tokenizer.decode(ids[: t + 1], skip_special_tokens=True), item.answers)), len(ids))
+        out.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), min(row[:end], default=0.0)))
     return out
 
 
