@@ -91,3 +91,18 @@ def test_bad_options(memory_dir, qa_file, tmp_path, capsys, args, message):
 def test_smf_on_a_model_without_memory(tiny_model_dir, qa_file, tmp_path, capsys):
     cli_error(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--ranker", "count",
             "--out", str(tmp_path / "run")], capsys, "no memory layers")
+
+
+def test_learn_never_updates_protected_slots(memory_dir, tiny_model_dir, qa_file, tmp_path, capsys):
+    protect, run = tmp_path / "protect", tmp_path / "run"
+    assert main(["background", "--model", str(memory_dir), "--data", str(qa_file), "--out", str(protect)]) == 0
+    # the data reads only slots that its own statistics protect: nothing may move
+    assert main(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--ranker", "count",
+                 "--protect", str(protect), "--out", str(run), "--epochs", "2"]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["touched_rows"] for m in metrics] == [0, 0]
+    assert json.loads((run / "config.json").read_text())["protect"] == str(protect)
+    capsys.readouterr()
+    cli_error(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--method", "full",
+               "--protect", str(protect), "--out", str(tmp_path / "full")], capsys, "protect statistics are for SMF")
+    assert not (tmp_path / "full").exists()

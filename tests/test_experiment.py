@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from memtune.cli import main
 from memtune.errors import MemtuneError
-from memtune.experiment import Experiment, expand_methods, load_config, parse_config
+from memtune.experiment import Experiment, expand_methods, fact_examples, load_config, parse_config
 from tiny import cli_error
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -113,6 +114,26 @@ def test_fact_background_leaves_out_the_stream(config, tmp_path, tokenizer):
     trained = {tokenizer.decode([t for t in e.labels if t != -100]).removesuffix("<|end|>") for e in examples}
     assert len(examples) == 6 and len(learned) == 4
     assert trained == {r["statement"] for r in rows} - learned
+
+
+def test_protect_freezes_the_slots_of_the_other_known_answers(config, tmp_path, tokenizer):
+    from memtune.experiment import load_stream
+    from memtune.train import train
+
+    config["protect"] = write_jsonl(tmp_path / "protect.jsonl", facts(6) + facts(3, offset=10) + facts(4, offset=20))
+    config["methods"].append({"name": "smf-open", "method": "smf", "top_t": 8, "protect": False})
+    cfg = parse_config(config)
+    exp = Experiment(cfg, tmp_path / "out", progress=False)
+    smf, smf_open = (r for r in cfg.runs if r.learn.method == "smf")
+    model, tok, method = exp.start(smf.learn, smf.protect)
+    assert method.protect.meta["questions"] == 4  # neither the streamed nor the probed facts
+    assert (tmp_path / "out" / "protect" / "background.json").is_file()
+    chunk = load_stream(cfg.stream, cfg.seed).chunks[0]
+    examples = fact_examples(chunk.train, cfg.stream, tok)
+    train(model, tok, examples, smf.learn, method, progress=False)
+    (protected,), (touched,) = method.protected.values(), method.touched.values()
+    assert protected.numel() > 0 and touched.numel() > 0 and not torch.isin(touched, protected).any()
+    assert exp.start(smf_open.learn, smf_open.protect)[2].protect is None
 
 
 def test_resume_skips_finished_runs_and_interrupt_loses_only_the_current(config, tmp_path, monkeypatch):
@@ -277,6 +298,7 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c["memory"].update(k_dim=7), "k_dim"),
         (lambda c: c["background"].update(calibrate="pca"), "background.calibrate='pca' is invalid"),
         (lambda c: c["stream"].update(chunks=50), "more than the 6 items"),
+        (lambda c: c["methods"][0].update(protect="yes"), "protect='yes' is invalid"),
     ],
 )
 def test_bad_config_fails_in_one_line_before_any_output(config, tmp_path, capsys, change, message):

@@ -215,3 +215,17 @@ def test_freeze_learned_keeps_earlier_rows_when_learning_later_data(tokenizer, f
         assert rewritten.numel() > 0  # the later data was learned ...
         overwritten = torch.isin(rewritten, first_rows[t])
         assert not overwritten.any() if freeze else overwritten.any()  # ... over the earlier rows unless frozen
+
+
+def test_protected_slots_are_never_updated(tokenizer):
+    model = memory_model()
+    protect_batch = collate(encode_qa(tokenizer, PAIRS[:2]), tokenizer.pad_token_id, "loss")
+    protect = compute_background(model, iter([protect_batch]), progress=False)
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2)
+    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None, protect=protect)
+    before = model.memory.values[0].weight.detach().clone()
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS), cfg, method, progress=False)
+    protected = torch.unique(torch.cat([protect.df[k].nonzero().flatten() for k in model.memory.layers]))
+    changed = changed_rows(before, model.memory.values[0].weight.detach())
+    assert protected.numel() > 0 and changed.numel() > 0
+    assert not torch.isin(changed, protected).any()  # the same questions are learned, around their slots

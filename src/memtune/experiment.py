@@ -6,6 +6,7 @@ An experiment is one YAML (or JSON) file::
     model: smollm2-135m
     memory: {layers: [8, 16, 24], n_keys: 1024}     # retrofit for SMF runs (parallel mode)
     background: {data: prose:background}            # slot statistics for tfidf / kl
+    protect: facts/known.jsonl                      # SMF never updates the slots these answers read
     stream: {kind: facts, data: facts/learn.jsonl, size: 200, chunks: 4, target: statement}
     probes: {known: facts/known.jsonl, text: prose:heldout, every: 1}
     methods:
@@ -157,6 +158,7 @@ class Run:
     name: str
     learn: LearnConfig
     sweep: dict[str, Any]  # the values this run took from a method's lists
+    protect: bool = True  # SMF: freeze the slots of the experiment's `protect` questions, if any
 
 
 @dataclass
@@ -168,6 +170,9 @@ class ExperimentConfig:
     memory: dict = field(default_factory=dict)  # MemoryConfig fields for SMF's retrofit
     memory_model: str | None = None  # or: a saved memory checkpoint (then `memory` is unused)
     background: BackgroundConfig | None = None
+    # QA whose answers SMF must keep: the slots the model reads answering them (in its own words)
+    # are never updated. The probe's known facts and the stream's facts are left out.
+    protect: Source | None = None
     seed: int = 0
     name: str | None = None
     description: str | None = None
@@ -221,12 +226,15 @@ def expand_methods(methods: list[dict]) -> list[Run]:
             raise MemtuneError(f"methods[{i}] must be a mapping of learn options, got {entry!r}")
         entry = dict(entry)
         base_name = str(entry.pop("name", entry.get("method", "smf")))
+        protect = entry.pop("protect", True)
+        if not isinstance(protect, bool):
+            raise MemtuneError(f"methods[{i}].protect={protect!r} is invalid: expected true or false")
         swept = {k: v for k, v in entry.items() if isinstance(v, list)}
         for values in itertools.product(*swept.values()):
             choice = dict(zip(swept, values))
             name = base_name + "".join(f"-{k}={v}" for k, v in choice.items())
             learn = _build(LearnConfig, {**entry, **choice}, f"methods[{i}] ({name})")
-            runs.append(Run(name, learn, choice))
+            runs.append(Run(name, learn, choice, protect))
     names = [r.name for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -260,6 +268,8 @@ def parse_config(raw: dict, where: str = "config") -> ExperimentConfig:
         if bg.get("data") is not None:
             bg["data"] = Source.parse(bg["data"], "background.data")
         raw["background"] = _build(BackgroundConfig, bg, "background")
+    if raw.get("protect") is not None:
+        raw["protect"] = Source.parse(raw["protect"], "protect")
     return _build(ExperimentConfig, raw, where)
 
 
@@ -551,6 +561,7 @@ class Experiment:
         self.config, self.out, self.progress = config, Path(out), progress
         self._base: nn.Module | None = None
         self._background = None
+        self._protect = None
         self._background_examples: list[Example] | None = None
 
     # -- models ------------------------------------------------------------------------------
@@ -632,6 +643,39 @@ class Experiment:
         return stats
 
     # -- runs --------------------------------------------------------------------------------
+    def protected(self, model: nn.Module, tokenizer):
+        """Slot reads of the model answering the `protect` questions in its own (greedy) words,
+        every answer token counted: made once and kept in `out/protect`. `model` must answer as
+        the base model does (SMF's starting point: retrofitted, values still zero)."""
+        from memtune.data import load_qa
+        from memtune.probes.qa import answer_questions
+        from memtune.stats import Background, compute_background
+
+        path = self.out / "protect"
+        if self._protect is None and (path / "background.json").is_file():
+            self._protect = Background.load(path)
+        if self._protect is not None:
+            return self._protect
+        c, src = self.config, self.config.protect
+        held_out = {q.question for q in load_stream(c.stream, c.seed).questions}
+        if c.probes.known is not None:
+            held_out |= {q.question for q in load_qa(c.probes.known.source, **c.probes.known.kwargs())}
+        questions = [q.question for q in load_qa(src.source, **src.kwargs()) if q.question not in held_out]
+        if not questions:
+            raise MemtuneError(f"protect={src.source!r} holds no questions besides the probed and streamed ones")
+        answers = answer_questions(model, tokenizer, questions, max_new_tokens=c.probes.max_new_tokens,
+                                   batch_size=c.probes.batch_size, progress=self.progress)
+        size = c.background.batch_size if c.background else 8
+        n, batches = first_batches(encode_qa(tokenizer, list(zip(questions, answers))), tokenizer.pad_token_id,
+                                   len(questions), size)
+        stats = compute_background(model, batches, n_batches=n, progress=self.progress)
+        stats.meta |= {"source": src.source, "questions": len(questions)}
+        stats.save(path, overwrite=True)
+        self._protect = stats
+        log.info("protect: %d questions of %s; slots frozen per layer %s", len(questions), src.source,
+                 {k: int((v > 0).sum()) for k, v in stats.df.items()})
+        return stats
+
     def run_all(self, only: list[str] | None = None) -> list[dict]:
         c = self.config
         runs = [r for r in c.runs if not only or r.name in only]
@@ -687,21 +731,23 @@ class Experiment:
         log.info("base model: %s", _brief(result))
         return result
 
-    def start(self, cfg: LearnConfig):
+    def start(self, cfg: LearnConfig, protect: bool = True):
         """The model a run starts from (SMF: retrofitted and calibrated), its tokenizer, and the
-        method that will train it (SMF: with the background statistics its ranker needs)."""
+        method that will train it (SMF: with the background statistics its ranker needs and,
+        with `protect`, the experiment's protected slots frozen)."""
         smf = cfg.method == "smf"
         model, tokenizer = self.load_memory_model() if smf else self.load_base()
         if smf:
             self.calibrate(model, self.config.stream, tokenizer)
         ranked = smf and cfg.ranker in NEEDS_BACKGROUND
         background = self.background(model, self.config.stream, tokenizer) if ranked else None
-        return model, tokenizer, make_method(cfg, background)
+        frozen = self.protected(model, tokenizer) if smf and protect and self.config.protect else None
+        return model, tokenizer, make_method(cfg, background, frozen)
 
     def run_one(self, run: Run, stream: Stream, base: dict) -> dict:
         c, cfg = self.config, run.learn
         smf = cfg.method == "smf"
-        model, tokenizer, method = self.start(cfg)
+        model, tokenizer, method = self.start(cfg, run.protect)
         prober = self.prober
         reference = None if smf or cfg.method == "lora" else self.reference()
         with atomic_dir(self.out / run.name, overwrite=True) as tmp:

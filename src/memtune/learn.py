@@ -80,6 +80,7 @@ class LearnRun:
     out: str
     config: LearnConfig
     background: str | None = None
+    protect: str | None = None
     format: str = "auto"
     limit: int | None = None
     overwrite: bool = False
@@ -95,12 +96,13 @@ def run_learn(run: LearnRun) -> dict:
     cfg = run.config
     check_output_free(run.out, run.overwrite)
     background = Background.load(run.background) if run.background else None
+    protect = Background.load(run.protect) if run.protect else None
     model, tokenizer = load_model(run.model)
     kind, examples = load_examples(run.data, tokenizer, run.format, cfg.max_length, run.limit)
-    method = make_method(cfg, background)
+    method = make_method(cfg, background, protect)
     with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
         resolved = {"model": run.model, "data": run.data, "format": kind, "background": run.background,
-                    "limit": run.limit, "learn": cfg.to_dict()}
+                    "protect": run.protect, "limit": run.limit, "learn": cfg.to_dict()}
         write_json(tmp / "config.json", resolved)
         writer = JsonlWriter(tmp / "metrics.jsonl")
         start = time.perf_counter()

@@ -51,15 +51,17 @@ class SparseMemoryFinetuning:
     """Per step and memory layer: rank the slots read by the step's counted positions, keep
     the top-T, and update only those value rows (the union over layers sharing a table).
 
-    With `freeze_learned`, rows updated while learning earlier data (earlier `train` calls:
-    the earlier chunks of a stream) are never selected again, so later data cannot overwrite
-    what they hold."""
+    Rows may be frozen, never selected: those that `protect` statistics (slot reads of what the
+    model must keep, e.g. its own answers to questions it knows) show read, and with
+    `freeze_learned` those updated while learning earlier data (earlier `train` calls: the
+    earlier chunks of a stream), so later data cannot overwrite what they hold."""
 
     name = "smf"
     model: nn.Module | None = None
 
     def __init__(self, ranker: str, top_t: int, optimizer: str, lr: float,
-                 background: Background | None, seed: int = 0, freeze_learned: bool = False):
+                 background: Background | None, seed: int = 0, freeze_learned: bool = False,
+                 protect: Background | None = None):
         self.ranker_name = ranker
         self.ranker = get_ranker(ranker)
         if ranker in NEEDS_BACKGROUND and background is None:
@@ -72,26 +74,32 @@ class SparseMemoryFinetuning:
         self.background = background
         self.generator = torch.Generator().manual_seed(seed)
         self.freeze_learned = freeze_learned
+        self.protect = protect
         self.touched: dict[int, Tensor] = {}  # table -> rows ever updated (sorted)
+        self.protected: dict[int, Tensor] = {}  # table -> rows the protect statistics read (sorted)
         self.frozen: dict[int, Tensor] = {}  # table -> rows that may not be updated (sorted)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         bank = require_memory_bank(model)
-        if self.background is not None:
-            self.background.check(bank)
+        for stats in (self.background, self.protect):
+            if stats is not None:
+                stats.check(bank)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("memory.values."))
         bank.set_record(True)
         self.bank = bank
         self.table_of = {k: next(t for t, table in enumerate(bank.values) if bank.table_for(int(k)) is table)
                          for k in bank.layers}
+        if self.protect is not None:
+            for k, t in self.table_of.items():
+                self.protected[t] = _union(self.protected.get(t), self.protect.df[k].nonzero().flatten())
         self.trainable = _count_trainable(model)
         self.model = model
         return model
 
     def begin(self) -> None:
-        if self.freeze_learned:
-            self.frozen = dict(self.touched)
+        learned = self.touched if self.freeze_learned else {}
+        self.frozen = {t: _union(self.protected.get(t), learned.get(t)) for t in {*self.protected, *learned}}
 
     def select(self, usage: StepUsage) -> dict[str, Tensor]:
         """layer -> selected slots (sorted)."""
@@ -120,8 +128,7 @@ class SparseMemoryFinetuning:
             rows = torch.unique(torch.cat([selected[k] for k in layers]))
             updated += self.optimizer.step(table.weight, rows.to(table.weight.device))
             table.weight.grad = None
-            prev = self.touched.get(t)
-            self.touched[t] = rows if prev is None else torch.unique(torch.cat([prev, rows]))
+            self.touched[t] = _union(self.touched.get(t), rows)
             touched += self.touched[t].numel()
         return {"selected": {k: int(v.numel()) for k, v in selected.items()},
                 "updated_rows": updated, "touched_rows": touched}
@@ -131,6 +138,12 @@ class SparseMemoryFinetuning:
 
         self.bank.set_record(False)
         save_memory(model, path, overwrite=True)
+
+
+def _union(a: Tensor | None, b: Tensor | None) -> Tensor:
+    """Sorted union of two row-id tensors, either of which may be missing."""
+    parts = [x for x in (a, b) if x is not None]
+    return torch.unique(torch.cat(parts)) if len(parts) > 1 else parts[0]
 
 
 class _DenseMethod:

@@ -83,10 +83,14 @@ class LearnConfig:
         return asdict(self)
 
 
-def make_method(config: LearnConfig, background: Background | None):
+def make_method(config: LearnConfig, background: Background | None, protect: Background | None = None):
+    """The method `config` names; SMF ranks against `background` and never updates the slots
+    `protect` read."""
     if config.method == "smf":
         return SparseMemoryFinetuning(config.ranker, config.top_t, config.optimizer, config.lr, background,
-                                      config.seed, config.freeze_learned)
+                                      config.seed, config.freeze_learned, protect)
+    if protect is not None:
+        raise MemtuneError(f"protect statistics are for SMF: method {config.method!r} updates every parameter it trains")
     if config.method == "full":
         return FullFinetuning(config.lr)
     targets = config.lora_targets if config.lora_targets == "all-linear" else config.lora_targets.split(",")

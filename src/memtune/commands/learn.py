@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="smf: a memory checkpoint; full/lora: a base model (alias, folder or HF id)")
     add_data_arguments(p, DATA_HELP)
     p.add_argument("--background", default=None, help="background statistics folder (tfidf and kl rankers)")
+    p.add_argument("--protect", default=None,
+                   help="smf: statistics folder (from `memtune background`) of what to keep, e.g. the model's own "
+                   "answers to questions it knows: the slots it read are never updated")
     add_output_arguments(p, "run folder to create")
     add_dataclass_arguments(p, LearnConfig)
     add_threads_argument(p)
@@ -55,5 +58,5 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     config = LearnConfig(**dataclass_kwargs(LearnConfig, args))
     run_learn(LearnRun(model=args.model, data=args.data, out=args.out, config=config, background=args.background,
-                       format=args.format, limit=args.limit, overwrite=args.overwrite))
+                       protect=args.protect, format=args.format, limit=args.limit, overwrite=args.overwrite))
     return 0
