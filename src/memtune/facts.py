@@ -33,8 +33,8 @@ from memtune.probes.qa import answers_with_margins, is_correct
 log = logging.getLogger(__name__)
 
 
-# Of SmolLM2-135M-Instruct's right answers to the country questions, ~20 % have a margin under
-# 0.1 nats (BENCHMARKS.md): one SMF step or a few LoRA steps on unrelated facts flip them.
+# Of SmolLM2-135M-Instruct's right answers to the country questions, 138 of 651 have a margin
+# under 0.1 nats; the smallest update, learning unrelated facts, flips such answers (BENCHMARKS.md).
 MIN_MARGIN = 0.1
 
 
@@ -81,8 +81,8 @@ def _relation(item: QA) -> str:
 
 
 def write_fact_split(split: FactSplit, out: str | Path, info: dict) -> dict:
-    """Write learn.jsonl, known.jsonl, unsure.jsonl and summary.json into the folder `out` (which must be new
-    or empty — the caller wraps it in `atomic_dir`). Returns the summary."""
+    """Write learn.jsonl, known.jsonl, unsure.jsonl and summary.json into the folder `out`
+    (which must be new or empty — the caller wraps it in `atomic_dir`). Returns the summary."""
     from memtune.io import write_json
 
     out = Path(out)
