@@ -244,6 +244,8 @@ def _localise(raw: dict, tmp_path: Path, model: str) -> dict:
     if raw.get("background"):
         raw["background"] = {**raw["background"], "data": local(raw["background"]["data"]), "batches": 2,
                              "batch_size": 2, "max_length": 32}
+    if raw.get("protect"):  # questions neither streamed nor probed
+        raw["protect"] = write_jsonl(tmp_path / "protect.jsonl", facts(4, offset=20))
     s = raw["stream"]
     s["data"] = local(s["data"])
     if s.get("eval_data"):
