@@ -6,6 +6,7 @@ before a whole stream (a chunk takes ~10 min of training on one core, a stream o
     .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --run smf --set optimizer=sgd --set lr=3e6
     .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --set background.calibrate=whiten
     .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --set memory.knn=8 --sweep top_t=500,1000,2000
+    .venv/bin/python benchmarks/bench_one_chunk.py configs/headline.yaml --set protect=null --set top_t=500
 
 The model, calibration and background statistics are made as `memtune experiment` makes them
 (background statistics are kept in --out/background and reused by later calls with the same
@@ -27,35 +28,13 @@ import torch
 import yaml
 
 
-@torch.no_grad()
-def answer_margins(model, tokenizer, items, max_new_tokens: int) -> list[float]:
-    """Per question: the smallest log-prob gap between the greedy token and the runner-up over
-    the generated tokens up to the first one after which the answer is contained."""
-    from memtune.probes.qa import is_correct
-    from memtune.prompts import encode_prompt
-
-    model.eval()
-    margins = []
-    for q, ids in zip(items, encode_prompt(tokenizer, [q.question for q in items])):
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
-        new, gaps = out.sequences[0, len(ids) :], []
-        for t, scores in enumerate(out.scores):
-            top = scores[0].log_softmax(-1).topk(2).values
-            gaps.append(float(top[0] - top[1]))
-            if is_correct(tokenizer.decode(new[: t + 1], skip_special_tokens=True), q.answers):
-                break
-        margins.append(min(gaps))
-    return margins
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config")
     p.add_argument("--run", default="smf", help="the config's run (method) to learn with")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="change a learn setting of the run (top_t=500) or, with a dotted key, the config "
-                   "(background.calibrate=whiten); repeatable")
+                   help="change a learn setting of the run (top_t=500) or, with a dotted or top-level key, the "
+                   "config (background.calibrate=whiten, protect=null); repeatable")
     p.add_argument("--sweep", metavar="KEY=V1,V2,...", help="learn the chunk once per value of this learn setting")
     p.add_argument("--chunk", type=int, default=1, help="which chunk of the stream (1-based)")
     p.add_argument("--out", default="runs/bench_one_chunk", help="cache of background statistics")
@@ -64,11 +43,13 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from memtune.experiment import Experiment, Prober, load_config, load_stream, training_examples
+    from memtune.experiment import Experiment, ExperimentConfig, Prober, load_config, load_stream, training_examples
     from memtune.probes import qa_accuracy
+    from memtune.probes.qa import answers_with_margins
     from memtune.train import train
 
-    dotted = [a for a in args.set if "." in a.partition("=")[0]]
+    top_level = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    dotted = [a for a in args.set if "." in a.partition("=")[0] or a.partition("=")[0] in top_level]
     cfg, _ = load_config(args.config, dotted)
     run = next((r for r in cfg.runs if r.name == args.run), None)
     if run is None:
@@ -95,7 +76,8 @@ def main() -> None:
         model, tok, method = exp.start(learn)  # a fresh model each time; background made once
         if robust is None:
             prober = Prober(cfg.probes, stream, tok, cfg.stream.augment)
-            robust = [m >= args.margin for m in answer_margins(model, tok, prober.known, cfg.probes.max_new_tokens)]
+            margins = answers_with_margins(model, tok, prober.known, cfg.probes.max_new_tokens, progress=False)
+            robust = [m >= args.margin for _, m in margins]
             examples = training_examples(chunk, stream.kind, cfg.stream, tok, model)
         start = time.perf_counter()
         model, history = train(model, tok, examples, learn, method, progress=False)
