@@ -8,7 +8,7 @@ An experiment is one YAML (or JSON) file::
     background: {data: prose:background}            # slot statistics for tfidf / kl
     protect: facts/known.jsonl                      # SMF never updates the slots these answers read
     stream: {kind: facts, data: facts/learn.jsonl, size: 200, chunks: 4, target: statement}
-    probes: {known: facts/known.jsonl, text: prose:heldout, every: 1}
+    probes: {known: {source: facts/known.jsonl, limit: 200}, text: prose:heldout, every: 1}
     methods:
       - {name: smf, method: smf, top_t: [500, 2000], lr: 1.0, epochs: 10}
       - {name: full, method: full, lr: 1.0e-5, epochs: 5}
