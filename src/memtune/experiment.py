@@ -642,14 +642,14 @@ class Experiment:
         log.info("background: %d batches of %s saved to %s", stats.n_batches, cfg.data.source, path)
         return stats
 
-    # -- runs --------------------------------------------------------------------------------
     def protected(self, model: nn.Module, tokenizer):
         """Slot reads of the model answering the `protect` questions in its own (greedy) words,
         every answer token counted: made once and kept in `out/protect`. `model` must answer as
         the base model does (SMF's starting point: retrofitted, values still zero)."""
         from memtune.data import load_qa
+        from memtune.learn import background_stats
         from memtune.probes.qa import answer_questions
-        from memtune.stats import Background, compute_background
+        from memtune.stats import Background
 
         path = self.out / "protect"
         if self._protect is None and (path / "background.json").is_file():
@@ -665,10 +665,9 @@ class Experiment:
             raise MemtuneError(f"protect={src.source!r} holds no questions besides the probed and streamed ones")
         answers = answer_questions(model, tokenizer, questions, max_new_tokens=c.probes.max_new_tokens,
                                    batch_size=c.probes.batch_size, progress=self.progress)
-        size = c.background.batch_size if c.background else 8
-        n, batches = first_batches(encode_qa(tokenizer, list(zip(questions, answers))), tokenizer.pad_token_id,
-                                   len(questions), size)
-        stats = compute_background(model, batches, n_batches=n, progress=self.progress)
+        examples = encode_qa(tokenizer, list(zip(questions, answers)))
+        stats = background_stats(model, examples, tokenizer.pad_token_id, len(examples),
+                                 c.background.batch_size if c.background else 8, progress=self.progress)
         stats.meta |= {"source": src.source, "questions": len(questions)}
         stats.save(path, overwrite=True)
         self._protect = stats
@@ -676,6 +675,7 @@ class Experiment:
                  {k: int((v > 0).sum()) for k, v in stats.df.items()})
         return stats
 
+    # -- runs --------------------------------------------------------------------------------
     def run_all(self, only: list[str] | None = None) -> list[dict]:
         c = self.config
         runs = [r for r in c.runs if not only or r.name in only]
