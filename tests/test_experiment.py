@@ -66,6 +66,8 @@ def test_two_methods_end_to_end_and_report(config, tmp_path, capsys):
         assert [p["chunk"] for p in probes] == [1, 2] and [p["seen"] for p in probes] == [3, 6]
         assert len(steps) == 2 * 2  # 2 chunks x 2 epochs x 1 batch of 3
         assert {"learning", "immediate", "known", "perplexity", "drift"} <= set(probes[-1])
+        assert len(probes[-1]["learning_by_chunk"]) == 2 and probes[-1]["learning"] == pytest.approx(
+            sum(probes[-1]["learning_by_chunk"]) / 2)
         results = json.loads((run / "results.json").read_text())
         assert results["steps"] == 4 and results["trainable_parameters"] > 0 and results["peak_rss_mb"] > 0
         assert 0 <= results["learning"] <= 1 and results["paraphrases"] is not None
@@ -134,6 +136,26 @@ def test_protect_freezes_the_slots_of_the_other_known_answers(config, tmp_path, 
     (protected,), (touched,) = method.protected.values(), method.touched.values()
     assert protected.numel() > 0 and touched.numel() > 0 and not torch.isin(touched, protected).any()
     assert exp.start(smf_open.learn, smf_open.protect)[2].protect is None
+
+
+def test_retention_scores_each_chunk_in_one_pass(monkeypatch):
+    from memtune.data import QA
+    from memtune.experiment import Chunk, ProbeConfig, Prober, Stream
+    from memtune.probes import qa as qa_module
+
+    asked = []
+
+    def answer(model, tokenizer, questions, **kwargs):  # right on Zorbia 0, 1 and 3 only
+        asked.append(list(questions))
+        return [f"It is Quen{q.split()[-1][:-1]}." if q.split()[-1][:-1] in "013" else "No idea." for q in questions]
+
+    monkeypatch.setattr(qa_module, "answer_questions", answer)
+    items = [QA(r["question"], r["answer"], id=r["id"]) for r in facts(6)]
+    chunks = [Chunk(items[:2], items[:2]), Chunk(items[2:6], items[2:6]), Chunk([], [])]
+    prober = Prober(ProbeConfig(), Stream("facts", chunks), tokenizer=None, augment=0)
+    assert prober.retention(None, chunks) == (0.5, [1.0, 0.25, None])
+    assert len(asked) == 1 and len(asked[0]) == 6
+    assert prober.learning(None, chunks[1:2]) == 0.25
 
 
 def test_resume_skips_finished_runs_and_interrupt_loses_only_the_current(config, tmp_path, monkeypatch):
@@ -333,13 +355,14 @@ def test_report_table_values(tmp_path):
         (run / "results.json").write_text(json.dumps({
             "method": method, "learning": learned, "learning_immediate": 1.0, "paraphrases": 0.2, "known": known,
             "perplexity": ppl, "drift": 0.01, "base": base, "train_time_s": 120, "peak_rss_mb": 2048.4,
-            "trainable_parameters": 7, **({"updated_parameters": 5} if method == "smf" else {})}))
+            "trainable_parameters": 7, **({"updated_parameters": 5, "learning_by_chunk": [0.8, 1.0]}
+                                          if method == "smf" else {})}))
         (run / "metrics.jsonl").write_text(json.dumps({"event": "probe", "seen": 2, "learning": learned}) + "\n")
     runs = find_runs([str(tmp_path / "exp")])
     rows = {line.split(" | ")[0].strip("| "): line for line in table(runs).splitlines()}
-    assert rows["a"] == "| a | smf | 90.0 | 100.0 | 20.0 | -1.0 | +0.50% | 0.0100 | 2.0 min | 2048 | 5 |"
-    assert rows["b"] == "| b | full | 95.0 | 100.0 | 20.0 | -50.0 | +20.00% | 0.0100 | 2.0 min | 2048 | 7 |"
-    assert rows["base model"].startswith("| base model | – | 0.0 | – | 10.0 | (100.0 %) | (10.000) |")
+    assert rows["a"] == "| a | smf | 90.0 | 100.0 | 80 / 100 | 20.0 | -1.0 | +0.50% | 0.0100 | 2.0 min | 2048 | 5 |"
+    assert rows["b"] == "| b | full | 95.0 | 100.0 | – | 20.0 | -50.0 | +20.00% | 0.0100 | 2.0 min | 2048 | 7 |"
+    assert rows["base model"].startswith("| base model | – | 0.0 | – | – | 10.0 | (100.0 %) | (10.000) |")
 
 
 def test_diverge_loss_starts_where_the_model_leaves_the_target(tokenizer):

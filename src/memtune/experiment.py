@@ -503,13 +503,28 @@ class Prober:
 
     def learning(self, model, chunks: list[Chunk]) -> float | None:
         """Accuracy on what `chunks` taught: their questions, or the task's held-out items."""
+        return self.retention(model, chunks)[0]
+
+    def retention(self, model, chunks: list[Chunk]) -> tuple[float | None, list[float | None] | None]:
+        """`learning`, and the accuracy on each chunk's questions (None for a task stream): how
+        much of each chunk is kept as later ones are learned. One pass over the questions."""
         if self.stream.kind == "task":
             from memtune.probes import choice_accuracy
 
             r = choice_accuracy(model, self.tokenizer, self.stream.eval_choices,
                                 batch_size=max(1, self.cfg.batch_size // 4), progress=False)
-            return r["accuracy"]
-        return self.accuracy(model, [q for c in chunks for q in c.questions])
+            return r["accuracy"], None
+        from memtune.probes import qa_accuracy
+
+        items = [q for c in chunks for q in c.questions]
+        if not items:
+            return None, None
+        r = qa_accuracy(model, self.tokenizer, items, max_new_tokens=self.cfg.max_new_tokens,
+                        batch_size=self.cfg.batch_size, paraphrases=False, predictions=True, progress=False)
+        correct = iter(p["correct"] for p in r["predictions"])
+        by_chunk = [sum(next(correct) for _ in c.questions) / len(c.questions) if c.questions else None
+                    for c in chunks]
+        return r["contains"], by_chunk
 
     def paraphrases(self, model) -> float | None:
         """Learned questions asked in the words not trained on (after `augment` were)."""
@@ -774,7 +789,8 @@ class Experiment:
                     record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen,
                               "immediate": now, "train_time_s": round(train_time, 1)}
                     if (k + 1) % c.probes.every == 0 or k + 1 == len(stream.chunks):
-                        record |= {"learning": prober.learning(model, stream.chunks[: k + 1]),
+                        learning, by_chunk = prober.retention(model, stream.chunks[: k + 1])
+                        record |= {"learning": learning, "learning_by_chunk": by_chunk,
                                    **prober.forgetting(model, reference)}
                     writer(record)
                     log.info("%s chunk %d/%d: %s", run.name, k + 1, len(stream.chunks), _brief(record))

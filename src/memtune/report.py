@@ -1,7 +1,7 @@
 """`memtune report`: a markdown table and plots from experiment runs.
 
-Learning (accuracy on the learned facts at the end and right after each chunk, on their
-paraphrases), forgetting (known-fact accuracy change, held-out perplexity change, drift, and
+Learning (accuracy on the learned facts at the end, on each chunk's at the end, right after
+each chunk, and on their paraphrases), forgetting (known-fact accuracy change, held-out perplexity change, drift, and
 any extra probes, each against the base model), and cost (training time, peak memory,
 trainable parameters). Plots: learning and forgetting curves over the stream, and the
 learning-versus-forgetting frontier across every run given.
@@ -71,6 +71,11 @@ def _delta_rel(x: float | None, base: float | None) -> str:
     return "–" if x is None or not base else f"{100 * (x / base - 1):+.2f}%"
 
 
+def _by_chunk(xs: list[float | None] | None) -> str:
+    """Accuracy on each chunk at the end, first chunk first: "70 / 78 / 94"."""
+    return "–" if not xs else " / ".join("–" if x is None else f"{100 * x:.0f}" for x in xs)
+
+
 def _extra_keys(runs: list[RunRecord]) -> list[str]:
     return sorted({k for r in runs for k in r.results if k.split(":")[0] in ("qa", "choice", "answer-loss")})
 
@@ -82,11 +87,11 @@ def _extra_value(value) -> float | None:
 def table(runs: list[RunRecord]) -> str:
     """The markdown table: one row per run, plus the base model."""
     extras = _extra_keys(runs)
-    head = ["run", "method", "learned %", "learned, immediate %", "paraphrases %", "known Δ pts",
+    head = ["run", "method", "learned %", "learned, immediate %", "learned by chunk %", "paraphrases %", "known Δ pts",
             "perplexity Δ", "drift KL", *[f"{k} Δ" for k in extras], "train time", "peak RSS MiB", "params updated"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = runs[0].results.get("base", {})
-    base_cells = ["base model", "–", _pct(base.get("learning")), "–", _pct(base.get("paraphrases")),
+    base_cells = ["base model", "–", _pct(base.get("learning")), "–", "–", _pct(base.get("paraphrases")),
                   f"({_pct(base.get('known'))} %)" if base.get("known") is not None else "–",
                   f"({base['perplexity']:.3f})" if base.get("perplexity") else "–", "0",
                   *[f"({_extra_value(base.get(k)):.3f})" if base.get(k) is not None else "–" for k in extras],
@@ -95,7 +100,7 @@ def table(runs: list[RunRecord]) -> str:
     for r in runs:
         x, b = r.results, r.results.get("base", {})
         cells = [r.name, r.method, _pct(x.get("learning")), _pct(x.get("learning_immediate")),
-                 _pct(x.get("paraphrases")), _delta_pts(x.get("known"), b.get("known")),
+                 _by_chunk(x.get("learning_by_chunk")), _pct(x.get("paraphrases")), _delta_pts(x.get("known"), b.get("known")),
                  _delta_rel(x.get("perplexity"), b.get("perplexity")),
                  "–" if x.get("drift") is None else f"{x['drift']:.4f}"]
         for k in extras:
