@@ -138,6 +138,16 @@ def test_protect_freezes_the_slots_of_the_other_known_answers(config, tmp_path, 
     assert exp.start(smf_open.learn, smf_open.protect)[2].protect is None
 
 
+def test_protect_learned_freezes_what_each_chunk_read(config, tmp_path):
+    config["methods"] = [{"name": "smf", "method": "smf", "top_t": 8, "epochs": 2, "batch_size": 3},
+                         {"name": "smf-kept", "method": "smf", "top_t": 8, "epochs": 2, "batch_size": 3,
+                          "protect_learned": True}]
+    out = tmp_path / "out"
+    assert main(["experiment", write_config(tmp_path, config), "--out", str(out), "--no-report"]) == 0
+    open_, kept = (json.loads((out / name / "results.json").read_text()) for name in ("smf", "smf-kept"))
+    assert open_["protected_rows"] == 0 and kept["protected_rows"] > 0
+
+
 def test_retention_scores_each_chunk_in_one_pass(monkeypatch):
     from memtune.data import QA
     from memtune.experiment import Chunk, ProbeConfig, Prober, Stream
@@ -323,6 +333,7 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c["background"].update(calibrate="pca"), "background.calibrate='pca' is invalid"),
         (lambda c: c["stream"].update(chunks=50), "more than the 6 items"),
         (lambda c: c["methods"][0].update(protect="yes"), "protect='yes' is invalid"),
+        (lambda c: c["methods"][1].update(protect_learned=True), "protect_learned=true is for SMF"),
     ],
 )
 def test_bad_config_fails_in_one_line_before_any_output(config, tmp_path, capsys, change, message):

@@ -217,6 +217,22 @@ def test_freeze_learned_keeps_earlier_rows_when_learning_later_data(tokenizer, f
         assert not overwritten.any() if freeze else overwritten.any()  # ... over the earlier rows unless frozen
 
 
+def test_protect_reads_keeps_every_row_earlier_data_reads(tokenizer):
+    model = memory_model()
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2)
+    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None)
+    first = encode_qa(tokenizer, PAIRS[:2])
+    model, _ = train(model, tokenizer, first, cfg, method, progress=False)
+    reads = compute_background(model, iter([collate(first, tokenizer.pad_token_id, "all")]), progress=False)
+    method.protect_reads(reads)
+    before = [t.weight.detach().clone() for t in model.memory.values]
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[2:]), cfg, method, progress=False)
+    read = torch.unique(torch.cat([reads.df[k].nonzero().flatten() for k in model.memory.layers]))
+    for t, table in enumerate(model.memory.values):
+        changed = changed_rows(before[t], table.weight.detach())
+        assert changed.numel() > 0 and not torch.isin(changed, read).any()
+
+
 def test_protected_slots_are_never_updated(tokenizer):
     model = memory_model()
     protect_batch = collate(encode_qa(tokenizer, PAIRS[:2]), tokenizer.pad_token_id, "loss")

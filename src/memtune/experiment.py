@@ -159,6 +159,7 @@ class Run:
     learn: LearnConfig
     sweep: dict[str, Any]  # the values this run took from a method's lists
     protect: bool = True  # SMF: freeze the slots of the experiment's `protect` questions, if any
+    protect_learned: bool = False  # SMF: after each chunk, freeze the slots its data reads
 
 
 @dataclass
@@ -226,20 +227,29 @@ def expand_methods(methods: list[dict]) -> list[Run]:
             raise MemtuneError(f"methods[{i}] must be a mapping of learn options, got {entry!r}")
         entry = dict(entry)
         base_name = str(entry.pop("name", entry.get("method", "smf")))
-        protect = entry.pop("protect", True)
-        if not isinstance(protect, bool):
-            raise MemtuneError(f"methods[{i}].protect={protect!r} is invalid: expected true or false")
+        protect, protect_learned = (_flag(entry, key, default, i) for key, default in
+                                    (("protect", True), ("protect_learned", False)))
+        if protect_learned and entry.get("method", "smf") != "smf":
+            raise MemtuneError(f"methods[{i}].protect_learned=true is for SMF: method {entry['method']!r} "
+                               "updates every parameter it trains")
         swept = {k: v for k, v in entry.items() if isinstance(v, list)}
         for values in itertools.product(*swept.values()):
             choice = dict(zip(swept, values))
             name = base_name + "".join(f"-{k}={v}" for k, v in choice.items())
             learn = _build(LearnConfig, {**entry, **choice}, f"methods[{i}] ({name})")
-            runs.append(Run(name, learn, choice, protect))
+            runs.append(Run(name, learn, choice, protect, protect_learned))
     names = [r.name for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise MemtuneError(f"two runs are named {dup!r}: give each method entry its own name")
     return runs
+
+
+def _flag(entry: dict, key: str, default: bool, i: int) -> bool:
+    value = entry.pop(key, default)
+    if not isinstance(value, bool):
+        raise MemtuneError(f"methods[{i}].{key}={value!r} is invalid: expected true or false")
+    return value
 
 
 def parse_config(raw: dict, where: str = "config") -> ExperimentConfig:
@@ -760,6 +770,8 @@ class Experiment:
         return model, tokenizer, make_method(cfg, background, frozen)
 
     def run_one(self, run: Run, stream: Stream, base: dict) -> dict:
+        from memtune.learn import background_stats
+
         c, cfg = self.config, run.learn
         smf = cfg.method == "smf"
         model, tokenizer, method = self.start(cfg, run.protect)
@@ -782,6 +794,9 @@ class Experiment:
                     t = time.perf_counter()
                     model, history = train(model, tokenizer, examples, cfg, method, on_step=log_step,
                                            progress=self.progress)
+                    if run.protect_learned:  # what the chunk's data reads now, at every position
+                        method.protect_reads(background_stats(model, examples, tokenizer.pad_token_id, len(examples),
+                                                              cfg.batch_size, count_positions="all", progress=False))
                     train_time += time.perf_counter() - t
                     steps += len(history)
                     now = prober.learning(model, [chunk]) if stream.kind != "task" else None
@@ -809,6 +824,7 @@ class Experiment:
             }
             if smf:  # the table is trainable, but only the rows ever selected changed
                 results["touched_rows"] = sum(v.numel() for v in method.touched.values())
+                results["protected_rows"] = sum(v.numel() for v in method.protected.values())
                 results["updated_parameters"] = results["touched_rows"] * method.bank.values[0].weight.shape[1]
             if c.save_models:
                 method.save(model, tokenizer, tmp / "model")

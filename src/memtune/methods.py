@@ -52,9 +52,10 @@ class SparseMemoryFinetuning:
     the top-T, and update only those value rows (the union over layers sharing a table).
 
     Rows may be frozen, never selected: those that `protect` statistics (slot reads of what the
-    model must keep, e.g. its own answers to questions it knows) show read, and with
-    `freeze_learned` those updated while learning earlier data (earlier `train` calls: the
-    earlier chunks of a stream), so later data cannot overwrite what they hold."""
+    model must keep, e.g. its own answers to questions it knows) show read, those added by
+    `protect_reads` between `train` calls (e.g. what each chunk of a stream reads once learned),
+    and with `freeze_learned` those updated while learning earlier data (earlier `train` calls),
+    so later data cannot overwrite what they hold."""
 
     name = "smf"
     model: nn.Module | None = None
@@ -91,11 +92,15 @@ class SparseMemoryFinetuning:
         self.table_of = {k: next(t for t, table in enumerate(bank.values) if bank.table_for(int(k)) is table)
                          for k in bank.layers}
         if self.protect is not None:
-            for k, t in self.table_of.items():
-                self.protected[t] = _union(self.protected.get(t), self.protect.df[k].nonzero().flatten())
+            self.protect_reads(self.protect)
         self.trainable = _count_trainable(model)
         self.model = model
         return model
+
+    def protect_reads(self, stats: Background) -> None:
+        """Freeze, from the next `train` call on, every row that `stats` show read."""
+        for k, t in self.table_of.items():
+            self.protected[t] = _union(self.protected.get(t), stats.df[k].nonzero().flatten())
 
     def begin(self) -> None:
         learned = self.touched if self.freeze_learned else {}

@@ -131,6 +131,7 @@ def compute_background(
     counts = {name: torch.zeros(n_slots, dtype=torch.long) for name in bank.layers}
     device = next(model.parameters()).device
     model.eval()
+    recording = all(m.record for m in bank.layers.values())  # as SMF training keeps it: restored after
     bank.set_record(True)
     seen = 0
     try:
@@ -143,7 +144,7 @@ def compute_background(
                 counts[name][slots] += c
             seen += 1
     finally:
-        bank.set_record(False)
+        bank.set_record(recording)
     if seen == 0:
         raise MemtuneError("background text is empty: expected at least one batch of text")
     return Background(df=df, counts=counts, n_batches=seen, meta={"memory_fingerprint": memory_fingerprint(bank)})
