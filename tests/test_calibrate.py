@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from memtune.batches import collate, encode_documents
-from memtune.calibrate import calibrate_queries
+from memtune.calibrate import calibrate_queries, load_calibration, save_calibration
 from memtune.checkpoint import load_memory, save_memory
 from memtune.errors import MemtuneError
 from memtune.retrofit import memory_ffns, retrofit
@@ -86,6 +86,25 @@ def test_calibrated_checkpoint_round_trips(tmp_path):
     for (name, a), (_, b) in zip(model.memory.state_dict().items(), loaded.memory.state_dict().items()):
         assert torch.equal(a, b), name
     assert loaded.memory.config.query_calibration == "whiten"
+
+
+def test_kept_calibration_gives_another_retrofit_the_same_lookup(tmp_path):
+    torch.manual_seed(0)
+    model, tok = tiny_model(), tiny_tokenizer()
+    retrofit(model, tiny_memory_config(layers=[0, 1]))
+    calibrate_queries(model, _batches(tok), "whiten", progress=False)
+    save_calibration(model, tmp_path / "c")
+    torch.manual_seed(0)
+    other = tiny_model()
+    retrofit(other, tiny_memory_config(layers=[0, 1]))
+    assert memory_fingerprint(other.memory) != memory_fingerprint(model.memory)
+    load_calibration(other, tmp_path / "c")
+    assert memory_fingerprint(other.memory) == memory_fingerprint(model.memory)
+    assert other.memory.config.query_calibration == "whiten"
+    one_head = tiny_model()
+    retrofit(one_head, tiny_memory_config(layers=[0], heads=1))
+    with pytest.raises(MemtuneError, match="does not fit memory layer 0"):
+        load_calibration(one_head, tmp_path / "c")
 
 
 def test_bad_calibration_is_an_error():

@@ -148,6 +148,22 @@ def test_protect_learned_freezes_what_each_chunk_read(config, tmp_path):
     assert open_["protected_rows"] == 0 and kept["protected_rows"] > 0
 
 
+def test_calibration_is_made_once_and_reused(config, tmp_path, monkeypatch):
+    import memtune.calibrate
+
+    calls = []
+    calibrate = memtune.calibrate.calibrate_queries
+    monkeypatch.setattr(memtune.calibrate, "calibrate_queries", lambda *a, **k: calls.append(1) or calibrate(*a, **k))
+    config["background"]["calibrate"] = "standardize"
+    config["methods"] = [{"name": name, "method": "smf", "top_t": 8, "epochs": 1, "batch_size": 3, "ranker": ranker}
+                         for name, ranker in (("tfidf", "tfidf"), ("kl", "kl"))]
+    out = tmp_path / "out"
+    assert main(["experiment", write_config(tmp_path, config), "--out", str(out), "--no-report"]) == 0
+    assert len(calls) == 1 and (out / "calibration" / "calibration.safetensors").is_file()
+    # the second run read the same slots: the background statistics' fingerprint check passed
+    assert all((out / name / "results.json").is_file() for name in ("tfidf", "kl"))
+
+
 def test_retention_scores_each_chunk_in_one_pass(monkeypatch):
     from memtune.data import QA
     from memtune.experiment import Chunk, ProbeConfig, Prober, Stream

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from memtune.config import CALIBRATIONS
 from memtune.errors import MemtuneError
+from memtune.io import atomic_dir
 from memtune.retrofit import bypass_memory, memory_ffns, require_memory_bank
 
 log = logging.getLogger(__name__)
@@ -102,3 +105,36 @@ def calibrate_queries(model: nn.Module, batches: Iterable[dict[str, Tensor]], mo
     bank.config.query_calibration = mode
     log.info("calibrated the queries of memory layers %s (%s) on %d positions", list(bank.layers), mode, n)
     return n
+
+
+CALIBRATION_NAME = "calibration.safetensors"
+
+
+def save_calibration(model: nn.Module, path: str | Path) -> None:
+    """Keep the calibrated lookup (each layer's query projection and centre; the folder `path`),
+    so that runs from the same retrofit can reuse it instead of calibrating again."""
+    bank = require_memory_bank(model)
+    tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, layer in bank.layers.items()
+               for key, t in (("query.weight", layer.query.weight), ("query_center", layer.query_center))}
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file(tensors, tmp / CALIBRATION_NAME, metadata={"mode": bank.config.query_calibration})
+
+
+@torch.no_grad()
+def load_calibration(model: nn.Module, path: str | Path) -> None:
+    """Put a lookup kept by `save_calibration` into `model` (retrofitted the same way)."""
+    from safetensors import safe_open
+
+    bank = require_memory_bank(model)
+    file = Path(path) / CALIBRATION_NAME
+    with safe_open(file, "pt") as f:
+        mode = f.metadata()["mode"]
+    tensors = load_file(file)
+    for name, layer in bank.layers.items():
+        for key, target in (("query.weight", layer.query.weight), ("query_center", layer.query_center)):
+            value = tensors.get(f"{name}.{key}")
+            if value is None or value.shape != target.shape:
+                raise MemtuneError(f"{str(file)!r} does not fit memory layer {name}: expected {key} of shape "
+                                   f"{tuple(target.shape)}")
+            target.copy_(value.to(target))
+    bank.config.query_calibration = mode

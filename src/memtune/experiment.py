@@ -16,7 +16,9 @@ An experiment is one YAML (or JSON) file::
 A list value in a method expands into one run per value (a sweep). Each run writes its own
 folder under the output root — ``config.json``, ``metrics.jsonl`` (training steps and probe
 events) and, last, ``results.json`` — atomically: an interrupted run leaves nothing behind and
-rerunning the same command skips every run that has its ``results.json``.
+rerunning the same command skips every run that has its ``results.json``. What the SMF runs
+share is made once and kept in the output root: ``base.json`` (the base model's probes),
+``calibration/``, ``background/`` and ``protect/``.
 
 Two protocols, both recorded: *immediate* probes the chunk just learned right after learning
 it; *final* probes everything at the end of the stream (and ``every`` k chunks on the way).
@@ -637,15 +639,21 @@ class Experiment:
         return examples
 
     def calibrate(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer) -> None:
-        """Calibrate the memory queries on the background data, when the config asks for it."""
-        from memtune.calibrate import calibrate_queries
+        """Calibrate the memory queries on the background data, when the config asks for it:
+        once, kept in `out/calibration` for every later SMF run (all start from the same retrofit)."""
+        from memtune.calibrate import calibrate_queries, load_calibration, save_calibration
 
         cfg = self.config.background
         if cfg is None or cfg.calibrate is None or self.config.memory_model:
             return
+        path = self.out / "calibration"
+        if path.is_dir():
+            load_calibration(model, path)
+            return
         examples = self.background_examples(model, stream_cfg, tokenizer)
         n, batches = first_batches(examples, tokenizer.pad_token_id, cfg.batches, cfg.batch_size)
         calibrate_queries(model, batches, cfg.calibrate, n_batches=n, progress=self.progress)
+        save_calibration(model, path)
 
     def background(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer):
         """Slot statistics of the background data, computed once and kept in `out/background`."""
