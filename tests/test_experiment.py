@@ -392,6 +392,15 @@ def test_report_table_values(tmp_path):
     assert rows["base model"].startswith("| base model | – | 0.0 | – | – | 10.0 | (100.0 %) | (10.000) |")
 
 
+def test_first_chunk_curve_follows_it_from_right_after_learning():
+    from memtune.report import _probed
+
+    events = [{"chunk": 1, "immediate": 0.9, "learning": 0.9}, {"chunk": 2, "immediate": 1.0},
+              {"chunk": 3, "immediate": 1.0, "learning": 0.9, "learning_by_chunk": [0.8, 0.9, 1.0]}]
+    assert [_probed(e, "first chunk") for e in events] == [0.9, None, 0.8]
+    assert [_probed(e, "learning") for e in events] == [0.9, None, 0.9]
+
+
 def test_diverge_loss_starts_where_the_model_leaves_the_target(tokenizer):
     import torch
 

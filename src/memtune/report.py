@@ -1,9 +1,10 @@
 """`memtune report`: a markdown table and plots from experiment runs.
 
 Learning (accuracy on the learned facts at the end, on each chunk's at the end, right after
-each chunk, and on their paraphrases), forgetting (known-fact accuracy change, held-out perplexity change, drift, and
-any extra probes, each against the base model), and cost (training time, peak memory,
-trainable parameters). Plots: learning and forgetting curves over the stream, and the
+each chunk, and on their paraphrases), forgetting (known-fact accuracy change, held-out
+perplexity change, drift, and any extra probes, each against the base model), and cost
+(training time, peak memory, trainable parameters). Plots: learning and forgetting curves over
+the stream (the first chunk's accuracy too: what later chunks overwrite), and the
 learning-versus-forgetting frontier across every run given.
 """
 
@@ -126,18 +127,28 @@ def _colors(runs: list[RunRecord]) -> dict[str, str]:
     return {r.name: palette.get(r.method, "tab:gray") for r in runs}
 
 
+def _probed(event: dict, key: str) -> float | None:
+    """A probe event's value; "first chunk": right after it, then as later chunks are learned."""
+    if key != "first chunk":
+        return event.get(key)
+    if event.get("chunk") == 1:
+        return event.get("immediate")
+    return (event.get("learning_by_chunk") or [None])[0]
+
+
 def plot_curves(runs: list[RunRecord], path: Path) -> None:
     """Learning and forgetting over the stream: one panel per measured quantity."""
     plt = _pyplot()
     panels = [("learning", "accuracy on what was learned so far (%)", 100),
+              ("first chunk", "accuracy on the first chunk learned (%)", 100),
               ("known", "known-fact accuracy (%)", 100), ("perplexity", "held-out perplexity", 1)]
-    panels = [p for p in panels if any(p[0] in e for r in runs for e in r.probes)]
+    panels = [p for p in panels if any(_probed(e, p[0]) is not None for r in runs for e in r.probes)]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
     colors = _colors(runs)
     styles = ["-", "--", ":", "-."]
     for ax, (key, label, scale) in zip(axes[0], panels):
         for i, r in enumerate(runs):
-            points = [(e["seen"], scale * e[key]) for e in r.probes if e.get(key) is not None]
+            points = [(e["seen"], scale * _probed(e, key)) for e in r.probes if _probed(e, key) is not None]
             base = r.results.get("base", {}).get(key)
             if base is not None:
                 points = [(0, scale * base), *points]
