@@ -675,13 +675,33 @@ class Experiment:
         log.info("background: %d batches of %s saved to %s", stats.n_batches, cfg.data.source, path)
         return stats
 
-    def protected(self, model: nn.Module, tokenizer):
-        """Slot reads of the model answering the `protect` questions in its own (greedy) words,
-        every answer token counted: made once and kept in `out/protect`. `model` must answer as
-        the base model does (SMF's starting point: retrofitted, values still zero)."""
+    def protect_questions(self, src: Source) -> list[str]:
+        """The questions of `src` that are neither streamed nor probed as known facts."""
         from memtune.data import load_qa
+
+        c = self.config
+        held_out = {q.question for q in load_stream(c.stream, c.seed).questions}
+        if c.probes.known is not None:
+            held_out |= {q.question for q in load_qa(c.probes.known.source, **c.probes.known.kwargs())}
+        return [q.question for q in load_qa(src.source, **src.kwargs()) if q.question not in held_out]
+
+    def own_answer_stats(self, model: nn.Module, tokenizer, questions: list[str]):
+        """Slot reads of `model` answering `questions` in its own (greedy) words, every answer
+        token counted."""
         from memtune.learn import background_stats
         from memtune.probes.qa import answer_questions
+
+        c = self.config
+        answers = answer_questions(model, tokenizer, questions, max_new_tokens=c.probes.max_new_tokens,
+                                   batch_size=c.probes.batch_size, progress=self.progress)
+        examples = encode_qa(tokenizer, list(zip(questions, answers)))
+        return background_stats(model, examples, tokenizer.pad_token_id, len(examples),
+                                c.background.batch_size if c.background else 8, progress=self.progress)
+
+    def protected(self, model: nn.Module, tokenizer):
+        """Slot reads of the model answering the `protect` questions (`protect_questions`) in its
+        own words: made once and kept in `out/protect`. `model` must answer as the base model
+        does (SMF's starting point: retrofitted, values still zero)."""
         from memtune.stats import Background
 
         path = self.out / "protect"
@@ -689,18 +709,11 @@ class Experiment:
             self._protect = Background.load(path)
         if self._protect is not None:
             return self._protect
-        c, src = self.config, self.config.protect
-        held_out = {q.question for q in load_stream(c.stream, c.seed).questions}
-        if c.probes.known is not None:
-            held_out |= {q.question for q in load_qa(c.probes.known.source, **c.probes.known.kwargs())}
-        questions = [q.question for q in load_qa(src.source, **src.kwargs()) if q.question not in held_out]
+        src = self.config.protect
+        questions = self.protect_questions(src)
         if not questions:
             raise MemtuneError(f"protect={src.source!r} holds no questions besides the probed and streamed ones")
-        answers = answer_questions(model, tokenizer, questions, max_new_tokens=c.probes.max_new_tokens,
-                                   batch_size=c.probes.batch_size, progress=self.progress)
-        examples = encode_qa(tokenizer, list(zip(questions, answers)))
-        stats = background_stats(model, examples, tokenizer.pad_token_id, len(examples),
-                                 c.background.batch_size if c.background else 8, progress=self.progress)
+        stats = self.own_answer_stats(model, tokenizer, questions)
         stats.meta |= {"source": src.source, "questions": len(questions)}
         stats.save(path, overwrite=True)
         self._protect = stats
