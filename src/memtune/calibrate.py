@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -123,13 +124,11 @@ def save_calibration(model: nn.Module, path: str | Path) -> None:
 @torch.no_grad()
 def load_calibration(model: nn.Module, path: str | Path) -> None:
     """Put a lookup kept by `save_calibration` into `model` (retrofitted the same way)."""
-    from safetensors import safe_open
-
     bank = require_memory_bank(model)
     file = Path(path) / CALIBRATION_NAME
     with safe_open(file, "pt") as f:
         mode = f.metadata()["mode"]
-    tensors = load_file(file)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, layer in bank.layers.items():
         for key, target in (("query.weight", layer.query.weight), ("query_center", layer.query_center)):
             value = tensors.get(f"{name}.{key}")
