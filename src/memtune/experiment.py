@@ -820,14 +820,16 @@ class Experiment:
                                                               cfg.batch_size, count_positions="all", progress=False))
                     train_time += time.perf_counter() - t
                     steps += len(history)
-                    now = prober.learning(model, [chunk]) if stream.kind != "task" else None
-                    immediate.append(now)
-                    record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen,
-                              "immediate": now, "train_time_s": round(train_time, 1)}
+                    record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen}
                     if (k + 1) % c.probes.every == 0 or k + 1 == len(stream.chunks):
                         learning, by_chunk = prober.retention(model, stream.chunks[: k + 1])
+                        now = by_chunk[-1] if by_chunk else None  # the chunk just learned, in the same pass
                         record |= {"learning": learning, "learning_by_chunk": by_chunk,
                                    **prober.forgetting(model, reference)}
+                    else:
+                        now = prober.learning(model, [chunk]) if stream.kind != "task" else None
+                    immediate.append(now)
+                    record |= {"immediate": now, "train_time_s": round(train_time, 1)}
                     writer(record)
                     log.info("%s chunk %d/%d: %s", run.name, k + 1, len(stream.chunks), _brief(record))
                 final = {k: v for k, v in record.items() if k not in ("event", "chunk", "chunks", "immediate")}
