@@ -47,7 +47,8 @@ def main() -> None:
     exp = Experiment(cfg, args.out, progress=False)
     model, tokenizer = exp.load_memory_model()
     exp.calibrate(model, cfg.stream, tokenizer)
-    frozen = {k: df > 0 for k, df in exp.protected(model, tokenizer).df.items()}
+    protect = exp.protected(model, tokenizer)
+    frozen = {k: df > 0 for k, df in protect.df.items()}
 
     known = [q.question for q in load_qa(cfg.probes.known.source, **cfg.probes.known.kwargs())]
     known_reads = exp.own_answer_stats(model, tokenizer, known)
@@ -59,7 +60,7 @@ def main() -> None:
     print(f"| protected set | questions | {' | '.join(f'slots {k}' for k in layers)} | "
           f"{' | '.join(f'known covered {k}' for k in layers)} | {' | '.join(f'stream locked {k}' for k in layers)} |")
     print("|---|---:|" + "---:|" * 3 * len(layers))
-    name, n = cfg.protect.source, exp.protected(model, tokenizer).meta["questions"]
+    name, n = cfg.protect.source, protect.meta["questions"]
     for extra in [None, *args.extra]:
         if extra is not None:
             questions = exp.protect_questions(Source(extra))

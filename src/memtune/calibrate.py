@@ -111,12 +111,17 @@ def calibrate_queries(model: nn.Module, batches: Iterable[dict[str, Tensor]], mo
 CALIBRATION_NAME = "calibration.safetensors"
 
 
+def _calibrated(layer: nn.Module) -> list[tuple[str, Tensor]]:
+    """What `calibrate_queries` changes in a memory layer, by name."""
+    return [("query.weight", layer.query.weight), ("query_center", layer.query_center)]
+
+
 def save_calibration(model: nn.Module, path: str | Path) -> None:
     """Keep the calibrated lookup (each layer's query projection and centre; the folder `path`),
     so that runs from the same retrofit can reuse it instead of calibrating again."""
     bank = require_memory_bank(model)
     tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, layer in bank.layers.items()
-               for key, t in (("query.weight", layer.query.weight), ("query_center", layer.query_center))}
+               for key, t in _calibrated(layer)}
     with atomic_dir(path, overwrite=True) as tmp:
         save_file(tensors, tmp / CALIBRATION_NAME, metadata={"mode": bank.config.query_calibration})
 
@@ -130,7 +135,7 @@ def load_calibration(model: nn.Module, path: str | Path) -> None:
         mode = f.metadata()["mode"]
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     for name, layer in bank.layers.items():
-        for key, target in (("query.weight", layer.query.weight), ("query_center", layer.query_center)):
+        for key, target in _calibrated(layer):
             value = tensors.get(f"{name}.{key}")
             if value is None or value.shape != target.shape:
                 raise MemtuneError(f"{str(file)!r} does not fit memory layer {name}: expected {key} of shape "
