@@ -61,6 +61,13 @@ def test_full_finetuning_trains_saves_and_reloads(tiny_model_dir, tmp_path):
     assert torch.equal(_logits(reloaded, tok2), trained)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_linear_schedule_sets_the_rate_of_every_step(tiny_model_dir, method):
+    model, tokenizer, m, history = _learn(str(tiny_model_dir), method, lr=1e-3, schedule="linear")
+    assert [r["lr"] for r in history] == pytest.approx([1e-3 * (1 - i / 8) for i in range(8)])
+    assert all(g["lr"] == pytest.approx(history[-1]["lr"]) for g in m.optimizer.param_groups)
+
+
 def test_lora_trains_through_peft_saves_an_adapter_and_reloads(tiny_model_dir, tmp_path):
     base_logits = _logits(*load_base_model(str(tiny_model_dir)))
     model, tokenizer, method, history = _learn(str(tiny_model_dir), "lora", lr=1e-2, lora_rank=4)

@@ -245,3 +245,18 @@ def test_protected_slots_are_never_updated(tokenizer):
     changed = changed_rows(before, model.memory.values[0].weight.detach())
     assert protected.numel() > 0 and changed.numel() > 0
     assert not torch.isin(changed, protected).any()  # the same questions are learned, around their slots
+
+
+def test_linear_schedule_decays_the_rate_each_step_uses_and_restarts_per_chunk(tokenizer):
+    model = memory_model()
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=1, lr=0.5, schedule="linear")
+    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None)
+    used = []
+    step = method.optimizer.step
+    method.optimizer.step = lambda table, rows: used.append(method.optimizer.lr) or step(table, rows)
+    for chunk in (PAIRS[:2], PAIRS[2:]):
+        model, history = train(model, tokenizer, encode_qa(tokenizer, chunk), cfg, method, progress=False)
+        expected = [0.5 * (1 - i / 4) for i in range(4)]  # 2 examples x 2 epochs, from --lr down
+        assert [r["lr"] for r in history] == pytest.approx(expected)
+    n_tables = len(model.memory.values)
+    assert used == pytest.approx([lr for lr in expected for _ in range(n_tables)] * 2)

@@ -36,12 +36,11 @@ from memtune.errors import MemtuneError
 from memtune.memory import MemoryBank
 from memtune.retrofit import MemoryFFN, bypass_memory, freeze_base, memory_ffns, memory_parameters, require_memory_bank
 from memtune.sparse_optim import SparseAdam
-from memtune.train import cost_fields, peak_rss_mb
+from memtune.train import SCHEDULES, cost_fields, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
 VALUES_PREFIX = "memory.values."
-SCHEDULES = ("constant", "linear")
 
 
 @dataclass

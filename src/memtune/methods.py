@@ -35,6 +35,9 @@ class Method(Protocol):
 
     def prepare(self, model: nn.Module) -> nn.Module: ...
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (a schedule sets it before each step)."""
+
     def step(self, usage: StepUsage | None) -> dict: ...
 
     def begin(self) -> None:
@@ -106,6 +109,9 @@ class SparseMemoryFinetuning:
         learned = self.touched if self.freeze_learned else {}
         self.frozen = {t: _union(self.protected.get(t), learned.get(t)) for t in {*self.protected, *learned}}
 
+    def set_lr(self, lr: float) -> None:
+        self.optimizer.lr = lr
+
     def select(self, usage: StepUsage) -> dict[str, Tensor]:
         """layer -> selected slots (sorted)."""
         selected = {}
@@ -169,6 +175,10 @@ class _DenseMethod:
 
     def begin(self) -> None:
         pass
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def step(self, usage: StepUsage | None) -> dict:
         self.optimizer.step()

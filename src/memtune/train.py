@@ -23,6 +23,8 @@ from memtune.stats import Background, StepUsage
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = ("constant", "linear")
+
 
 @dataclass
 class LearnConfig:
@@ -52,6 +54,11 @@ class LearnConfig:
     freeze_learned: bool = field(
         default=False, metadata={"help": "SMF: never update again the rows updated for earlier data (the earlier "
                                  "chunks of a stream), so that later data cannot overwrite it"})
+    schedule: Literal["constant", "linear"] = field(
+        default="constant",
+        metadata={"help": "learning rate: constant, or linear decay to 0 over each pass over new data (each chunk "
+                  "of a stream starts again at --lr)"},
+    )
     seed: int = field(default=0, metadata={"help": "data order and random ranker"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
@@ -65,6 +72,8 @@ class LearnConfig:
             raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
         if self.method == "smf":
             get_ranker(self.ranker)
+        if self.schedule not in SCHEDULES:
+            raise MemtuneError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
         if self.count_positions not in COUNT_POSITIONS:
             raise MemtuneError(f"count_positions={self.count_positions!r} is invalid: expected one of {', '.join(COUNT_POSITIONS)}")
         for name in ("top_t", "batch_size", "grad_accum", "epochs", "max_length", "lora_rank"):
@@ -166,6 +175,8 @@ def train(
                 if step >= total:
                     break
                 t0 = time.perf_counter()
+                lr = config.lr * (1.0 - step / total if config.schedule == "linear" else 1.0)
+                method.set_lr(lr)
                 chunk = [examples[i] for i in order[s : s + per_step]]
                 micro = [collate(chunk[m : m + config.batch_size], tokenizer.pad_token_id, config.count_positions)
                          for m in range(0, len(chunk), config.batch_size)]
@@ -184,7 +195,7 @@ def train(
                 step += 1
                 real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
                 record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum / max(n_tokens, 1),
-                          "loss_tokens": n_tokens, "lr": config.lr, **cost_fields(t0, start, real_tokens), **info}
+                          "loss_tokens": n_tokens, "lr": lr, **cost_fields(t0, start, real_tokens), **info}
                 history.append(record)
                 if on_step is not None:
                     on_step(record)
