@@ -118,6 +118,16 @@ def test_fact_background_leaves_out_the_stream(config, tmp_path, tokenizer):
     assert trained == {r["statement"] for r in rows} - learned
 
 
+def test_fact_background_formats_only_the_facts_its_batches_read(config, tmp_path, tokenizer):
+    rows = facts(10)
+    config["stream"] |= {"data": write_jsonl(tmp_path / "all.jsonl", rows), "size": 4}
+    config["background"] |= {"data": str(tmp_path / "all.jsonl"), "batches": 2, "batch_size": 2}
+    cfg = parse_config(config)
+    examples = Experiment(cfg, tmp_path / "out", progress=False).background_examples(None, cfg.stream, tokenizer)
+    again = Experiment(cfg, tmp_path / "again", progress=False).background_examples(None, cfg.stream, tokenizer)
+    assert len(examples) == 4 and [e.input_ids for e in again] == [e.input_ids for e in examples]
+
+
 def test_protect_freezes_the_slots_of_the_other_known_answers(config, tmp_path, tokenizer):
     from memtune.experiment import load_stream
     from memtune.train import train

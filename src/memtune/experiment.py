@@ -617,7 +617,9 @@ class Experiment:
     def background_examples(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer) -> list[Example]:
         """The background data, formatted as the stream trains it, in a seeded order (made once:
         `loss: diverge` asks the untrained model, which every SMF run starts from). Facts of the
-        stream itself are left out: the background stands for what the model must keep."""
+        stream itself are left out: the background stands for what the model must keep. Of a
+        fact file, only the facts the statistics' batches can read are formatted (a fact's
+        paraphrases together)."""
         from memtune.data import load_documents, load_qa
         from memtune.learn import detect_kind
 
@@ -625,16 +627,20 @@ class Experiment:
             return self._background_examples
         cfg = self.config.background
         src = cfg.data
+        order = random.Random(self.config.seed)
         if detect_kind(src.source) == "qa":  # formatted as the stream trains facts
             items = load_qa(src.source, **src.kwargs())
             if stream_cfg.kind == "facts":
                 learned = {q.question for q in load_stream(stream_cfg, self.config.seed).questions}
                 items = [q for q in items if q.question not in learned]
-            examples = fact_examples(items, stream_cfg, tokenizer, model)
+            order.shuffle(items)
+            # each fact gives one example or more: the first batches x batch_size facts are all the
+            # statistics read, and `loss: diverge` need not ask the model about the rest
+            examples = fact_examples(items[: cfg.batches * cfg.batch_size], stream_cfg, tokenizer, model)
         else:
             examples = encode_documents(tokenizer, [d.text for d in load_documents(src.source, **src.kwargs())],
                                         cfg.max_length)
-        random.Random(self.config.seed).shuffle(examples)
+            order.shuffle(examples)
         self._background_examples = examples
         return examples
 
