@@ -354,6 +354,7 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c["probes"].update(evry=2), "unknown key 'evry'"),
         (lambda c: c["methods"][0].update(top_t=-1), "top_t=-1 is invalid"),
         (lambda c: c["methods"][0].update(speed=3), "unknown key 'speed'"),
+        (lambda c: c["methods"][0].update(schedule="cosine"), "schedule='cosine' is invalid: expected one of constant"),
         (lambda c: c.pop("background"), "add background"),
         (lambda c: c["memory"].update(k_dim=7), "k_dim"),
         (lambda c: c["background"].update(calibrate="pca"), "background.calibrate='pca' is invalid"),
