@@ -381,6 +381,8 @@ def test_bad_command_line(config, tmp_path, capsys):
     capsys.readouterr()
     assert main(["experiment", path, "--set", "stream.size=4", "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["runs"] == ["smf", "full"]
+    assert main(["experiment", path, "--dry-run", "--only", "full"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == ["full"]
 
 
 def test_report_table_values(tmp_path):

@@ -581,6 +581,15 @@ def _has_builtin_base(model: nn.Module) -> bool:
 # Running
 
 
+def select_runs(config: ExperimentConfig, only: list[str] | None) -> list[Run]:
+    """The runs `only` names (`--only`), in config order; all when it is empty."""
+    runs = [r for r in config.runs if not only or r.name in only]
+    if only and len(runs) < len(set(only)):
+        missing = sorted(set(only) - {r.name for r in runs})
+        raise MemtuneError(f"--only {missing[0]!r} names no run: expected one of {', '.join(r.name for r in config.runs)}")
+    return runs
+
+
 class Experiment:
     """Runs every method of a config over the same stream, one run folder each, resumably."""
 
@@ -730,10 +739,7 @@ class Experiment:
     # -- runs --------------------------------------------------------------------------------
     def run_all(self, only: list[str] | None = None) -> list[dict]:
         c = self.config
-        runs = [r for r in c.runs if not only or r.name in only]
-        if only and len(runs) < len(set(only)):
-            missing = sorted(set(only) - {r.name for r in runs})
-            raise MemtuneError(f"--only {missing[0]!r} names no run: expected one of {', '.join(r.name for r in c.runs)}")
+        runs = select_runs(c, only)
         stream = load_stream(c.stream, c.seed)  # every input is checked before anything is written
         model, tokenizer = self.load_base()
         self.prober = Prober(c.probes, stream, tokenizer, c.stream.augment)

@@ -36,13 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from memtune.experiment import Experiment, load_config
+    from memtune.experiment import Experiment, load_config, select_runs
     from memtune.report import write_report
 
     config, _ = load_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / (config.name or Path(args.config).stem))
     if args.dry_run:
-        print(json.dumps({"out": str(out), "runs": [r.name for r in config.runs]}, indent=2))
+        print(json.dumps({"out": str(out), "runs": [r.name for r in select_runs(config, args.only)]}, indent=2))
         return 0
     results = Experiment(config, out).run_all(args.only)
     if args.report:
