@@ -434,3 +434,16 @@ def test_diverge_loss_starts_where_the_model_leaves_the_target(tokenizer):
     mask_predicted(model, [diverging, predicted], tokenizer.pad_token_id)
     assert diverging.labels == [IGNORE] * (len(prompt) + 2) + [other, own[3]]  # from the first token it gets wrong
     assert predicted.labels == [IGNORE] * (len(prompt) + 3) + [own[3]]  # all predicted: the last keeps its loss
+
+
+def test_frontier_labels_of_close_points_do_not_overlap():
+    from memtune.report import label_offsets
+
+    names = ["smf-kept-e20", "smf-freeze", "smf-kept-e25", "smf-kept-e30", "full"]
+    at = [(300.0, 40.0), (305.0, 44.0), (315.0, 42.0), (320.0, 60.0), (100.0, 300.0)]
+    offsets = label_offsets(names, at)
+    assert offsets[-1] == (4.0, 3.0)  # a point alone keeps its label beside it
+    boxes = [(x + dx, x + dx + 7 * 0.62 * len(n), y + dy) for n, (x, y), (dx, dy) in zip(names, at, offsets)]
+    for i, (l1, r1, b1) in enumerate(boxes):
+        for l2, r2, b2 in boxes[i + 1:]:
+            assert not (l1 < r2 and l2 < r1 and abs(b1 - b2) < 7 * 1.3)

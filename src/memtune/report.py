@@ -164,12 +164,30 @@ def plot_curves(runs: list[RunRecord], path: Path) -> None:
     plt.close(fig)
 
 
+def label_offsets(names: list[str], at: list[tuple[float, float]], size: float = 7) -> list[tuple[float, float]]:
+    """Offsets (in points) for labels `names` of points at `at` (display positions, in points):
+    each label starts up and right of its point and moves up until it overlaps no label placed
+    before it (lowest first), so that close points stay readable."""
+    height, char = size * 1.3, size * 0.62
+    placed: list[tuple[float, float, float]] = []  # left, right, bottom of each placed label
+    offsets: list[tuple[float, float]] = [(0.0, 0.0)] * len(names)
+    for i in sorted(range(len(names)), key=lambda i: at[i][1]):
+        (x, y), dy = at[i], 3.0
+        left, right = x + 4, x + 4 + char * len(names[i])
+        while any(left < r and l < right and abs(y + dy - b) < height for l, r, b in placed):
+            dy += height
+        placed.append((left, right, y + dy))
+        offsets[i] = (4.0, dy)
+    return offsets
+
+
 def plot_frontier(runs: list[RunRecord], path: Path) -> None:
     """Each run at the end of the stream: learned (x) against what was lost (y)."""
     plt = _pyplot()
     use_known = all(r.results.get("known") is not None for r in runs)
     fig, ax = plt.subplots(figsize=(6, 4.5))
     colors = _colors(runs)
+    points = []
     for r in runs:
         x, b = r.results, r.results.get("base", {})
         if x.get("learning") is None:
@@ -181,7 +199,13 @@ def plot_frontier(runs: list[RunRecord], path: Path) -> None:
         else:
             continue
         ax.scatter(100 * x["learning"], y, color=colors[r.name], s=40)
-        ax.annotate(r.name, (100 * x["learning"], y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        points.append((r.name, 100 * x["learning"], y))
+    ax.autoscale_view()
+    at = ax.transData.transform([(px, py) for _, px, py in points]) * 72 / fig.dpi if points else []
+    names = [name for name, _, _ in points]
+    for (name, px, py), offset in zip(points, label_offsets(names, [tuple(a) for a in at])):
+        lead = dict(arrowstyle="-", lw=0.5, color="gray") if offset[1] > 3 else None  # moved: a line to its point
+        ax.annotate(name, (px, py), fontsize=7, xytext=offset, textcoords="offset points", arrowprops=lead)
     ax.set_xlabel("learned (%)")
     ax.set_ylabel("known-fact accuracy lost (points)" if use_known else "held-out perplexity increase (%)")
     ax.axhline(0, color="black", lw=0.5)
