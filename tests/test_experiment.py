@@ -447,3 +447,15 @@ def test_frontier_labels_of_close_points_do_not_overlap():
     for i, (l1, r1, b1) in enumerate(boxes):
         for l2, r2, b2 in boxes[i + 1:]:
             assert not (l1 < r2 and l2 < r1 and abs(b1 - b2) < 7 * 1.3)
+
+
+def test_runs_of_one_method_get_shades_of_its_color():
+    from types import SimpleNamespace
+
+    from memtune.report import run_colors
+
+    runs = [SimpleNamespace(name=n, method=m) for n, m in [("a", "smf"), ("b", "smf"), ("c", "smf"), ("f", "full")]]
+    colors = run_colors(runs)
+    assert colors["f"] == "tab:red"
+    assert len({colors[n] for n in "abc"}) == 3
+    assert all(c[2] > c[0] for c in (colors[n] for n in "abc"))  # blue shades

@@ -122,9 +122,22 @@ def _pyplot():
     return plt
 
 
-def _colors(runs: list[RunRecord]) -> dict[str, str]:
-    palette = {"smf": "tab:blue", "full": "tab:red", "lora": "tab:orange"}
-    return {r.name: palette.get(r.method, "tab:gray") for r in runs}
+def run_colors(runs: list[RunRecord]) -> dict[str, object]:
+    """A color per run: its method's hue (smf blue, full red, lora orange), and when a method
+    has several runs, one shade of that hue per run, from light to dark in the given order."""
+    from matplotlib import colormaps
+
+    palette = {"smf": ("tab:blue", "Blues"), "full": ("tab:red", "Reds"), "lora": ("tab:orange", "Oranges")}
+    colors: dict[str, object] = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        names = [r.name for r in runs if r.method == method]
+        color, shades = palette.get(method, ("tab:gray", "Greys"))
+        if len(names) == 1:
+            colors[names[0]] = color
+        else:
+            cmap = colormaps[shades]
+            colors |= {name: cmap(0.45 + 0.5 * i / (len(names) - 1)) for i, name in enumerate(names)}
+    return colors
 
 
 def _probed(event: dict, key: str) -> float | None:
@@ -144,7 +157,7 @@ def plot_curves(runs: list[RunRecord], path: Path) -> None:
               ("known", "known-fact accuracy (%)", 100), ("perplexity", "held-out perplexity", 1)]
     panels = [p for p in panels if any(_probed(e, p[0]) is not None for r in runs for e in r.probes)]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
-    colors = _colors(runs)
+    colors = run_colors(runs)
     styles = ["-", "--", ":", "-."]
     for ax, (key, label, scale) in zip(axes[0], panels):
         for i, r in enumerate(runs):
@@ -186,7 +199,7 @@ def plot_frontier(runs: list[RunRecord], path: Path) -> None:
     plt = _pyplot()
     use_known = all(r.results.get("known") is not None for r in runs)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    colors = _colors(runs)
+    colors = run_colors(runs)
     points = []
     for r in runs:
         x, b = r.results, r.results.get("base", {})
