@@ -38,7 +38,7 @@ def test_background_learn_generate(memory_dir, qa_file, tmp_path, capsys):
     assert {"loss", "selected", "updated_rows", "touched_rows", "tokens_per_s", "peak_rss_mb"} <= set(metrics[0])
     assert all(0 < sum(m["selected"].values()) <= 2 * 16 for m in metrics)
     config = json.loads((run / "config.json").read_text())
-    assert config["learn"]["method"] == "smf" and config["learn"]["lr"] == 1.0 and config["format"] == "qa"
+    assert config["learn"]["method"] == "smf" and config["learn"]["lr"] == 2.0 and config["format"] == "qa"
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 3 and "torch" in results["versions"]
     capsys.readouterr()
@@ -88,9 +88,16 @@ def test_bad_options(memory_dir, qa_file, tmp_path, capsys, args, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_smf_on_a_model_without_memory(tiny_model_dir, qa_file, tmp_path, capsys):
-    cli_error(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--ranker", "count",
-            "--out", str(tmp_path / "run")], capsys, "no memory layers")
+def test_smf_on_a_base_model_retrofits_it(tiny_model_dir, qa_file, tmp_path):
+    run = tmp_path / "run"
+    assert main(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--n-keys", "16",
+                 "--related", "4", "--epochs", "2", "--out", str(run)]) == 0
+    memory = json.loads((run / "model" / "memory_config.json").read_text())["memory"]
+    assert memory["mode"] == "parallel" and memory["knn"] == 4 and memory["n_keys"] == 16
+    assert memory["query_calibration"] == "standardize"
+    steps = json.loads((run / "config.json").read_text())["steps"]
+    assert steps["retrofit"]["layers"] == memory["layers"] and steps["calibrate"]["mode"] == "standardize"
+    assert steps["targets"]["target"] == "statement" and steps["background"]["batches"] >= 1
 
 
 def test_learn_never_updates_protected_slots(memory_dir, tiny_model_dir, qa_file, tmp_path, capsys):
@@ -101,8 +108,8 @@ def test_learn_never_updates_protected_slots(memory_dir, tiny_model_dir, qa_file
                  "--protect", str(protect), "--out", str(run), "--epochs", "2"]) == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["touched_rows"] for m in metrics] == [0, 0]
-    assert json.loads((run / "config.json").read_text())["protect"] == str(protect)
+    assert json.loads((run / "config.json").read_text())["recipe"]["protect"] == str(protect)
     capsys.readouterr()
     cli_error(["learn", "--model", str(tiny_model_dir), "--data", str(qa_file), "--method", "full",
-               "--protect", str(protect), "--out", str(tmp_path / "full")], capsys, "protect statistics are for SMF")
+               "--protect", str(protect), "--out", str(tmp_path / "full")], capsys, "protect is for SMF")
     assert not (tmp_path / "full").exists()

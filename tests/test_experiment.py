@@ -42,7 +42,7 @@ def config(tiny_model_dir, tmp_path):
                    "target": "statement"},
         "probes": {"known": write_jsonl(tmp_path / "known.jsonl", facts(3, offset=10)),
                    "text": {"source": "prose:heldout", "limit": 2}, "max_new_tokens": 4, "max_length": 32},
-        "methods": [{"name": "smf", "method": "smf", "top_t": 8, "epochs": 2, "batch_size": 3},
+        "methods": [{"name": "smf", "method": "smf", "top_t": 8, "lr": 1.0, "epochs": 2, "batch_size": 3},
                     {"name": "full", "method": "full", "lr": 1e-3, "epochs": 2, "batch_size": 3}],
     }
 

@@ -6,6 +6,7 @@ finetuning (SMF) that updates only the memory slots the new data reads.
 
 from memtune.config import MemoryConfig
 from memtune.memory import MemoryBank, ProductKeyMemory, ValueTable
+from memtune.recipe import LearnResult, RecipeConfig, learn
 from memtune.retrofit import (
     bypass_memory,
     freeze_base,
@@ -18,6 +19,9 @@ from memtune.retrofit import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LearnResult",
+    "RecipeConfig",
+    "learn",
     "MemoryBank",
     "MemoryConfig",
     "ProductKeyMemory",

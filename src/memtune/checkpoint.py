@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from memtune.config import MemoryConfig
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir
+from memtune.ledger import Ledger
 from memtune.retrofit import PREFIX, memory_state_dict, require_memory_bank, retrofit
 
 CONFIG_NAME = "memory_config.json"
@@ -56,7 +57,8 @@ def is_memory_checkpoint(path: str | Path) -> bool:
 
 
 def save_memory(model: nn.Module, path: str | Path, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Write `path/memory_config.json` and `path/memory.safetensors` atomically."""
+    """Write `path/memory_config.json`, `path/memory.safetensors` and the learn history
+    (`memtune.ledger`, when there is one) atomically."""
     bank = require_memory_bank(model)
     config = bank.config
     if config.base_model and Path(config.base_model).exists():
@@ -65,6 +67,7 @@ def save_memory(model: nn.Module, path: str | Path, overwrite: bool = False, ext
         data = {"memory": config.to_dict(), "format": "memtune-memory-v1", **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
         save_file(_compact(memory_state_dict(model)), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        bank.ledger.save(tmp)
     return Path(path)
 
 
@@ -76,7 +79,8 @@ def read_memory_config(path: str | Path) -> MemoryConfig:
 
 
 def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
-    """Retrofit `model` (a base model) as the checkpoint says and load the memory weights."""
+    """Retrofit `model` (a base model) as the checkpoint says and load the memory weights and
+    the learn history (`bank.ledger`)."""
     config = read_memory_config(path)
     retrofit(model, config)
     state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
@@ -87,6 +91,7 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     missing = [k for k in missing if not k.endswith(".query_center")]  # older checkpoints: uncalibrated
     if missing or unexpected:
         raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config: missing {missing}, unexpected {unexpected}")
+    bank.ledger = Ledger.load(path)
     return model
 
 

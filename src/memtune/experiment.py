@@ -39,17 +39,22 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memtune.batches import IGNORE, Example, collate, encode_documents, encode_qa, first_batches
+from memtune import targets
+from memtune.batches import IGNORE, Example, encode_documents, encode_qa, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, remove_stale_temporaries, write_json
 from memtune.rankers import NEEDS_BACKGROUND
+from memtune.targets import mask_predicted, mask_prefix  # noqa: F401 (re-exported)
 from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, reset_peak_rss, train
 
 log = logging.getLogger(__name__)
 
 STREAM_KINDS = ("facts", "documents", "task")
+# A method entry learns each chunk for its `epochs`, nothing frozen between chunks, unless it says
+# otherwise: the recorded runs were made so (`memtune learn` defaults to the recipe instead).
+EXPERIMENT_DEFAULTS = {"until_learned": False, "freeze_learned": False, "protect_learned": False}
 RESULTS = "results.json"
 
 
@@ -161,7 +166,6 @@ class Run:
     learn: LearnConfig
     sweep: dict[str, Any]  # the values this run took from a method's lists
     protect: bool = True  # SMF: freeze the slots of the experiment's `protect` questions, if any
-    protect_learned: bool = False  # SMF: after each chunk, freeze the slots its data reads
 
 
 @dataclass
@@ -229,17 +233,18 @@ def expand_methods(methods: list[dict]) -> list[Run]:
             raise MemtuneError(f"methods[{i}] must be a mapping of learn options, got {entry!r}")
         entry = dict(entry)
         base_name = str(entry.pop("name", entry.get("method", "smf")))
-        protect, protect_learned = (_flag(entry, key, default, i) for key, default in
-                                    (("protect", True), ("protect_learned", False)))
-        if protect_learned and entry.get("method", "smf") != "smf":
-            raise MemtuneError(f"methods[{i}].protect_learned=true is for SMF: method {entry['method']!r} "
-                               "updates every parameter it trains")
+        protect = _flag(entry, "protect", True, i)
+        for key in ("protect_learned", "freeze_learned"):
+            if entry.get(key) and entry.get("method", "smf") != "smf":
+                raise MemtuneError(f"methods[{i}].{key}=true is for SMF: method {entry['method']!r} "
+                                   "updates every parameter it trains")
+        entry = {**EXPERIMENT_DEFAULTS, **entry}
         swept = {k: v for k, v in entry.items() if isinstance(v, list)}
         for values in itertools.product(*swept.values()):
             choice = dict(zip(swept, values))
             name = base_name + "".join(f"-{k}={v}" for k, v in choice.items())
             learn = _build(LearnConfig, {**entry, **choice}, f"methods[{i}] ({name})")
-            runs.append(Run(name, learn, choice, protect, protect_learned))
+            runs.append(Run(name, learn, choice, protect))
     names = [r.name for r in runs]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
@@ -419,57 +424,9 @@ def load_stream(cfg: StreamConfig, seed: int) -> Stream:
 
 
 def fact_examples(items: list[QA], cfg: StreamConfig, tokenizer, model: nn.Module | None = None) -> list[Example]:
-    """Each fact as the stream trains it: its question (and `augment` paraphrases) -> its
-    answer or statement. `loss: diverge` needs the `model` that will learn them."""
-    pairs, prefixes = [], []
-    for q in items:
-        stated = cfg.target == "statement" and bool(q.statement)
-        target = q.statement if stated else q.answer
-        cut = target.find(q.answer) if stated and cfg.loss == "answer" else -1
-        for text in [q.question, *q.paraphrases[: cfg.augment]]:
-            pairs.append((text, target))
-            prefixes.append(target[:cut].rstrip() if cut > 0 else "")
-    examples = encode_qa(tokenizer, pairs, cfg.max_length)
-    for example, prefix in zip(examples, prefixes):
-        if prefix:
-            mask_prefix(example, tokenizer(prefix, add_special_tokens=False)["input_ids"])
-    if cfg.loss == "diverge":
-        if model is None:
-            raise ValueError("loss=diverge needs the model that learns the facts")
-        mask_predicted(model, examples, tokenizer.pad_token_id)
-    return examples
-
-
-@torch.no_grad()
-def mask_predicted(model: nn.Module, examples: list[Example], pad_id: int, batch_size: int = 16) -> None:
-    """Take the loss off each example's leading target tokens that `model` already predicts
-    (greedy, teacher-forced): training — and SMF's slot counts — start where the model's own
-    words leave the target. The last target token always keeps its loss."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(examples), batch_size):
-            part = examples[s : s + batch_size]
-            b = collate(part, pad_id)
-            predicted = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                              use_cache=False).logits.argmax(-1).cpu()
-            for row, e in zip(predicted, part):
-                loss_at = [t for t, y in enumerate(e.labels) if y != IGNORE]
-                for t in loss_at[:-1]:
-                    if t == 0 or int(row[t - 1]) != e.labels[t]:
-                        break
-                    e.labels[t] = IGNORE
-    finally:
-        model.train(was_training)
-
-
-def mask_prefix(example: Example, prefix: list[int]) -> None:
-    """Take the loss off the first tokens of the target when they are `prefix` (the words of a
-    statement before its answer), so the loss — and SMF's slot counts — cover the answer."""
-    first = next(i for i, t in enumerate(example.labels) if t != IGNORE)
-    if example.input_ids[first : first + len(prefix)] == prefix and first + len(prefix) < len(example.labels):
-        example.labels[first : first + len(prefix)] = [IGNORE] * len(prefix)
+    """Each fact as the stream trains it (`memtune.targets.fact_examples` with the stream's
+    target, loss, augment and max_length). `loss: diverge` needs the `model` that will learn them."""
+    return targets.fact_examples(items, tokenizer, cfg.target, cfg.loss, cfg.augment, cfg.max_length, model)
 
 
 def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer,
@@ -827,8 +784,8 @@ class Experiment:
                     t = time.perf_counter()
                     model, history = train(model, tokenizer, examples, cfg, method, on_step=log_step,
                                            progress=self.progress)
-                    if run.protect_learned:  # what the chunk's data reads now, at every position
-                        method.protect_reads(background_stats(model, examples, tokenizer.pad_token_id, len(examples),
+                    if cfg.protect_learned:  # what the chunk's data reads now, at every position
+                        method.keep_reads(background_stats(model, examples, tokenizer.pad_token_id, len(examples),
                                                               cfg.batch_size, count_positions="all", progress=False))
                     train_time += time.perf_counter() - t
                     steps += len(history)

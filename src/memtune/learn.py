@@ -1,5 +1,6 @@
-"""The `learn` and `background` stages: thin entry points over the library that write one
-run folder each, atomically (a failed or interrupted run leaves nothing behind)."""
+"""The `learn` and `background` stages: thin entry points over the library (`memtune.recipe`,
+`memtune.stats`) that write one run folder each, atomically (a failed or interrupted run
+leaves nothing behind)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa, first_batches
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, check_output_free, write_json
-from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, train
+from memtune.recipe import RecipeConfig
+from memtune.train import JsonlWriter, LearnConfig, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +41,27 @@ def detect_kind(source: str) -> str:
     return "documents" if source.split(":")[0] in DOCUMENT_SOURCES else "qa"
 
 
-def load_examples(source: str, tokenizer, kind: str = "auto", max_length: int = 256,
-                  limit: int | None = None) -> tuple[str, list[Example]]:
+def load_items(source: str, kind: str = "auto", limit: int | None = None) -> tuple[str, list]:
+    """('qa', [QA]) or ('documents', [Document]) of a data source (`kind` auto: detected)."""
     from memtune.data import load_documents, load_qa
 
     if kind not in DATA_KINDS:
         raise MemtuneError(f"format={kind!r} is invalid: expected one of {', '.join(DATA_KINDS)}")
     kind = detect_kind(source) if kind == "auto" else kind
-    if kind == "qa":
-        items = load_qa(source, limit=limit)
-        examples = encode_qa(tokenizer, [(q.question, q.answer) for q in items], max_length)
-    else:
-        docs = load_documents(source, limit=limit)
-        examples = encode_documents(tokenizer, [d.text for d in docs], max_length)
-    if not examples:
+    items = load_qa(source, limit=limit) if kind == "qa" else load_documents(source, limit=limit)
+    if not items:
         raise MemtuneError(f"data {source!r} holds no examples")
-    return kind, examples
+    return kind, items
+
+
+def load_examples(source: str, tokenizer, kind: str = "auto", max_length: int = 256,
+                  limit: int | None = None) -> tuple[str, list[Example]]:
+    """A data source as training examples: QA with the loss on the bare answer, documents on
+    every token."""
+    kind, items = load_items(source, kind, limit)
+    if kind == "qa":
+        return kind, encode_qa(tokenizer, [(q.question, q.answer) for q in items], max_length)
+    return kind, encode_documents(tokenizer, [d.text for d in items], max_length)
 
 
 def provenance() -> dict:
@@ -79,8 +86,7 @@ class LearnRun:
     data: str
     out: str
     config: LearnConfig
-    background: str | None = None
-    protect: str | None = None
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     format: str = "auto"
     limit: int | None = None
     overwrite: bool = False
@@ -88,46 +94,44 @@ class LearnRun:
 
 
 def run_learn(run: LearnRun) -> dict:
-    """Learn `run.data` into `run.model`; writes `run.out/` with config.json, metrics.jsonl,
-    model/ and results.json. Returns the results."""
+    """Learn `run.data` into `run.model` with the recipe (`memtune.recipe.learn`); writes
+    `run.out/` with config.json (options, and what each recipe step did), metrics.jsonl, model/
+    (for SMF a memory checkpoint with its ledger) and results.json. Returns the results."""
     from memtune.models import load_model
-    from memtune.stats import Background
+    from memtune.recipe import learn
 
     cfg = run.config
     check_output_free(run.out, run.overwrite)
-    background = Background.load(run.background) if run.background else None
-    protect = Background.load(run.protect) if run.protect else None
+    kind, items = load_items(run.data, run.format, run.limit)
     model, tokenizer = load_model(run.model)
-    kind, examples = load_examples(run.data, tokenizer, run.format, cfg.max_length, run.limit)
-    method = make_method(cfg, background, protect)
     with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
-        resolved = {"model": run.model, "data": run.data, "format": kind, "background": run.background,
-                    "protect": run.protect, "limit": run.limit, "learn": cfg.to_dict()}
-        write_json(tmp / "config.json", resolved)
         writer = JsonlWriter(tmp / "metrics.jsonl")
-        start = time.perf_counter()
         try:
-            model, history = train(model, tokenizer, examples, cfg, method, on_step=writer, progress=run.progress)
+            result = learn(model, tokenizer, items, cfg, run.recipe, source=run.data, on_step=writer,
+                           progress=run.progress)
         finally:
             writer.close()
-        train_time = time.perf_counter() - start
-        method.save(model, tokenizer, tmp / "model")
+        history, steps = result.history, result.recipe
+        write_json(tmp / "config.json", {"model": run.model, "data": run.data, "format": kind, "limit": run.limit,
+                                         "learn": cfg.to_dict(), "recipe": run.recipe.to_dict(), "steps": steps})
+        result.method.save(result.model, tokenizer, tmp / "model")
         results = {
-            "method": cfg.method, "examples": len(examples), "steps": len(history),
+            "method": cfg.method, "items": len(items), "examples": result.examples, "steps": len(history),
+            "learned": steps.get("learned"),
             "final_loss": history[-1]["loss"] if history else None,
             "first_loss": history[0]["loss"] if history else None,
-            "train_time_s": round(train_time, 2), "trainable_parameters": method.trainable,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "setup_time_s": steps["setup_s"], "train_time_s": steps["train_s"],
+            "trainable_parameters": result.method.trainable, "peak_rss_mb": round(peak_rss_mb(), 1),
             "mean_step_time_s": round(sum(h["step_time_s"] for h in history) / max(len(history), 1), 4),
             **({"touched_rows": history[-1]["touched_rows"]} if history and "touched_rows" in history[-1] else {}),
             **provenance(),
         }
         write_json(tmp / "results.json", results)
-    log.info("learned %d examples in %d steps (%.0f s), loss %.3f -> %.3f; run saved to %s",
-             len(examples), len(history), train_time, results["first_loss"], results["final_loss"], run.out)
+    right = steps.get("learned") or {}
+    log.info("learned %d items in %d steps (setup %.0f s, training %.0f s)%s; run saved to %s", len(items),
+             len(history), steps["setup_s"], steps["train_s"],
+             f", {right['right']}/{right['items']} answered right" if right else "", run.out)
     return results
-
-
 
 
 def run_background(model_name: str, source: str, out: str, n_batches: int = 200, batch_size: int = 8,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtune.config import MemoryConfig
+from memtune.ledger import Ledger
 from memtune.product_keys import product_key_topk
 
 # Elements of the buffer that gathered value rows are recomputed into in backward when no
@@ -284,6 +285,7 @@ class MemoryBank(nn.Module):
         self.layers = nn.ModuleDict(
             {str(i): ProductKeyMemory(config, hidden_size, dtype) for i in config.layers}
         )
+        self.ledger = Ledger()  # what learn calls changed and froze; saved with the checkpoint
 
     def table_for(self, layer: int) -> ValueTable:
         if self.config.share_values:

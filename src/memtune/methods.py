@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from memtune.errors import MemtuneError
+from memtune.ledger import union as _union
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
 from memtune.retrofit import get_memory_bank, require_memory_bank
 from memtune.sparse_optim import make_sparse_optimizer
@@ -23,7 +24,7 @@ from memtune.stats import Background, StepUsage
 log = logging.getLogger(__name__)
 
 METHODS = ("smf", "full", "lora")
-DEFAULT_LR = {("smf", "adam"): 1.0, ("smf", "sgd"): 1e7, ("full", "adamw"): 2e-5, ("lora", "adamw"): 5e-4}
+DEFAULT_LR = {("smf", "adam"): 2.0, ("smf", "sgd"): 1e7, ("full", "adamw"): 2e-5, ("lora", "adamw"): 5e-4}
 
 
 class Method(Protocol):
@@ -56,9 +57,10 @@ class SparseMemoryFinetuning:
 
     Rows may be frozen, never selected: those that `protect` statistics (slot reads of what the
     model must keep, e.g. its own answers to questions it knows) show read, those added by
-    `protect_reads` between `train` calls (e.g. what each chunk of a stream reads once learned),
-    and with `freeze_learned` those updated while learning earlier data (earlier `train` calls),
-    so later data cannot overwrite what they hold."""
+    `protect_reads` / `keep_reads` between `train` calls (e.g. what each chunk of a stream reads
+    once learned), and with `freeze_learned` those updated while learning earlier data (earlier
+    `train` calls, and earlier learn calls recorded in the memory's ledger), so later data
+    cannot overwrite what they hold."""
 
     name = "smf"
     model: nn.Module | None = None
@@ -81,6 +83,7 @@ class SparseMemoryFinetuning:
         self.protect = protect
         self.touched: dict[int, Tensor] = {}  # table -> rows ever updated (sorted)
         self.protected: dict[int, Tensor] = {}  # table -> rows the protect statistics read (sorted)
+        self.kept: dict[int, Tensor] = {}  # table -> rows frozen by `keep_reads` (for the ledger)
         self.frozen: dict[int, Tensor] = {}  # table -> rows that may not be updated (sorted)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -96,6 +99,12 @@ class SparseMemoryFinetuning:
                          for k in bank.layers}
         if self.protect is not None:
             self.protect_reads(self.protect)
+        ledger = bank.ledger  # what earlier learn calls on this memory changed
+        for t, rows in ledger.frozen.items():
+            if self.freeze_learned:
+                self.protected[t] = _union(self.protected.get(t), rows)
+        if not self.freeze_learned and ledger.optimizer:
+            self.optimizer.load_state_tensors([v.weight for v in bank.values], ledger.optimizer)
         self.trainable = _count_trainable(model)
         self.model = model
         return model
@@ -104,6 +113,24 @@ class SparseMemoryFinetuning:
         """Freeze, from the next `train` call on, every row that `stats` show read."""
         for k, t in self.table_of.items():
             self.protected[t] = _union(self.protected.get(t), stats.df[k].nonzero().flatten())
+
+    def keep_reads(self, stats: Background) -> None:
+        """`protect_reads`, and record the rows in the checkpoint's ledger as frozen for later
+        learn calls: what learned data reads (e.g. a chunk of a stream, once learned) stays."""
+        self.protect_reads(stats)
+        for k, t in self.table_of.items():
+            self.kept[t] = _union(self.kept.get(t), stats.df[k].nonzero().flatten())
+
+    def record_call(self, entry: dict) -> dict:
+        """Add this call to the memory's ledger (`memtune.ledger`): the rows it updated, and as
+        frozen for later calls those rows and the `keep_reads` rows. The sparse optimizer state
+        is kept only when learned rows were not frozen (`freeze_learned=False`): only then can
+        a later call move them again. Returns the journal entry."""
+        frozen = {t: _union(self.touched.get(t), self.kept.get(t)) for t in {*self.touched, *self.kept}}
+        state = {} if self.freeze_learned else self.optimizer.state_tensors([v.weight for v in self.bank.values])
+        entry = {**entry, "rows_kept": sum(int(r.numel()) for r in self.kept.values()),
+                 "rows_protected": sum(int(r.numel()) for r in self.protected.values())}
+        return self.bank.ledger.record(entry, self.touched, frozen, state)
 
     def begin(self) -> None:
         learned = self.touched if self.freeze_learned else {}
@@ -151,10 +178,6 @@ class SparseMemoryFinetuning:
         save_memory(model, path, overwrite=True)
 
 
-def _union(a: Tensor | None, b: Tensor | None) -> Tensor:
-    """Sorted union of two row-id tensors, either of which may be missing."""
-    parts = [x for x in (a, b) if x is not None]
-    return torch.unique(torch.cat(parts)) if len(parts) > 1 else parts[0]
 
 
 class _DenseMethod:

@@ -45,6 +45,12 @@ class SparseSGD:
     def state_dict(self) -> dict:
         return {}
 
+    def state_tensors(self, tables: list[nn.Parameter]) -> dict[str, Tensor]:
+        return {}  # stateless
+
+    def load_state_tensors(self, tables: list[nn.Parameter], tensors: dict[str, Tensor]) -> None:
+        pass
+
 
 @dataclass
 class _RowState:
@@ -107,6 +113,24 @@ class SparseAdam:
 
     def rows_with_state(self) -> int:
         return sum(st.rows.numel() for st in self.state.values())
+
+    def state_tensors(self, tables: list[nn.Parameter]) -> dict[str, Tensor]:
+        """The per-row state as named tensors, `table{t}.{rows,exp_avg,exp_avg_sq,steps}` (for a
+        checkpoint's ledger), tables numbered as in `tables`."""
+        out = {}
+        for t, table in enumerate(tables):
+            st = self.state.get(id(table))
+            if st is not None:
+                for name in ("rows", "exp_avg", "exp_avg_sq", "steps"):
+                    out[f"table{t}.{name}"] = getattr(st, name).cpu()
+        return out
+
+    def load_state_tensors(self, tables: list[nn.Parameter], tensors: dict[str, Tensor]) -> None:
+        """Inverse of `state_tensors`: continue from saved per-row state."""
+        for t, table in enumerate(tables):
+            if f"table{t}.rows" in tensors:
+                self.state[id(table)] = _RowState(*(tensors[f"table{t}.{name}"].to(table.device)
+                                                    for name in ("rows", "exp_avg", "exp_avg_sq", "steps")))
 
 
 def make_sparse_optimizer(name: str, lr: float) -> SparseSGD | SparseAdam:

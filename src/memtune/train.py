@@ -33,27 +33,34 @@ class LearnConfig:
     method: Literal["smf", "full", "lora"] = field(default="smf", metadata={"help": "smf, or a baseline: full, lora"})
     ranker: str = field(default="tfidf", metadata={"help": "SMF slot ranker: " + ", ".join(sorted(RANKERS))})
     top_t: int = field(
-        default=2000,
-        metadata={"help": "SMF: value rows updated per layer and step (on SmolLM2-135M, 500 learned 20 facts "
-                  "too slowly; 2000 learned them in 120 steps — see BENCHMARKS.md)"},
+        default=1000,
+        metadata={"help": "SMF: value rows updated per layer and step (the headline's; see BENCHMARKS.md)"},
     )
     optimizer: str = field(default="adam", metadata={"help": "SMF: adam (per-row state) or sgd"})
     lr: float | None = field(
         default=None,
-        metadata={"help": "learning rate; default by method: smf adam 1.0, smf sgd 1e7 (zero-initialised values "
+        metadata={"help": "learning rate; default by method: smf adam 2.0, smf sgd 1e7 (zero-initialised values "
                   "get gradients of ~1e-6 per element: measured on SmolLM2-135M), full 2e-5, lora 5e-4"},
     )
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
+    batch_size: int = field(default=10, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    epochs: int = field(default=10, metadata={"help": "passes over the data"})
+    epochs: int = field(default=30, metadata={"help": "passes over the data (with --until-learned: at most)"})
+    until_learned: bool = field(
+        default=True,
+        metadata={"help": "facts: before each pass, ask the model every question (greedy, as the probes do) and "
+                  "train only those it still answers wrong; stop when none is left"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     max_length: int = field(default=256, metadata={"help": "tokens per example (longer documents are split)"})
     count_positions: Literal["loss", "all"] = field(
         default="loss", metadata={"help": "SMF: slot reads that count: at positions predicting loss tokens, or all tokens"}
     )
     freeze_learned: bool = field(
-        default=False, metadata={"help": "SMF: never update again the rows updated for earlier data (the earlier "
-                                 "chunks of a stream), so that later data cannot overwrite it"})
+        default=True, metadata={"help": "SMF: never update again the rows updated for earlier data (earlier learn "
+                                "calls on this memory, the earlier chunks of a stream), so later data cannot "
+                                "overwrite it"})
+    protect_learned: bool = field(
+        default=True, metadata={"help": "SMF: once data is learned, freeze every slot its text reads (all positions) "
+                                "for later data"})
     schedule: Literal["constant", "linear"] = field(
         default="constant",
         metadata={"help": "learning rate: constant, or linear decay to 0 over each pass over new data (each chunk "
@@ -87,6 +94,8 @@ class LearnConfig:
         if self.lr is None:
             key = (self.method, self.optimizer if self.method == "smf" else "adamw")
             self.lr = DEFAULT_LR[key]
+        if self.method != "smf":  # SMF's freezing has nothing to act on in a dense method
+            self.freeze_learned = self.protect_learned = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,17 +154,21 @@ def train(
     method,
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
+    learned: Callable[[nn.Module], list[bool]] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Run the method over `examples` for `config.epochs` (or `max_steps`); returns the
     (possibly wrapped) model and the per-step metrics. Called again with the returned model,
-    training continues (optimizer state kept), as for the next chunk of a stream."""
+    training continues (optimizer state kept), as for the next chunk of a stream.
+
+    With `config.until_learned` and a `learned` check (model -> one bool per example, e.g.
+    `AnswerCheck`), each pass trains only the examples the check finds not yet learned, and
+    training stops when there are none; `epochs` is then a cap."""
     if not examples:
         raise MemtuneError("no training examples: the data is empty")
     torch.manual_seed(config.seed)
     if method.model is None or method.model is not model:
         model = method.prepare(model)
     method.begin()
-    model.train()
     bank = getattr(method, "bank", None)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
@@ -164,13 +177,22 @@ def train(
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
+    check = learned if config.until_learned else None
     history: list[dict] = []
     bar = tqdm(total=total, desc=f"learn ({method.name})", disable=not progress)
-    step = 0
+    step = epoch = 0
+    active = list(range(len(examples)))
     start = time.perf_counter()
     try:
-        while step < total:
-            order = torch.randperm(len(examples), generator=generator).tolist()
+        while step < total and epoch < config.epochs:
+            if check is not None:  # only what the model does not answer right yet
+                active = [i for i, done in enumerate(check(model)) if not done]
+                bar.set_postfix(left=len(active), refresh=False)
+                if not active:
+                    break
+            model.train()
+            epoch += 1
+            order = [active[i] for i in torch.randperm(len(active), generator=generator).tolist()]
             for s in range(0, len(order), per_step):
                 if step >= total:
                     break
@@ -194,13 +216,18 @@ def train(
                 info = method.step(usage)
                 step += 1
                 real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-                record = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_sum / max(n_tokens, 1),
+                record = {"step": step, "epoch": epoch, "examples": len(chunk), "loss": loss_sum / max(n_tokens, 1),
                           "loss_tokens": n_tokens, "lr": lr, **cost_fields(t0, start, real_tokens), **info}
                 history.append(record)
                 if on_step is not None:
                     on_step(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", left=len(active))
+        if check is not None and step < total and epoch == config.epochs:  # did the last pass finish it?
+            active = [i for i, done in enumerate(check(model)) if not done]
+        if check is not None:
+            log.info("trained %d passes, %d steps: %d of %d examples answered right (until learned, cap %d passes)",
+                     epoch, step, len(examples) - len(active), len(examples), config.epochs)
     finally:
         bar.close()
         model.eval()

@@ -11,6 +11,7 @@ from memtune.commands import (
     add_threads_argument,
     dataclass_kwargs,
 )
+from memtune.recipe import RecipeConfig
 from memtune.train import LearnConfig
 
 DATA_HELP = ("a .jsonl file of {question, answer} or {text}, a .txt file, a Hugging Face dataset name, "
@@ -30,16 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_threads_argument(p)
     p.set_defaults(func=cmd_background)
 
-    p = sub.add_parser("learn", help="learn new facts or documents (SMF, or the baselines full / lora)")
+    p = sub.add_parser("learn", help="learn new facts or documents (SMF with the recipe, or the baselines full / lora)")
     p.add_argument("--model", required=True,
-                   help="smf: a memory checkpoint; full/lora: a base model (alias, folder or HF id)")
+                   help="a base model (alias, folder or HF id: smf retrofits it) or, for smf, a memory checkpoint or "
+                   "run folder to continue")
     add_data_arguments(p, DATA_HELP)
-    p.add_argument("--background", default=None, help="background statistics folder (tfidf and kl rankers)")
-    p.add_argument("--protect", default=None,
-                   help="smf: statistics folder (from `memtune background`) of what to keep, e.g. the model's own "
-                   "answers to questions it knows: the slots it read are never updated")
     add_output_arguments(p, "run folder to create")
     add_dataclass_arguments(p, LearnConfig)
+    add_dataclass_arguments(p, RecipeConfig)
     add_threads_argument(p)
     p.set_defaults(func=cmd_learn)
 
@@ -57,6 +56,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from memtune.learn import LearnRun, run_learn
 
     config = LearnConfig(**dataclass_kwargs(LearnConfig, args))
-    run_learn(LearnRun(model=args.model, data=args.data, out=args.out, config=config, background=args.background,
-                       protect=args.protect, format=args.format, limit=args.limit, overwrite=args.overwrite))
+    recipe = RecipeConfig(**dataclass_kwargs(RecipeConfig, args))
+    run_learn(LearnRun(model=args.model, data=args.data, out=args.out, config=config, recipe=recipe,
+                       format=args.format, limit=args.limit, overwrite=args.overwrite))
     return 0

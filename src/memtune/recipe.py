@@ -1,0 +1,389 @@
+"""The recipe: how `memtune learn` (and `memtune.learn`) teaches a model new facts by default,
+with no other input than the facts.
+
+Each step is what the headline experiment measured (BENCHMARKS.md) and each is a function here,
+so the CLI, the Python entry point and the experiment runner call the same code:
+
+1. **retrofit** a base model with the measured memory shape (`default_memory_config`: parallel,
+   1M slots at ~27/53/80 % depth, knn 4); a memory checkpoint continues as it is;
+2. **related questions** (`related_questions`): the model writes questions of the same form as
+   the user's (it continues a list of them), about the subjects *it* knows; with the user's
+   `--keep` questions, they stand for what the model must keep;
+3. **calibrate** the memory queries (fresh retrofit only) on the data and those questions;
+4. **statement targets** in the model's own words (`memtune.targets.own_statements`) with the
+   loss from where its words diverge;
+5. **background** statistics of the training examples and the related questions' own answers,
+   so the ranker avoids slots that every question of this form reads;
+6. **protect**: the slots the model reads answering the related (and `--keep`) questions in its
+   own words are never updated;
+7. **learn until learned** (`memtune.train`), then **keep what was learned**: every slot the
+   data's text reads is frozen for later calls, recorded in the checkpoint's ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from memtune.batches import Example, encode_documents, encode_qa, first_batches
+from memtune.config import CALIBRATIONS, MemoryConfig
+from memtune.data import QA, Document
+from memtune.errors import MemtuneError
+from memtune.targets import check_target, fact_examples, own_statements
+from memtune.train import LearnConfig, make_method, train
+
+log = logging.getLogger(__name__)
+
+AUTO, NONE = "auto", "none"
+# Where the recipe puts memory layers, as fractions of the model's depth: 8, 16, 24 of
+# SmolLM2-135M's 30 layers (the headline's); for 24-layer Qwen2.5-0.5B 6, 13, 19.
+DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
+_QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
+
+
+@dataclass
+class RecipeConfig:
+    """The automatic steps of `memtune learn` around the training loop; each can be turned off
+    or given explicitly. Every field is also a `memtune learn` option."""
+
+    n_keys: int = field(default=1024, metadata={
+        "help": "SMF on a base model: half-keys of the memory it is given (n_keys² slots, shared by 3 layers)"})
+    related: int = field(default=200, metadata={
+        "help": "SMF: questions of the data's form the model writes itself (about what it knows); their "
+                "own answers make the background and the protected slots. 0: none"})
+    background: str = field(default=AUTO, metadata={
+        "help": "SMF: slot statistics for the ranker: auto (the training data and the related questions' own "
+                "answers), none, or a folder from `memtune background`"})
+    protect: str = field(default=AUTO, metadata={
+        "help": "SMF: slots never updated: auto (those the related and --keep questions read in the model's own "
+                "answers), none, or a folder from `memtune background`"})
+    keep: str | None = field(default=None, metadata={
+        "help": "a file of questions (.txt, one per line, or JSONL/CSV with 'question') whose current answers "
+                "must be kept: their slots are protected"})
+    calibrate: str = field(default="standardize", metadata={
+        "help": "SMF, fresh retrofit: calibrate the memory queries on the data first: standardize, whiten, none"})
+    target: str = field(default="statement", metadata={
+        "help": "facts: train the answer as a statement in the model's own words (statement) or bare (answer)"})
+    loss: str = field(default="diverge", metadata={
+        "help": "facts: loss on the target from where the model's own words leave it (diverge), on the whole "
+                "target (target), or on the answer inside a statement (answer)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per answer (checks, own answers)"})
+
+    def __post_init__(self) -> None:
+        check_target(self.target, self.loss)
+        if self.calibrate not in (*CALIBRATIONS, NONE):
+            raise MemtuneError(f"calibrate={self.calibrate!r} is invalid: expected one of "
+                               f"{', '.join(CALIBRATIONS)}, {NONE}")
+        for name in ("background", "protect"):
+            value = getattr(self, name)
+            if value not in (AUTO, NONE) and not Path(value).is_dir():
+                raise MemtuneError(f"{name}={value!r} is invalid: expected auto, none or a statistics folder "
+                                   "(from `memtune background`)")
+        if self.keep is not None and not Path(self.keep).is_file():
+            raise MemtuneError(f"keep={self.keep!r} does not exist: expected a file of questions")
+        if not isinstance(self.n_keys, int) or self.n_keys < 2:
+            raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
+        for name in ("related", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (name == "max_new_tokens"):
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a {'positive' if name != 'related' else 'non-negative'} integer")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# The steps
+
+
+def default_memory_config(model: nn.Module, base_model: str | None, n_keys: int = 1024) -> MemoryConfig:
+    """The measured memory shape for `model`: parallel mode (exactly the base model until it
+    learns), n_keys² slots (1024²: 1M) shared by three layers at `DEPTH_FRACTIONS` of its depth,
+    4 heads, knn 4 (BENCHMARKS.md, third run), k_dim 256."""
+    from memtune.retrofit import decoder_layers
+
+    n = len(decoder_layers(model))
+    layers = sorted({min(n - 1, round(n * f)) for f in DEPTH_FRACTIONS})
+    return MemoryConfig(layers=layers, mode="parallel", n_keys=n_keys, heads=4, knn=min(4, n_keys), k_dim=256,
+                        base_model=base_model)
+
+
+def read_questions(path: str | Path) -> list[str]:
+    """Questions from a .txt file (one per line) or a JSONL/CSV/parquet file with 'question'."""
+    from memtune.data.files import field as required
+    from memtune.data.files import read_rows
+
+    path = Path(path)
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise MemtuneError(f"questions file {str(path)!r} does not exist")
+        questions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        questions = [str(required(row, "question", where, '"question"')) for where, row in read_rows(path)]
+    if not questions:
+        raise MemtuneError(f"questions file {str(path)!r} holds no questions")
+    return questions
+
+
+def _normal(question: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
+
+
+@torch.no_grad()
+def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int, seed: int = 0,
+                      shots: int = 4, batch_size: int = 16, max_new_tokens: int = 96,
+                      progress: bool = True) -> list[str]:
+    """Up to `n` distinct questions of the same form as `questions`, written by the model: it
+    continues a list of `shots` of them (plain text, no chat template; sampled, temperature 0.8),
+    and the lines that are questions are kept. A small model writes about the subjects it knows
+    ("What is the capital of France?"), which makes them a sample of what it must keep.
+    Questions equal to one of `questions` (ignoring case and punctuation) are left out."""
+    if n <= 0 or not questions:
+        return []
+    device = next(model.parameters()).device
+    rng = random.Random(seed)
+    own = {_normal(q) for q in questions}
+    found: dict[str, str] = {}
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model.eval()
+    rounds = 0
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="related questions", disable=not progress)
+        while len(found) < n and rounds < max(4, 4 * n // batch_size):
+            rounds += 1
+            prompts = ["Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(questions, min(shots, len(questions))))
+                       + "-" for _ in range(batch_size)]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
+                                 top_p=0.95, pad_token_id=tokenizer.pad_token_id)
+            for text in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
+                for line in ("-" + text).splitlines():
+                    m = _QUESTION.match(line)
+                    if not m:
+                        continue
+                    q = m.group(1).strip()
+                    key = _normal(q)
+                    if 3 <= len(key.split()) <= 30 and key not in own and key not in found and len(found) < n:
+                        found[key] = q
+                        bar.update(1)
+        bar.close()
+    finally:
+        tokenizer.padding_side = side
+        torch.random.set_rng_state(generator_state)
+    if len(found) < n:
+        log.warning("the model wrote %d distinct related questions of the %d asked for", len(found), n)
+    return list(found.values())
+
+
+def own_answer_examples(model: nn.Module, tokenizer, questions: list[str], max_new_tokens: int = 24,
+                        progress: bool = True) -> tuple[list[str], list[Example]]:
+    """The model's greedy answers to `questions` and the examples question -> own answer (loss,
+    and so counted positions, on every answer token)."""
+    from memtune.probes.qa import answer_questions
+
+    answers = answer_questions(model, tokenizer, questions, max_new_tokens=max_new_tokens, progress=progress)
+    kept = [(q, a) for q, a in zip(questions, answers) if a]
+    return answers, encode_qa(tokenizer, kept) if kept else []
+
+
+def slot_stats(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 10,
+               count_positions: str = "loss", progress: bool = True):
+    """Slot statistics (`memtune.stats.Background`) of every batch of `examples`."""
+    from memtune.stats import compute_background
+
+    n, batches = first_batches(examples, tokenizer.pad_token_id, len(examples), batch_size, count_positions)
+    return compute_background(model, batches, n_batches=n, progress=progress)
+
+
+def example_questions(items: list[QA], augment: int = 0) -> list[QA]:
+    """One QA per example of `fact_examples(items, augment=...)`, in the same order: what the
+    until-learned check asks."""
+    return [QA(text, q.answer, q.aliases, id=q.id) for q in items for text in [q.question, *q.paraphrases[:augment]]]
+
+
+class AnswerCheck:
+    """Which items the model answers right: greedy answers scored as the QA probe scores them
+    (`memtune.probes.qa.is_correct`). Called with a model, returns one bool per item."""
+
+    def __init__(self, tokenizer, items: list[QA], max_new_tokens: int = 24, batch_size: int = 32):
+        self.tokenizer, self.items = tokenizer, items
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def __call__(self, model: nn.Module) -> list[bool]:
+        from memtune.probes.qa import answer_questions, is_correct
+
+        answers = answer_questions(model, self.tokenizer, [q.question for q in self.items],
+                                   max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
+        return [is_correct(a, q.answers) for a, q in zip(answers, self.items)]
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+
+
+@dataclass
+class LearnResult:
+    """What `learn` returns: the model (wrapped by PEFT for LoRA), the method that trained it
+    (its `save` writes the checkpoint), the per-step metrics and what each recipe step did."""
+
+    model: nn.Module
+    method: object
+    history: list[dict]
+    recipe: dict
+    examples: int
+    learned: list[bool] | None = None  # per item, at the end (facts)
+
+
+def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: LearnConfig | None = None,
+          recipe: RecipeConfig | None = None, source: str = "python", on_step=None,
+          progress: bool = True) -> LearnResult:
+    """Teach `model` the facts (`QA`) or documents in `data` with the recipe (module doc).
+
+    `model` is a base model (SMF retrofits it with `default_memory_config`) or a model with a
+    memory (SMF continues it: earlier learn calls' rows stay frozen, `config.freeze_learned`).
+    Full finetuning and LoRA (`config.method`) share the targets and the until-learned check;
+    the slot steps are SMF's. Raises MemtuneError for data or options that do not fit."""
+    from memtune.retrofit import get_memory_bank, retrofit
+
+    config = config or LearnConfig()
+    recipe = recipe or RecipeConfig()
+    if not data:
+        raise MemtuneError("no data to learn: the data is empty")
+    facts = isinstance(data[0], QA)
+    smf = config.method == "smf"
+    if not smf:
+        if get_memory_bank(model) is not None:
+            raise MemtuneError(f"--method {config.method} trains a base model: pass a model without memory layers")
+        given = [n for n in ("background", "protect") if getattr(recipe, n) not in (AUTO, NONE)]
+        given += ["keep"] if recipe.keep is not None else []
+        if given:
+            raise MemtuneError(f"{given[0]} is for SMF: method {config.method!r} updates every parameter it trains")
+    report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+
+    fresh = False
+    given: dict[str, object] = {}  # statistics folders the user named, checked before any work
+    if smf:
+        from memtune.stats import Background
+
+        bank = get_memory_bank(model)
+        if bank is None:
+            named = [n for n in ("background", "protect") if getattr(recipe, n) not in (AUTO, NONE)]
+            if named:
+                raise MemtuneError(f"{named[0]}={getattr(recipe, named[0])!r} holds statistics of a memory, but the "
+                                   "model has none: pass the memory checkpoint they were computed on as --model")
+            memory = default_memory_config(model, getattr(model.config, "name_or_path", None), recipe.n_keys)
+            retrofit(model, memory)
+            fresh = True
+            report["retrofit"] = {k: v for k, v in memory.to_dict().items() if v is not None}
+        else:
+            report["memory"] = {"continued": True, "earlier_calls": len(bank.ledger.calls),
+                                "frozen_rows": sum(int(r.numel()) for r in bank.ledger.frozen.values())}
+            for name in ("background", "protect"):
+                folder = getattr(recipe, name)
+                if folder not in (AUTO, NONE):
+                    given[name] = Background.load(folder)
+                    given[name].check(bank, folder)
+
+    # -- what the model must keep: questions of the data's form it writes itself, and --keep
+    keep_questions = read_questions(recipe.keep) if recipe.keep else []
+    related: list[str] = []
+    needs_related = smf and facts and recipe.related > 0 and AUTO in (recipe.background, recipe.protect)
+    if needs_related:
+        related = related_questions(model, tokenizer, [q.question for q in data], recipe.related, seed=config.seed,
+                                    progress=progress)
+        report["related_questions"] = {"asked": recipe.related, "written": len(related), "examples": related[:5]}
+    own_user = {_normal(q.question) for q in data} if facts else set()
+    guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
+    guard_examples: list[Example] = []
+    if guarded:
+        _, guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
+
+    # -- training targets (the base model's own words: before anything is learned in this call)
+    if facts:
+        items = list(data)
+        if recipe.target == "statement" and any(not q.statement for q in items):
+            from memtune.probes.qa import answer_questions
+
+            own = answer_questions(model, tokenizer, [q.question for q in items], recipe.max_new_tokens,
+                                   progress=progress)
+            items = own_statements(model, tokenizer, items, own)
+            stated = sum(bool(q.statement) for q in items)
+            report["targets"] = {"target": "statement", "loss": recipe.loss, "own_statements": stated,
+                                 "bare_answers": len(items) - stated,
+                                 "examples": [q.statement or q.answer for q in items[:3]]}
+        else:
+            report["targets"] = {"target": recipe.target, "loss": recipe.loss}
+
+    # -- calibrate a fresh memory on the data's form (changes which slots are read: first)
+    if smf and fresh and recipe.calibrate != NONE:
+        from memtune.calibrate import calibrate_queries
+
+        plain = (fact_examples(items, tokenizer, "statement", "target", max_length=config.max_length)
+                 if facts else encode_documents(tokenizer, [d.text for d in data], config.max_length))
+        cal = [*plain, *guard_examples]
+        n, batches = first_batches(cal, tokenizer.pad_token_id, len(cal), config.batch_size)
+        positions = calibrate_queries(model, batches, recipe.calibrate, n_batches=n, progress=progress)
+        report["calibrate"] = {"mode": recipe.calibrate, "examples": len(cal), "positions": positions}
+
+    if facts:
+        examples = fact_examples(items, tokenizer, recipe.target, recipe.loss, max_length=config.max_length,
+                                 model=model if recipe.loss == "diverge" else None)
+        check = AnswerCheck(tokenizer, example_questions(items), recipe.max_new_tokens)
+    else:
+        examples = encode_documents(tokenizer, [d.text for d in data], config.max_length)
+        check = None
+
+    background, protect = given.get("background"), given.get("protect")
+    if smf:
+        if recipe.background == AUTO and config.ranker in _needs_background():
+            order = [*examples, *guard_examples]
+            random.Random(config.seed).shuffle(order)
+            background = slot_stats(model, tokenizer, order, config.batch_size, progress=progress)
+            report["background"] = {"source": "auto: training examples + related questions' own answers",
+                                    "examples": len(order), "batches": background.n_batches}
+        elif background is not None:
+            report["background"] = {"source": recipe.background, "batches": background.n_batches}
+        if recipe.protect == AUTO and guard_examples:
+            protect = slot_stats(model, tokenizer, guard_examples, config.batch_size, progress=progress)
+            report["protect"] = {"source": "auto: own answers to related and --keep questions",
+                                 "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
+                                 "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
+        elif protect is not None:
+            report["protect"] = {"source": recipe.protect}
+    report["setup_s"] = round(time.perf_counter() - start, 1)
+
+    method = make_method(config, background, protect)
+    t = time.perf_counter()
+    model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
+                           learned=check)
+    report["train_s"] = round(time.perf_counter() - t, 1)
+    learned = check(model) if check is not None else None
+    if learned is not None:
+        report["learned"] = {"right": sum(learned), "items": len(learned)}
+    if smf:
+        if config.protect_learned:  # what the data reads now, at every position, stays
+            method.keep_reads(slot_stats(model, tokenizer, examples, config.batch_size, "all", progress=False))
+        report["call"] = method.record_call({
+            "data": source, "items": len(data), "kind": report["kind"], "steps": len(history),
+            "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "seconds": round(time.perf_counter() - start, 1)})
+    return LearnResult(model, method, history, report, len(examples), learned)
+
+
+def _needs_background() -> tuple[str, ...]:
+    from memtune.rankers import NEEDS_BACKGROUND
+
+    return tuple(NEEDS_BACKGROUND)
