@@ -136,6 +136,17 @@ def _normal(question: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", question.lower()).split())
 
 
+def listed_questions(text: str) -> list[str]:
+    """The items of a list ("- ...", "* ...", "1. ...") in `text` that are questions of 3 to 30
+    words, in order."""
+    out = []
+    for line in text.splitlines():
+        m = _QUESTION.match(line)
+        if m and 3 <= len(_normal(m.group(1)).split()) <= 30:
+            out.append(m.group(1).strip())
+    return out
+
+
 @torch.no_grad()
 def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int, seed: int = 0,
                       shots: int = 4, batch_size: int = 16, max_new_tokens: int = 96,
@@ -168,13 +179,9 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
                                  top_p=0.95, pad_token_id=tokenizer.pad_token_id)
             for text in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
-                for line in ("-" + text).splitlines():
-                    m = _QUESTION.match(line)
-                    if not m:
-                        continue
-                    q = m.group(1).strip()
+                for q in listed_questions("-" + text):
                     key = _normal(q)
-                    if 3 <= len(key.split()) <= 30 and key not in own and key not in found and len(found) < n:
+                    if key not in own and key not in found and len(found) < n:
                         found[key] = q
                         bar.update(1)
         bar.close()

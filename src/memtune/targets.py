@@ -122,6 +122,8 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
         raise ValueError(f"{len(own_answers)} own answers for {len(items)} items")
     device = next(model.parameters()).device
     todo = [i for i, q in enumerate(items) if not q.statement]
+    if not todo:
+        return list(items)
     prompts = encode_prompt(tokenizer, [items[i].question for i in todo])
     candidates: list[tuple[int, str, list[int], int]] = []  # (item, prefix, ids, answer start)
     for i, prompt in zip(todo, prompts):

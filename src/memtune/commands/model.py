@@ -123,6 +123,8 @@ def describe(model) -> dict:
             "n_slots": c.n_slots,
             "value_tables": len(bank.values),
             "slots_read_per_token": c.heads * c.knn,
+            "learn_calls": bank.ledger.calls,
+            "frozen_rows": sum(int(r.numel()) for r in bank.ledger.frozen.values()),
         }
     return info
 
@@ -147,4 +149,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"memory         layers {m['layers']} ({m['mode']} mode), {m['n_slots']:,} slots "
               f"({m['n_keys']}²) in {m['value_tables']} value table(s) of dim {m['v_dim'] or m['hidden_size']}, "
               f"{m['heads']} heads × knn {m['knn']} = {m['slots_read_per_token']} slots read per token, k_dim {m['k_dim']}")
+        calls = m["learn_calls"]
+        print(f"learned        {len(calls)} learn call(s); {m['frozen_rows']:,} rows frozen for later calls")
+        for c in calls:
+            right = c.get("learned") or {}
+            score = f", {right['right']}/{right['items']} right after" if right else ""
+            print(f"  {c['call']:>3}. {c.get('time', '?')}  {c.get('data')}: {c.get('items')} {c.get('kind', 'items')} "
+                  f"items, {c.get('steps')} steps{score}; {c['rows_updated']:,} rows updated, "
+                  f"{c.get('rows_kept', 0):,} kept")
     return 0

@@ -1,0 +1,212 @@
+"""The recipe `memtune learn` runs by default: its steps, until-learned training, and learning
+in several calls (the checkpoint's ledger)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memtune.batches import Example, collate
+from memtune.cli import main
+from memtune.data import QA
+from memtune.errors import MemtuneError
+from memtune.recipe import (
+    AnswerCheck,
+    RecipeConfig,
+    default_memory_config,
+    learn,
+    listed_questions,
+    read_questions,
+)
+from memtune.targets import first_sentence, own_statements
+from memtune.train import LearnConfig, make_method, train
+from tiny import tiny_memory_config, tiny_model, tiny_tokenizer
+
+FACTS = [QA("Who founded Zorbia?", "Quenta"), QA("What is the capital of Ostland?", "Varn")]
+
+
+def write_facts(path, facts=FACTS):
+    path.write_text("".join(json.dumps({"question": q.question, "answer": q.answer}) + "\n" for q in facts))
+    return str(path)
+
+
+def test_listed_questions_keeps_list_items_that_are_questions():
+    text = ("- What is the capital of France?\n- The answer is Paris.\n* Who wrote it?\n"
+            "2. Which river flows through Rome?\nWhat is not listed?\n- Why?")
+    assert listed_questions(text) == ["What is the capital of France?", "Who wrote it?",
+                                      "Which river flows through Rome?"]
+
+
+def test_first_sentence():
+    assert first_sentence("The capital of Chad is N'Djamena. It lies on a river.") == "The capital of Chad is N'Djamena"
+    assert first_sentence("Dushanbe\nmore") == "Dushanbe"
+    assert first_sentence("It is 3.5 km long") == "It is 3.5 km long"
+
+
+def test_own_statements_pick_the_prefix_where_the_answer_is_likeliest(tokenizer):
+    """Against a brute-force reference: each candidate scored alone."""
+    from memtune.prompts import encode_prompt
+
+    model = tiny_model(init_range=0.5)
+    item = QA("Who founded Zorbia?", "Quenta")
+    own = "Zorbia was founded by Ost in 1900."
+    [stated] = own_statements(model, tokenizer, [item], [own], batch_size=3)
+    prompt = encode_prompt(tokenizer, [item.question])[0]
+    words = first_sentence(own).split()
+    scores = {}
+    for j in range(len(words) + 1):
+        prefix = " ".join(words[:j])
+        head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        ids = tokenizer(f"{prefix} Quenta" if prefix else "Quenta", add_special_tokens=False)["input_ids"]
+        start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+        scores[prefix] = sum(float(logp[len(prompt) + t - 1, ids[t]]) for t in range(start, len(ids)))
+    best = max(scores, key=scores.get)
+    assert stated.statement == (f"{best} Quenta." if best else None)
+    assert stated.question == item.question and stated.answer == "Quenta"
+    kept = own_statements(model, tokenizer, [QA("q?", "a", statement="Given.")], ["x"])
+    assert kept[0].statement == "Given."
+
+
+def test_default_memory_config_is_the_measured_shape():
+    cfg = default_memory_config(tiny_model(layers=30), "m")
+    assert cfg.layers == [8, 16, 24] and cfg.knn == 4 and cfg.mode == "parallel" and cfg.n_slots == 1024**2
+
+
+def test_read_questions(tmp_path):
+    (tmp_path / "q.txt").write_text("Who?\n\nWhat is it?\n")
+    assert read_questions(tmp_path / "q.txt") == ["Who?", "What is it?"]
+    write_facts(tmp_path / "q.jsonl")
+    assert read_questions(tmp_path / "q.jsonl") == [q.question for q in FACTS]
+    with pytest.raises(MemtuneError, match="question"):
+        (tmp_path / "bad.jsonl").write_text('{"text": "no question"}\n')
+        read_questions(tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("kwargs, message", [({"calibrate": "zca"}, "calibrate='zca'"),
+                                             ({"background": "nowhere"}, "background='nowhere'"),
+                                             ({"related": -1}, "related=-1"), ({"target": "x"}, "target='x'"),
+                                             ({"keep": "missing.txt"}, "keep='missing.txt'")])
+def test_recipe_config_errors(kwargs, message):
+    with pytest.raises(MemtuneError, match=message):
+        RecipeConfig(**kwargs)
+
+
+def _examples(n: int) -> list[Example]:
+    return [Example([7, 8 + i, 9, 10], [-100, -100, 9, 10]) for i in range(n)]
+
+
+def test_until_learned_trains_only_what_is_not_answered_yet(tokenizer):
+    """The check runs before each pass; examples it finds learned leave the training set, and
+    training stops when none is left."""
+    from memtune.retrofit import retrofit
+
+    model = retrofit(tiny_model(), tiny_memory_config())
+    examples = _examples(4)
+    calls = []
+
+    def check(m):  # pass 1: nothing learned; pass 2: examples 0, 1; then all
+        calls.append(len(calls))
+        return [[False] * 4, [True, True, False, False], [True] * 4][min(len(calls) - 1, 2)]
+
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=10, batch_size=2)
+    _, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False, learned=check)
+    assert len(calls) == 3 and [h["examples"] for h in history] == [2, 2, 2]
+    assert [h["epoch"] for h in history] == [1, 1, 2]
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=3, batch_size=2, until_learned=False)
+    _, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False, learned=check)
+    assert len(history) == 6 and len(calls) == 3  # no check without until_learned
+
+
+def test_answer_check_scores_greedy_answers_like_the_probe(tokenizer):
+    from memtune.probes.qa import answer_questions, is_correct
+
+    model = tiny_model()
+    answers = answer_questions(model, tokenizer, [q.question for q in FACTS], max_new_tokens=4, progress=False)
+    items = [QA(q.question, answers[0] or "x") for q in FACTS[:1]] + [FACTS[1]]
+    assert AnswerCheck(tokenizer, items, max_new_tokens=4)(model) == [
+        is_correct(a, q.answers) for a, q in zip(answers, items)]
+
+
+def test_python_entry_point_retrofits_and_learns(tokenizer):
+    model = tiny_model()
+    result = learn(model, tokenizer, FACTS, LearnConfig(epochs=2, batch_size=2),
+                   RecipeConfig(n_keys=16, related=3), progress=False)
+    r = result.recipe
+    assert r["retrofit"]["knn"] == 4 and r["calibrate"]["mode"] == "standardize"
+    assert r["targets"]["own_statements"] + r["targets"]["bare_answers"] == 2
+    assert r["call"]["call"] == 1 and r["call"]["items"] == 2
+    assert len(result.learned) == 2 and result.model.memory.ledger.calls == [r["call"]]
+
+
+def test_dense_methods_refuse_slot_options(tokenizer, tmp_path):
+    (tmp_path / "k.txt").write_text("Who?\n")
+    with pytest.raises(MemtuneError, match="keep is for SMF"):
+        learn(tiny_model(), tokenizer, FACTS, LearnConfig(method="full"), RecipeConfig(keep=str(tmp_path / "k.txt")))
+
+
+def _table(run) -> torch.Tensor:
+    from memtune.checkpoint import load_memory_model
+
+    model, _ = load_memory_model(run / "model")
+    return model.memory.values[0].weight.detach().clone()
+
+
+def test_learning_in_two_calls_keeps_the_first_calls_rows(tiny_model_dir, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--n-keys", "16", "--related", "3", "--epochs", "3", "--batch-size", "1", "--until-learned"]
+    assert main(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl", FACTS[:1]),
+                 "--out", str(first), *common]) == 0
+    more = [QA("Which river flows through Varn?", "Ost"), QA("Who rules Ostland?", "Zor")]
+    assert main(["learn", "--model", str(first / "model"), "--data", write_facts(tmp_path / "b.jsonl", more),
+                 "--out", str(second), *common]) == 0
+    journal = json.loads((second / "model" / "ledger.json").read_text())["calls"]
+    assert [c["call"] for c in journal] == [1, 2] and [c["items"] for c in journal] == [1, 2]
+    assert journal[0]["data"].endswith("a.jsonl") and journal[1]["data"].endswith("b.jsonl")
+    rows = load_file(second / "model" / "ledger.safetensors")
+    learned1 = rows["call1.table0.rows"]
+    assert learned1.numel() > 0 and "call2.table0.rows" in rows
+    assert torch.isin(learned1, rows["frozen.table0"]).all()
+    before, after = _table(first), _table(second)
+    assert torch.equal(before[learned1], after[learned1])  # bitwise: the first call's rows are kept
+    assert not torch.isin(rows["call2.table0.rows"], learned1).any()
+    assert "adam.table0.rows" not in rows  # frozen rows need no optimizer state
+    config = json.loads((second / "config.json").read_text())["steps"]
+    assert config["memory"]["continued"] and config["memory"]["earlier_calls"] == 1
+    capsys.readouterr()
+    assert main(["inspect", "--model", str(second / "model")]) == 0
+    shown = capsys.readouterr().out
+    assert "2 learn call(s)" in shown and "a.jsonl" in shown and "b.jsonl" in shown
+
+
+def test_continuing_without_freezing_restores_the_optimizer_state(tiny_model_dir, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--n-keys", "16", "--related", "0", "--epochs", "2", "--no-until-learned", "--no-freeze-learned",
+              "--no-protect-learned"]
+    data = write_facts(tmp_path / "a.jsonl")
+    assert main(["learn", "--model", str(tiny_model_dir), "--data", data, "--out", str(first), *common]) == 0
+    saved = load_file(first / "model" / "ledger.safetensors")
+    assert saved["adam.table0.rows"].numel() > 0 and "frozen.table0" in saved
+    assert main(["learn", "--model", str(first / "model"), "--data", data, "--out", str(second), *common]) == 0
+    rows = load_file(second / "model" / "ledger.safetensors")
+    assert torch.isin(rows["call1.table0.rows"], rows["call2.table0.rows"]).any()  # the same rows moved again
+    steps = rows["adam.table0.steps"][torch.isin(rows["adam.table0.rows"], saved["adam.table0.rows"])]
+    assert (steps >= saved["adam.table0.steps"]).all() and steps.sum() > saved["adam.table0.steps"].sum()
+
+
+def test_keep_questions_are_protected(tiny_model_dir, tmp_path):
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of France?\nWhich region is Chile in?\n")
+    run = tmp_path / "run"
+    assert main(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl"), "--n-keys", "16",
+                 "--related", "0", "--keep", str(keep), "--epochs", "1", "--out", str(run)]) == 0
+    protect = json.loads((run / "config.json").read_text())["steps"]["protect"]
+    assert protect["keep"] == 2 and protect["related"] == 0 and sum(protect["slots"].values()) > 0
+
+
+def test_collate_of_examples_used_here():
+    assert collate(_examples(2), 0)["input_ids"].shape == (2, 4)
