@@ -1,16 +1,16 @@
 """Print a before/after table from `memtune eval --predictions` results (used by demo.sh).
 
-    python examples/compare.py BEFORE_MODEL AFTER_MODEL
+    python examples/compare.py BEFORE AFTER
 
-reads MODEL.learned.json and MODEL.known.json beside each model folder.
+reads BEFORE.learned.json, BEFORE.known.json, AFTER.learned.json and AFTER.known.json.
 """
 
 import json
 import sys
 
 
-def load(model: str, name: str) -> dict:
-    with open(f"{model}.{name}.json") as f:
+def load(prefix: str, name: str) -> dict:
+    with open(f"{prefix}.{name}.json") as f:
         return json.load(f)["probes"]["qa"]
 
 

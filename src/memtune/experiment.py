@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from memtune import targets
-from memtune.batches import IGNORE, Example, encode_documents, encode_qa, first_batches
+from memtune.batches import IGNORE, Example, encode_documents, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
@@ -661,12 +661,10 @@ class Experiment:
         """Slot reads of `model` answering `questions` in its own (greedy) words, every answer
         token counted."""
         from memtune.learn import background_stats
-        from memtune.probes.qa import answer_questions
+        from memtune.recipe import own_answer_examples
 
         c = self.config
-        answers = answer_questions(model, tokenizer, questions, max_new_tokens=c.probes.max_new_tokens,
-                                   batch_size=c.probes.batch_size, progress=self.progress)
-        examples = encode_qa(tokenizer, list(zip(questions, answers)))
+        _, examples = own_answer_examples(model, tokenizer, questions, c.probes.max_new_tokens, self.progress)
         return background_stats(model, examples, tokenizer.pad_token_id, len(examples),
                                 c.background.batch_size if c.background else 8, progress=self.progress)
 

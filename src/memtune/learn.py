@@ -7,15 +7,15 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa, first_batches
+from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, check_output_free, write_json
 from memtune.recipe import RecipeConfig
+from memtune.stats import background_stats  # noqa: F401 (re-exported: experiments, benchmarks)
 from memtune.train import JsonlWriter, LearnConfig, peak_rss_mb
 
 log = logging.getLogger(__name__)
@@ -158,12 +158,3 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
     read = {k: int((v > 0).sum()) for k, v in stats.df.items()}
     log.info("background: %d batches of %s; slots read per layer %s; saved to %s", n, source, read, out)
     return {"n_batches": n, "slots_read": read}
-
-
-def background_stats(model, examples: list[Example], pad_id: int, n_batches: int, batch_size: int,
-                     count_positions: str = "loss", progress: bool = True):
-    """Slot statistics of the first `n_batches` batches of `examples` (fewer when they run out)."""
-    from memtune.stats import compute_background
-
-    n, batches = first_batches(examples, pad_id, n_batches, batch_size, count_positions)
-    return compute_background(model, batches, n_batches=n, progress=progress)

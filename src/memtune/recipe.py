@@ -36,6 +36,7 @@ from memtune.batches import Example, encode_documents, encode_qa, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Document
 from memtune.errors import MemtuneError
+from memtune.stats import background_stats
 from memtune.targets import check_target, fact_examples, own_statements
 from memtune.train import LearnConfig, make_method, train
 
@@ -204,15 +205,6 @@ def own_answer_examples(model: nn.Module, tokenizer, questions: list[str], max_n
     return answers, encode_qa(tokenizer, kept) if kept else []
 
 
-def slot_stats(model: nn.Module, tokenizer, examples: list[Example], batch_size: int = 10,
-               count_positions: str = "loss", progress: bool = True):
-    """Slot statistics (`memtune.stats.Background`) of every batch of `examples`."""
-    from memtune.stats import compute_background
-
-    n, batches = first_batches(examples, tokenizer.pad_token_id, len(examples), batch_size, count_positions)
-    return compute_background(model, batches, n_batches=n, progress=progress)
-
-
 def example_questions(items: list[QA], augment: int = 0) -> list[QA]:
     """One QA per example of `fact_examples(items, augment=...)`, in the same order: what the
     until-learned check asks."""
@@ -276,6 +268,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         given += ["keep"] if recipe.keep is not None else []
         if given:
             raise MemtuneError(f"{given[0]} is for SMF: method {config.method!r} updates every parameter it trains")
+    pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -358,13 +351,14 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         if recipe.background == AUTO and config.ranker in _needs_background():
             order = [*examples, *guard_examples]
             random.Random(config.seed).shuffle(order)
-            background = slot_stats(model, tokenizer, order, config.batch_size, progress=progress)
+            background = background_stats(model, order, pad, len(order), config.batch_size, progress=progress)
             report["background"] = {"source": "auto: training examples + related questions' own answers",
                                     "examples": len(order), "batches": background.n_batches}
         elif background is not None:
             report["background"] = {"source": recipe.background, "batches": background.n_batches}
         if recipe.protect == AUTO and guard_examples:
-            protect = slot_stats(model, tokenizer, guard_examples, config.batch_size, progress=progress)
+            protect = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
+                                       progress=progress)
             report["protect"] = {"source": "auto: own answers to related and --keep questions",
                                  "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
@@ -382,7 +376,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         report["learned"] = {"right": sum(learned), "items": len(learned)}
     if smf:
         if config.protect_learned:  # what the data reads now, at every position, stays
-            method.keep_reads(slot_stats(model, tokenizer, examples, config.batch_size, "all", progress=False))
+            method.keep_reads(background_stats(model, examples, pad, len(examples), config.batch_size, "all",
+                                               progress=False))
         report["call"] = method.record_call({
             "data": source, "items": len(data), "kind": report["kind"], "steps": len(history),
             "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -148,3 +148,13 @@ def compute_background(
     if seen == 0:
         raise MemtuneError("background text is empty: expected at least one batch of text")
     return Background(df=df, counts=counts, n_batches=seen, meta={"memory_fingerprint": memory_fingerprint(bank)})
+
+
+def background_stats(model: nn.Module, examples: list, pad_id: int, n_batches: int, batch_size: int,
+                     count_positions: str = "loss", progress: bool = True) -> Background:
+    """Slot statistics of the first `n_batches` batches of `examples` (`memtune.batches.Example`;
+    fewer batches when they run out), counted at `count_positions` ("loss" or "all")."""
+    from memtune.batches import first_batches
+
+    n, batches = first_batches(examples, pad_id, n_batches, batch_size, count_positions)
+    return compute_background(model, batches, n_batches=n, progress=progress)
