@@ -150,7 +150,7 @@ def listed_questions(text: str) -> list[str]:
 
 @torch.no_grad()
 def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int, seed: int = 0,
-                      shots: int = 4, batch_size: int = 16, max_new_tokens: int = 96,
+                      shots: int = 4, batch_size: int = 32, max_new_tokens: int = 64,
                       progress: bool = True) -> list[str]:
     """Up to `n` distinct questions of the same form as `questions`, written by the model: it
     continues a list of `shots` of them (plain text, no chat template; sampled, temperature 0.8),
@@ -348,17 +348,21 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
 
     background, protect = given.get("background"), given.get("protect")
     if smf:
+        # the related questions' own answers: protected, and (with the training examples) the background
+        guard_stats = None
+        if guard_examples and AUTO in (recipe.background, recipe.protect):
+            guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
+                                           progress=progress)
         if recipe.background == AUTO and config.ranker in _needs_background():
-            order = [*examples, *guard_examples]
-            random.Random(config.seed).shuffle(order)
-            background = background_stats(model, order, pad, len(order), config.batch_size, progress=progress)
+            background = background_stats(model, examples, pad, len(examples), config.batch_size, progress=progress)
+            if guard_stats is not None:
+                background = background + guard_stats
             report["background"] = {"source": "auto: training examples + related questions' own answers",
-                                    "examples": len(order), "batches": background.n_batches}
+                                    "examples": len(examples) + len(guard_examples), "batches": background.n_batches}
         elif background is not None:
             report["background"] = {"source": recipe.background, "batches": background.n_batches}
-        if recipe.protect == AUTO and guard_examples:
-            protect = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
-                                       progress=progress)
+        if recipe.protect == AUTO and guard_stats is not None:
+            protect = guard_stats
             report["protect"] = {"source": "auto: own answers to related and --keep questions",
                                  "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}

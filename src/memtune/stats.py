@@ -84,6 +84,14 @@ class Background:
     n_batches: int
     meta: dict = field(default_factory=dict)
 
+    def __add__(self, other: Background) -> Background:
+        """The statistics of both sets of batches (of the same memory)."""
+        if self.meta.get("memory_fingerprint") != other.meta.get("memory_fingerprint"):
+            raise MemtuneError("cannot add slot statistics of two different memory models")
+        return Background({k: v + other.df[k] for k, v in self.df.items()},
+                          {k: v + other.counts[k] for k, v in self.counts.items()},
+                          self.n_batches + other.n_batches, dict(self.meta))
+
     def df_total(self, layer: str) -> float:
         """Σ_j (df(j) + 1), the KL ranker's normaliser."""
         df = self.df[layer]
