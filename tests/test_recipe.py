@@ -20,6 +20,7 @@ from memtune.recipe import (
     learn,
     listed_questions,
     read_questions,
+    subject_words,
 )
 from memtune.targets import first_sentence, own_statements
 from memtune.train import LearnConfig, make_method, train
@@ -38,6 +39,14 @@ def test_listed_questions_keeps_list_items_that_are_questions():
             "2. Which river flows through Rome?\nWhat is not listed?\n- Why?")
     assert listed_questions(text) == ["What is the capital of France?", "Who wrote it?",
                                       "Which river flows through Rome?"]
+
+
+def test_subject_words_are_what_questions_are_about():
+    questions = [f"What is the capital of {s}?" for s in ("Vermont", "Ohio", "Texas", "Utah", "Iowa")]
+    questions += ["What is the atomic number of francium?", "In which year did Ohio become a US state?"]
+    # 7 questions: a word in fewer than 2 of them is a subject ("ohio", in 2, counts as form here)
+    assert subject_words(questions) == {"vermont", "texas", "utah", "iowa", "atomic", "number",
+                                        "francium", "year", "become", "state"}
 
 
 def test_first_sentence():

@@ -148,6 +148,22 @@ def listed_questions(text: str) -> list[str]:
     return out
 
 
+_STOPWORDS = frozenset("the and for was were with from into which what who whom whose when where why how does did "
+                       "this that these those are has have had its his her their there than then also about".split())
+
+
+def subject_words(questions: list[str]) -> set[str]:
+    """Words that say what a question is about rather than its form: in fewer than
+    max(2, n/5) of the n `questions` (case-folded; 3+ letters; not a stopword). "Vermont" and
+    "francium" are subjects of a set of state and element questions; "capital" is form."""
+    df: dict[str, int] = {}
+    for q in questions:
+        for w in set(_normal(q).split()):
+            df[w] = df.get(w, 0) + 1
+    limit = max(2, len(questions) / 5)
+    return {w for w, n in df.items() if n < limit and len(w) >= 3 and w not in _STOPWORDS}
+
+
 @torch.no_grad()
 def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int, seed: int = 0,
                       shots: int = 4, batch_size: int = 32, max_new_tokens: int = 64,
@@ -156,12 +172,14 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
     continues a list of `shots` of them (plain text, no chat template; sampled, temperature 0.8),
     and the lines that are questions are kept. A small model writes about the subjects it knows
     ("What is the capital of France?"), which makes them a sample of what it must keep.
-    Questions equal to one of `questions` (ignoring case and punctuation) are left out."""
+    Questions about a subject of `questions` (`subject_words`) are left out: the model's own
+    answer to those is what is being corrected, not something to keep."""
     if n <= 0 or not questions:
         return []
     device = next(model.parameters()).device
     rng = random.Random(seed)
     own = {_normal(q) for q in questions}
+    subjects = subject_words(questions)
     found: dict[str, str] = {}
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generator_state = torch.random.get_rng_state()
@@ -182,7 +200,7 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
             for text in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
                 for q in listed_questions("-" + text):
                     key = _normal(q)
-                    if key not in own and key not in found and len(found) < n:
+                    if key not in own and key not in found and len(found) < n and not subjects & set(key.split()):
                         found[key] = q
                         bar.update(1)
         bar.close()
@@ -304,7 +322,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if needs_related:
         related = related_questions(model, tokenizer, [q.question for q in data], recipe.related, seed=config.seed,
                                     progress=progress)
-        report["related_questions"] = {"asked": recipe.related, "written": len(related), "examples": related[:5]}
+        report["related_questions"] = {"asked": recipe.related, "written": len(related), "questions": related}
     own_user = {_normal(q.question) for q in data} if facts else set()
     guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
     guard_examples: list[Example] = []
