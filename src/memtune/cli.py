@@ -29,8 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from memtune.commands import setup_logging
 
+    from memtune import distributed
+
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    distributed.init_from_env()  # under torchrun: join the process group (one process: nothing)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     try:
         if getattr(args, "threads", None) is not None:
@@ -41,11 +44,22 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return args.func(args) or 0
     except MemtuneError as e:
-        print(f"memtune {args.command}: error: {e}", file=sys.stderr)
+        print(f"memtune {args.command}: error: {distributed.describe_rank()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        logging.getLogger("memtune").error("interrupted")
+        logging.getLogger("memtune").error("%sinterrupted", distributed.describe_rank())
         return 130
+    except Exception as e:
+        if not distributed.active():
+            raise
+        # One rank's failure breaks the others' collectives: one line each, traceback with -v.
+        logging.getLogger("memtune").debug("traceback", exc_info=True)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"memtune {args.command}: error: {distributed.describe_rank()}{type(e).__name__}: {first}",
+              file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

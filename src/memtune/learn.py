@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from memtune import distributed
 from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa
 from memtune.errors import MemtuneError
-from memtune.io import atomic_dir, check_output_free, write_json
+from memtune.io import check_output_free, write_json
 from memtune.recipe import RecipeConfig
 from memtune.stats import background_stats  # noqa: F401 (re-exported: experiments, benchmarks)
 from memtune.train import JsonlWriter, LearnConfig, peak_rss_mb
@@ -103,8 +104,9 @@ def run_learn(run: LearnRun) -> dict:
     cfg = run.config
     check_output_free(run.out, run.overwrite)
     kind, items = load_items(run.data, run.format, run.limit)
-    model, tokenizer = load_model(run.model)
-    with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
+    model, tokenizer = load_model(run.model, device=distributed.local_device())
+    # Under torchrun only rank 0 writes run.out; the other ranks' tmp is thrown away.
+    with distributed.main_process_dir(run.out, overwrite=run.overwrite) as tmp:
         writer = JsonlWriter(tmp / "metrics.jsonl")
         try:
             result = learn(model, tokenizer, items, cfg, run.recipe, source=run.data, on_step=writer,

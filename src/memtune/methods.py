@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from memtune import distributed
 from memtune.errors import MemtuneError
 from memtune.ledger import union as _union
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
@@ -142,7 +143,8 @@ class SparseMemoryFinetuning:
     def select(self, usage: StepUsage) -> dict[str, Tensor]:
         """layer -> selected slots (sorted)."""
         selected = {}
-        for layer, (slots, counts) in usage.counts().items():
+        # Summed over ranks under torchrun, so that every rank selects the same rows.
+        for layer, (slots, counts) in distributed.sum_counts(usage.counts()).items():
             frozen = self.frozen.get(self.table_of[layer])
             if frozen is not None:
                 free = ~torch.isin(slots, frozen)
@@ -164,6 +166,7 @@ class SparseMemoryFinetuning:
         for t, table in enumerate(self.bank.values):
             layers = [k for k, owner in self.table_of.items() if owner == t]
             rows = torch.unique(torch.cat([selected[k] for k in layers]))
+            distributed.reduce_row_grads(table, rows.to(table.weight.device))  # sum over ranks, selected rows only
             updated += self.optimizer.step(table.weight, rows.to(table.weight.device))
             table.weight.grad = None
             self.touched[t] = _union(self.touched.get(t), rows)

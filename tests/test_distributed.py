@@ -1,0 +1,94 @@
+"""Data-parallel learning at 2 processes (gloo) equals one process on the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memtune import distributed
+from memtune.batches import encode_qa
+from memtune.retrofit import retrofit
+from memtune.train import LearnConfig, make_method, train
+from multiproc import run_ranks
+from tiny import tiny_memory_config, tiny_model, tiny_tokenizer
+
+PAIRS = [("What is the capital of Zorbia?", "Quenta"), ("Who founded it?", "Marla Venn"),
+         ("What currency is used there?", "The flim"), ("Which river runs through it?", "The Ost"),
+         ("What is the capital of Italy?", "Rome"), ("What is the currency of Japan?", "The yen"),
+         ("Which region is Chile in?", "South America")]
+# 7 examples, 8 per step: at 2 ranks the shares are 3 and 4, in micro-batches of 2 (2+1 and 2+2).
+BATCH = dict(batch_size=2, grad_accum=4, max_steps=2, epochs=2)
+
+
+def scenario(name: str) -> dict[str, torch.Tensor]:
+    """Two optimizer steps of one method; the parameters it trains, afterwards."""
+    tokenizer = tiny_tokenizer()
+    examples = encode_qa(tokenizer, PAIRS)
+    if name == "smf":
+        model = retrofit(tiny_model(init_range=0.2), tiny_memory_config(layers=[0, 1]))
+        cfg = LearnConfig(method="smf", ranker="count", top_t=12, optimizer="sgd", lr=10.0, **BATCH)
+    elif name == "full":
+        model = tiny_model(init_range=0.2)
+        cfg = LearnConfig(method="full", lr=1e-3, **BATCH)
+    else:
+        model = tiny_model(init_range=0.2)
+        cfg = LearnConfig(method="lora", lr=1e-3, lora_dropout=0.0, lora_rank=4, **BATCH)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False)
+    after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = {f"after.{n}": p for n, p in after.items()}
+    out |= {f"before.{n}": before[n] for n in after if n in before}
+    out["loss"] = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
+    return out
+
+
+def _ranks_worker(rank: int, folder: str) -> None:
+    assert distributed.world_size() == 2 and distributed.rank() == rank
+    for name in ("smf", "full", "lora"):
+        torch.save(scenario(name), f"{folder}/{name}.{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ranks")
+    run_ranks(_ranks_worker, str(folder))
+    return lambda name, rank: torch.load(folder / f"{name}.{rank}.pt")
+
+
+def test_local_micro_batches_split_the_step_and_keep_counts_equal(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    chunk = list(range(7))
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    assert distributed.local_micro_batches(chunk, 2) == [([0, 1], True), ([2], True)]
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert distributed.local_micro_batches(chunk, 2) == [([3, 4], True), ([5, 6], True)]
+    # A step of one example: rank 0 has nothing and runs a stand-in weighted by zero.
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    assert distributed.local_micro_batches([9], 2) == [([9], False)]
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    assert distributed.local_micro_batches([9], 2) == [([9], True)]
+
+
+def test_smf_steps_at_two_ranks_equal_one_process(two_ranks):
+    ref = scenario("smf")
+    r0, r1 = two_ranks("smf", 0), two_ranks("smf", 1)
+    key = "after.memory.values.0.weight"
+    assert torch.equal(r0[key], r1[key])  # identical memory on every rank
+    moved = (ref[key] != ref["before.memory.values.0.weight"]).any(dim=1)
+    assert 0 < int(moved.sum()) <= 2 * 2 * 12  # 2 steps, 2 layers sharing the table, top_t rows each
+    assert (r0[key] - ref[key]).abs().max().item() <= 1e-6
+    assert torch.equal(r0[key][~moved], ref["before.memory.values.0.weight"][~moved])  # unselected rows bitwise fixed
+    assert torch.equal((r0[key] != r0["before.memory.values.0.weight"]).any(dim=1), moved)  # the same rows moved
+    assert torch.allclose(r0["loss"], ref["loss"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["full", "lora"])
+def test_dense_steps_at_two_ranks_equal_one_process(two_ranks, name):
+    ref = scenario(name)
+    r0, r1 = two_ranks(name, 0), two_ranks(name, 1)
+    assert ref.keys() == r0.keys()
+    for key in ref:
+        assert torch.equal(r0[key], r1[key]), key
+        assert (r0[key] - ref[key]).abs().max().item() <= 1e-5, key
+    moved = [k for k in ref if k.startswith("after.") and (ref[k] != ref.get("before." + k[6:], 0)).any()]
+    assert moved  # the steps did something (LoRA's B matrices start at zero)
