@@ -92,3 +92,95 @@ def test_dense_steps_at_two_ranks_equal_one_process(two_ranks, name):
         assert (r0[key] - ref[key]).abs().max().item() <= 1e-5, key
     moved = [k for k in ref if k.startswith("after.") and (ref[k] != ref.get("before." + k[6:], 0)).any()]
     assert moved  # the steps did something (LoRA's B matrices start at zero)
+
+
+# --- the CLI under torchrun, and a rank that fails -------------------------------------------
+
+QA = [{"question": q, "answer": a} for q, a in PAIRS]
+RETROFIT = ["--layers", "0,1", "--n-keys", "16", "--heads", "2", "--knn", "4", "--k-dim", "8"]
+LEARN = ["--ranker", "count", "--optimizer", "sgd", "--lr", "10", "--top-t", "12", "--batch-size", "2",
+         "--grad-accum", "4", "--epochs", "2", "--threads", "1"]
+
+
+@pytest.fixture
+def memory_and_data(tiny_model_dir, tmp_path):
+    import json
+
+    from memtune.cli import main
+
+    assert main(["retrofit", "--model", str(tiny_model_dir), *RETROFIT, "--value-init", "normal",
+                 "--out", str(tmp_path / "mem")]) == 0
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in QA))
+    return tmp_path / "mem", data
+
+
+def test_torchrun_learn_equals_one_process(memory_and_data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from memtune.cli import main
+    from multiproc import free_port
+
+    memory, data = memory_and_data
+    args = ["learn", "--model", str(memory), "--data", str(data), *LEARN]
+    out = tmp_path / "runs"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()), "-m", "memtune", *args, "--out", str(out / "two")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main([*args, "--out", str(out / "one")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["one", "two"]  # rank 1 wrote nothing beside
+    for name in ("config.json", "metrics.jsonl", "results.json", "model"):
+        assert (out / "two" / name).exists()
+    one = [json.loads(x) for x in (out / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(x) for x in (out / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(one) == len(two) == 2  # one process wrote the metrics, once
+    assert [m["selected"] for m in one] == [m["selected"] for m in two]
+    assert [m["loss_tokens"] for m in one] == [m["loss_tokens"] for m in two]
+    a = load_file(out / "one" / "model" / "memory.safetensors")
+    b = load_file(out / "two" / "model" / "memory.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() <= 1e-6, key
+
+
+def _failing_worker(rank: int, memory: str, data: str, out: str, folder: str) -> None:
+    import contextlib
+    import io
+
+    from memtune.cli import main
+    from memtune.errors import MemtuneError
+    from memtune.methods import SparseMemoryFinetuning
+
+    if rank == 1:  # rank 1 fails in its second optimizer step
+        step = SparseMemoryFinetuning.step
+
+        def failing(self, usage):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 2:
+                raise MemtuneError("simulated failure")
+            return step(self, usage)
+
+        SparseMemoryFinetuning.step = failing
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["learn", "--model", memory, "--data", data, *LEARN, "--out", out])
+    with open(f"{folder}/rank{rank}.txt", "w") as f:
+        f.write(f"{rc}\n{err.getvalue()}")
+
+
+def test_a_failing_rank_stops_every_rank_and_writes_nothing(memory_and_data, tmp_path):
+    memory, data = memory_and_data
+    out = tmp_path / "runs" / "run"
+    out.parent.mkdir()
+    run_ranks(_failing_worker, str(memory), str(data), str(out), str(tmp_path))
+    rc1, err1 = (tmp_path / "rank1.txt").read_text().split("\n", 1)
+    rc0, err0 = (tmp_path / "rank0.txt").read_text().split("\n", 1)
+    assert rc1 == "2" and err1 == "memtune learn: error: rank 1/2: simulated failure\n"
+    lines0 = [x for x in err0.splitlines() if "error" in x]
+    assert rc0 != "0" and len(lines0) == 1 and lines0[0].startswith("memtune learn: error: rank 0/2: ")
+    assert list(out.parent.iterdir()) == []  # no run folder, no temporary left behind
