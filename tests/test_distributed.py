@@ -24,8 +24,8 @@ def scenario(name: str) -> dict[str, torch.Tensor]:
     """Two optimizer steps of one method; the parameters it trains, afterwards."""
     tokenizer = tiny_tokenizer()
     examples = encode_qa(tokenizer, PAIRS)
-    if name == "smf":
-        model = retrofit(tiny_model(init_range=0.2), tiny_memory_config(layers=[0, 1]))
+    if name.startswith("smf"):  # smf-sharded: the value table split by columns over the ranks
+        model = retrofit(tiny_model(init_range=0.2), tiny_memory_config(layers=[0, 1], shard_values=name != "smf"))
         cfg = LearnConfig(method="smf", ranker="count", top_t=12, optimizer="sgd", lr=10.0, **BATCH)
     elif name == "full":
         model = tiny_model(init_range=0.2)
@@ -36,6 +36,8 @@ def scenario(name: str) -> dict[str, torch.Tensor]:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False)
     after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    if name == "smf-sharded":  # the whole table, gathered from the ranks' columns
+        after = {"memory.values.0.weight": model.memory.state_dict()["values.0.weight"]}
     out = {f"after.{n}": p for n, p in after.items()}
     out |= {f"before.{n}": before[n] for n in after if n in before}
     out["loss"] = torch.tensor([h["loss"] for h in history], dtype=torch.float64)
