@@ -184,5 +184,6 @@ def test_a_failing_rank_stops_every_rank_and_writes_nothing(memory_and_data, tmp
     rc0, err0 = (tmp_path / "rank0.txt").read_text().split("\n", 1)
     assert rc1 == "2" and err1 == "memtune learn: error: rank 1/2: simulated failure\n"
     lines0 = [x for x in err0.splitlines() if "error" in x]
-    assert rc0 != "0" and len(lines0) == 1 and lines0[0].startswith("memtune learn: error: rank 0/2: ")
+    assert rc0 != "0" and len(lines0) == 1
+    assert lines0[0].startswith("memtune learn: error: rank 0/2: stopped because another rank failed")
     assert list(out.parent.iterdir()) == []  # no run folder, no temporary left behind

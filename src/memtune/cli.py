@@ -27,15 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memtune.commands import setup_logging
-
     from memtune import distributed
+    from memtune.commands import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     distributed.init_from_env()  # under torchrun: join the process group (one process: nothing)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     try:
+        distributed.check_command(args.command)
         if getattr(args, "threads", None) is not None:
             if args.threads <= 0:
                 raise MemtuneError(f"threads={args.threads} is invalid: expected a positive integer")
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # One rank's failure breaks the others' collectives: one line each, traceback with -v.
         logging.getLogger("memtune").debug("traceback", exc_info=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"memtune {args.command}: error: {distributed.describe_rank()}{type(e).__name__}: {first}",
+        print(f"memtune {args.command}: error: {distributed.describe_rank()}{distributed.describe_failure(e)}",
               file=sys.stderr)
         return 1
     finally:

@@ -96,6 +96,14 @@ def describe_rank() -> str:
     return f"rank {rank()}/{world_size()}: " if active() else ""
 
 
+def describe_failure(e: BaseException) -> str:
+    """One line for an exception on this rank; a collective broken by another rank's exit says so."""
+    lines = str(e).strip().splitlines()
+    first = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    peer_gone = isinstance(e, dist.DistError) or "closed by peer" in first or "Connection reset" in first
+    return f"stopped because another rank failed ({first})" if peer_gone else first
+
+
 # --- splitting a step's examples ------------------------------------------------------------
 
 
@@ -224,6 +232,23 @@ def sync_gradients(forward_model: nn.Module, last: bool) -> contextlib.AbstractC
     if last or not hasattr(forward_model, "no_sync"):
         return contextlib.nullcontext()
     return forward_model.no_sync()
+
+
+def holds_shards(model: nn.Module) -> bool:
+    """Whether `model` has a value table split over ranks (memtune.sharding): its reads and its
+    state_dict are collectives, so every rank must run them."""
+    return any(getattr(m, "shard", None) is not None for m in model.modules())
+
+
+# Subcommands that run under torchrun; the others refuse, rather than write the same outputs N times.
+COMMANDS = ("learn", "background")
+
+
+def check_command(command: str) -> None:
+    if active() and command not in COMMANDS:
+        from memtune.errors import MemtuneError
+
+        raise MemtuneError(f"`memtune {command}` runs in one process: under torchrun use one of {', '.join(COMMANDS)}")
 
 
 # --- outputs -------------------------------------------------------------------------------

@@ -116,7 +116,8 @@ def run_learn(run: LearnRun) -> dict:
         history, steps = result.history, result.recipe
         write_json(tmp / "config.json", {"model": run.model, "data": run.data, "format": kind, "limit": run.limit,
                                          "learn": cfg.to_dict(), "recipe": run.recipe.to_dict(), "steps": steps})
-        result.method.save(result.model, tokenizer, tmp / "model")
+        if distributed.is_main() or distributed.holds_shards(result.model):  # a sharded table is gathered by all ranks
+            result.method.save(result.model, tokenizer, tmp / "model")
         results = {
             "method": cfg.method, "items": len(items), "examples": result.examples, "steps": len(history),
             "learned": steps.get("learned"),
@@ -156,7 +157,8 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
         log.warning("%s gives %d batches of %d, fewer than the %d asked for", source, n, batch_size, n_batches)
     stats.meta |= {"source": source, "format": kind, "batch_size": batch_size, "max_length": max_length,
                    "count_positions": count_positions, "memory_model": model_name}
-    stats.save(out, overwrite=overwrite)
+    if distributed.is_main():  # under torchrun every rank reads every batch (sharded tables need all ranks)
+        stats.save(out, overwrite=overwrite)
     read = {k: int((v > 0).sum()) for k, v in stats.df.items()}
     log.info("background: %d batches of %s; slots read per layer %s; saved to %s", n, source, read, out)
     return {"n_batches": n, "slots_read": read}
