@@ -48,6 +48,11 @@ def _ranks_worker(rank: int, folder: str) -> None:
     assert distributed.world_size() == 2 and distributed.rank() == rank
     for name in ("smf", "full", "lora"):
         torch.save(scenario(name), f"{folder}/{name}.{rank}.pt")
+    torch.manual_seed(rank)  # two different memories: rank 0's wins
+    model = retrofit(tiny_model(), tiny_memory_config(value_init="normal"))
+    distributed.sync_memory(model)
+    torch.save({"memory": model.memory.state_dict(), "decided": distributed.from_main([rank])},
+               f"{folder}/synced.{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,14 @@ def two_ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ranks")
     run_ranks(_ranks_worker, str(folder))
     return lambda name, rank: torch.load(folder / f"{name}.{rank}.pt")
+
+
+def test_ranks_start_from_rank_0s_memory_and_decisions(two_ranks):
+    r0, r1 = two_ranks("synced", 0), two_ranks("synced", 1)
+    assert r0["decided"] == r1["decided"] == [0]
+    assert r0["memory"].keys() == r1["memory"].keys()
+    for key in r0["memory"]:
+        assert torch.equal(r0["memory"][key], r1["memory"][key]), key
 
 
 def test_local_micro_batches_split_the_step_and_keep_counts_equal(monkeypatch):

@@ -193,6 +193,35 @@ def reduce_row_grads(table: nn.Module, rows: Tensor) -> None:
                                           check_invariants=False)
 
 
+def from_main(obj: T) -> T:
+    """Rank 0's value of a small picklable object, on every rank: for decisions each rank makes
+    from its own computation (e.g. which examples a pass still trains), which must not split."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+_synced: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+@torch.no_grad()
+def sync_memory(model: nn.Module) -> None:
+    """Copy rank 0's memory parameters and buffers to every rank, once per model, so that ranks
+    that retrofitted or loaded without a common seed still read the same slots. Sharded tables
+    are left alone (each rank holds other columns)."""
+    if not active() or model in _synced:
+        return
+    bank = getattr(model, "memory", None)
+    if bank is not None:
+        for name, t in [*bank.named_parameters(), *bank.named_buffers()]:
+            owner = bank.get_submodule(name.rsplit(".", 1)[0]) if "." in name else bank
+            if getattr(owner, "shard", None) is None:
+                dist.broadcast(t.data, src=0)
+    _synced.add(model)
+
+
 # --- dense methods: DDP -----------------------------------------------------------------------
 
 
@@ -215,6 +244,7 @@ def data_parallel(model: nn.Module) -> nn.Module:
         return model
     dense = [n for n, p in model.named_parameters() if p.requires_grad and ".values." not in f".{n}"]
     if not dense:
+        sync_memory(model)  # DDP would broadcast rank 0's parameters; SMF does it here
         return model
     ddp = _wrapped.get(model)
     if ddp is None:

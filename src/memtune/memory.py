@@ -319,6 +319,13 @@ class MemoryBank(nn.Module):
         )
         self.ledger = Ledger()  # what learn calls changed and froze; saved with the checkpoint
 
+    def state_shapes(self) -> dict[str, torch.Size]:
+        """The shapes of `state_dict()`'s tensors, found without gathering sharded tables."""
+        shapes = {k: t.shape for k, t in [*self.named_parameters(), *self.named_buffers()]}
+        for i, table in enumerate(self.values):
+            shapes[f"values.{i}.weight"] = torch.Size((table.n_slots, table.v_dim))
+        return shapes
+
     def table_for(self, layer: int) -> ValueTable:
         if self.config.share_values:
             return self.values[0]
