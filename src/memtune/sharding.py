@@ -149,3 +149,31 @@ def normal_init_(shard_weight: Tensor, shard: ColumnShard) -> None:
     for s in range(0, shard_weight.shape[0], _INIT_ROWS):
         e = min(shard_weight.shape[0], s + _INIT_ROWS)
         shard_weight[s:e] = block[: e - s].normal_(0.0, shard.v_dim**-0.5)[:, start:end]
+
+
+# Per-row optimizer state whose columns follow the table's (memtune.sparse_optim.SparseAdam).
+_COLUMN_STATE = ("exp_avg", "exp_avg_sq")
+
+
+def whole_optimizer_state(state: dict[str, Tensor], tables) -> dict[str, Tensor]:
+    """`SparseAdam.state_tensors` of this rank, with the moments of sharded tables gathered to
+    whole rows, as one process would save them (a collective: every rank selected the same rows,
+    so every rank holds state for the same rows). tables: the ValueTables, numbered as in `state`."""
+    out = dict(state)
+    for t, table in enumerate(tables):
+        if table.shard is not None:
+            for name in _COLUMN_STATE:
+                if f"table{t}.{name}" in out:
+                    out[f"table{t}.{name}"] = gather_columns(out[f"table{t}.{name}"], table.shard)
+    return out
+
+
+def local_optimizer_state(state: dict[str, Tensor], tables) -> dict[str, Tensor]:
+    """Inverse of `whole_optimizer_state`: this rank's columns of saved whole-row moments."""
+    out = dict(state)
+    for t, table in enumerate(tables):
+        key = f"table{t}.exp_avg"
+        if table.shard is not None and key in out and out[key].shape[1] == table.v_dim:
+            for name in _COLUMN_STATE:
+                out[f"table{t}.{name}"] = take_columns(out[f"table{t}.{name}"], table.shard)
+    return out
