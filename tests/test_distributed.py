@@ -114,16 +114,19 @@ def test_dense_steps_at_two_ranks_equal_one_process(two_ranks, name):
 QA = [{"question": q, "answer": a} for q, a in PAIRS]
 RETROFIT = ["--layers", "0,1", "--n-keys", "16", "--heads", "2", "--knn", "4", "--k-dim", "8"]
 LEARN = ["--ranker", "count", "--optimizer", "sgd", "--lr", "10", "--top-t", "12", "--batch-size", "2",
-         "--grad-accum", "4", "--epochs", "2", "--threads", "1"]
+         "--grad-accum", "4", "--epochs", "2", "--related", "0", "--threads", "1"]
 
 
-@pytest.fixture
-def memory_and_data(tiny_model_dir, tmp_path):
+@pytest.fixture(params=[False, True], ids=["replicated", "sharded"])
+def memory_and_data(tiny_model_dir, tmp_path, request):
+    """A memory checkpoint (its value table sharded over the ranks of a torchrun run, or not)
+    and 7 facts."""
     import json
 
     from memtune.cli import main
 
-    assert main(["retrofit", "--model", str(tiny_model_dir), *RETROFIT, "--value-init", "normal",
+    shard = ["--shard-values"] if request.param else []
+    assert main(["retrofit", "--model", str(tiny_model_dir), *RETROFIT, "--value-init", "normal", *shard,
                  "--out", str(tmp_path / "mem")]) == 0
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in QA))
@@ -188,6 +191,7 @@ def _failing_worker(rank: int, memory: str, data: str, out: str, folder: str) ->
         f.write(f"{rc}\n{err.getvalue()}")
 
 
+@pytest.mark.parametrize("memory_and_data", [False], indirect=True, ids=["replicated"])
 def test_a_failing_rank_stops_every_rank_and_writes_nothing(memory_and_data, tmp_path):
     memory, data = memory_and_data
     out = tmp_path / "runs" / "run"

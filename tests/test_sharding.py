@@ -8,7 +8,7 @@ import torch
 from memtune import distributed
 from memtune.checkpoint import load_memory, save_memory
 from memtune.retrofit import retrofit
-from memtune.sharding import ColumnShard
+from memtune.sharding import ColumnShard, local_optimizer_state, whole_optimizer_state
 from multiproc import run_ranks
 from test_distributed import scenario
 from tiny import tiny_memory_config, tiny_model
@@ -56,6 +56,13 @@ def _ranks_worker(rank: int, folder: str) -> None:
     with torch.no_grad():
         out["loaded_logits"] = loaded(input_ids=inputs(rank)).logits
     out |= {f"smf.{k}": v for k, v in scenario("smf-sharded").items()}
+    # Sparse Adam state of the same 3 rows on every rank, this rank's columns: whole rows to save.
+    local = {"table0.rows": torch.tensor([2, 5, 9]), "table0.exp_avg": torch.full((3, HIDDEN // 2), rank + 1.0),
+             "table0.exp_avg_sq": torch.full((3, HIDDEN // 2), rank + 10.0), "table0.steps": torch.ones(3)}
+    whole = whole_optimizer_state(local, model.memory.values)
+    back = local_optimizer_state(whole, model.memory.values)
+    assert all(torch.equal(back[k], local[k]) for k in local)
+    out["adam_whole"] = whole
     torch.save(out, f"{folder}/rank{rank}.pt")
 
 
@@ -103,6 +110,16 @@ def test_save_from_two_ranks_load_in_one_and_back(ranks):
     for rank, res in enumerate(results):
         with torch.no_grad():
             assert torch.equal(back(input_ids=inputs(rank)).logits, res["loaded_logits"])
+
+
+def test_optimizer_state_is_saved_as_whole_rows(ranks):
+    _, results = ranks
+    for res in results:
+        whole = res["adam_whole"]
+        assert whole["table0.exp_avg"].shape == (3, HIDDEN)
+        assert torch.equal(whole["table0.exp_avg"][:, : HIDDEN // 2], torch.full((3, HIDDEN // 2), 1.0))
+        assert torch.equal(whole["table0.exp_avg_sq"][:, HIDDEN // 2 :], torch.full((3, HIDDEN // 2), 11.0))
+        assert torch.equal(whole["table0.rows"], torch.tensor([2, 5, 9]))
 
 
 def test_sharded_smf_step_equals_one_process(ranks):

@@ -83,7 +83,22 @@ def init_from_env() -> bool:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if not is_main():
         logging.getLogger().setLevel(logging.WARNING)
+        _no_progress_bars()
     return True
+
+
+def _no_progress_bars() -> None:
+    """Every tqdm bar of this process (the library's and its dependencies') is disabled: only
+    rank 0 shows progress. tqdm reads TQDM_DISABLE only when imported, hence the wrapper."""
+    from tqdm import std
+
+    init = std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    std.tqdm.__init__ = disabled
 
 
 def shutdown() -> None:

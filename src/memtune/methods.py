@@ -19,6 +19,7 @@ from memtune.errors import MemtuneError
 from memtune.ledger import union as _union
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
 from memtune.retrofit import get_memory_bank, require_memory_bank
+from memtune.sharding import local_optimizer_state, whole_optimizer_state
 from memtune.sparse_optim import make_sparse_optimizer
 from memtune.stats import Background, StepUsage
 
@@ -105,7 +106,8 @@ class SparseMemoryFinetuning:
             if self.freeze_learned:
                 self.protected[t] = _union(self.protected.get(t), rows)
         if not self.freeze_learned and ledger.optimizer:
-            self.optimizer.load_state_tensors([v.weight for v in bank.values], ledger.optimizer)
+            self.optimizer.load_state_tensors([v.weight for v in bank.values],
+                                              local_optimizer_state(ledger.optimizer, bank.values))  # sharded: our columns
         self.trainable = _count_trainable(model)
         self.model = model
         return model
@@ -128,7 +130,8 @@ class SparseMemoryFinetuning:
         is kept only when learned rows were not frozen (`freeze_learned=False`): only then can
         a later call move them again. Returns the journal entry."""
         frozen = {t: _union(self.touched.get(t), self.kept.get(t)) for t in {*self.touched, *self.kept}}
-        state = {} if self.freeze_learned else self.optimizer.state_tensors([v.weight for v in self.bank.values])
+        state = {} if self.freeze_learned else whole_optimizer_state(  # sharded tables: gathered, as one process's
+            self.optimizer.state_tensors([v.weight for v in self.bank.values]), self.bank.values)
         entry = {**entry, "rows_kept": sum(int(r.numel()) for r in self.kept.values()),
                  "rows_protected": sum(int(r.numel()) for r in self.protected.values())}
         return self.bank.ledger.record(entry, self.touched, frozen, state)

@@ -187,8 +187,8 @@ def train(
     start = time.perf_counter()
     try:
         while step < total and epoch < config.epochs:
-            if check is not None:  # only what the model does not answer right yet
-                active = [i for i, done in enumerate(check(model)) if not done]
+            if check is not None:  # only what the model does not answer right yet (rank 0's view)
+                active = distributed.from_main([i for i, done in enumerate(check(model)) if not done])
                 bar.set_postfix(left=len(active), refresh=False)
                 if not active:
                     break
@@ -232,7 +232,7 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", left=len(active))
         if check is not None and step < total and epoch == config.epochs:  # did the last pass finish it?
-            active = [i for i, done in enumerate(check(model)) if not done]
+            active = distributed.from_main([i for i, done in enumerate(check(model)) if not done])
         if check is not None:
             log.info("trained %d passes, %d steps: %d of %d examples answered right (until learned, cap %d passes)",
                      epoch, step, len(examples) - len(active), len(examples), config.epochs)
