@@ -85,7 +85,7 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     retrofit(model, config)
     state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
     bank = require_memory_bank(model)
-    shapes = {PREFIX + k: v.shape for k, v in bank.state_dict().items()}
+    shapes = {PREFIX + k: v for k, v in bank.state_shapes().items()}
     state = {k.removeprefix(PREFIX): v for k, v in _expand(state, shapes).items()}
     missing, unexpected = bank.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(".query_center")]  # older checkpoints: uncalibrated

@@ -27,12 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from memtune import distributed
     from memtune.commands import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    distributed.init_from_env()  # under torchrun: join the process group (one process: nothing)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
     try:
+        distributed.check_command(args.command)
         if getattr(args, "threads", None) is not None:
             if args.threads <= 0:
                 raise MemtuneError(f"threads={args.threads} is invalid: expected a positive integer")
@@ -41,11 +44,21 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(args.threads)
         return args.func(args) or 0
     except MemtuneError as e:
-        print(f"memtune {args.command}: error: {e}", file=sys.stderr)
+        print(f"memtune {args.command}: error: {distributed.describe_rank()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        logging.getLogger("memtune").error("interrupted")
+        logging.getLogger("memtune").error("%sinterrupted", distributed.describe_rank())
         return 130
+    except Exception as e:
+        if not distributed.active():
+            raise
+        # One rank's failure breaks the others' collectives: one line each, traceback with -v.
+        logging.getLogger("memtune").debug("traceback", exc_info=True)
+        print(f"memtune {args.command}: error: {distributed.describe_rank()}{distributed.describe_failure(e)}",
+              file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

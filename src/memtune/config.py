@@ -47,6 +47,11 @@ class MemoryConfig:
         metadata={"help": "dtype of the value table; auto: the model's. bfloat16 halves the largest tensor "
                   "(1M slots x 576: 2.3 GiB -> 1.15 GiB)"},
     )
+    shard_values: bool = field(
+        default=False,
+        metadata={"help": "memory parallel: under torchrun each rank holds 1/N of every value table's columns "
+                  "(reads become collectives); checkpoints are the same at any number of ranks"},
+    )
     query_norm: bool = field(default=True, metadata={"help": "RMS-normalise each head's query"})
     gate: bool = field(default=True, metadata={"help": "Memory+ gate: out = W_o(y * silu(W_g x))"})
     value_init: Literal["auto", "zeros", "normal"] = field(

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from memtune import distributed
 from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa
 from memtune.errors import MemtuneError
-from memtune.io import atomic_dir, check_output_free, write_json
+from memtune.io import check_output_free, write_json
 from memtune.recipe import RecipeConfig
 from memtune.stats import background_stats  # noqa: F401 (re-exported: experiments, benchmarks)
 from memtune.train import JsonlWriter, LearnConfig, peak_rss_mb
@@ -103,8 +104,9 @@ def run_learn(run: LearnRun) -> dict:
     cfg = run.config
     check_output_free(run.out, run.overwrite)
     kind, items = load_items(run.data, run.format, run.limit)
-    model, tokenizer = load_model(run.model)
-    with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
+    model, tokenizer = load_model(run.model, device=distributed.local_device())
+    # Under torchrun only rank 0 writes run.out; the other ranks' tmp is thrown away.
+    with distributed.main_process_dir(run.out, overwrite=run.overwrite) as tmp:
         writer = JsonlWriter(tmp / "metrics.jsonl")
         try:
             result = learn(model, tokenizer, items, cfg, run.recipe, source=run.data, on_step=writer,
@@ -114,7 +116,8 @@ def run_learn(run: LearnRun) -> dict:
         history, steps = result.history, result.recipe
         write_json(tmp / "config.json", {"model": run.model, "data": run.data, "format": kind, "limit": run.limit,
                                          "learn": cfg.to_dict(), "recipe": run.recipe.to_dict(), "steps": steps})
-        result.method.save(result.model, tokenizer, tmp / "model")
+        if distributed.is_main() or distributed.holds_shards(result.model):  # a sharded table is gathered by all ranks
+            result.method.save(result.model, tokenizer, tmp / "model")
         results = {
             "method": cfg.method, "items": len(items), "examples": result.examples, "steps": len(history),
             "learned": steps.get("learned"),
@@ -154,7 +157,8 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
         log.warning("%s gives %d batches of %d, fewer than the %d asked for", source, n, batch_size, n_batches)
     stats.meta |= {"source": source, "format": kind, "batch_size": batch_size, "max_length": max_length,
                    "count_positions": count_positions, "memory_model": model_name}
-    stats.save(out, overwrite=overwrite)
+    if distributed.is_main():  # under torchrun every rank reads every batch (sharded tables need all ranks)
+        stats.save(out, overwrite=overwrite)
     read = {k: int((v > 0).sum()) for k, v in stats.df.items()}
     log.info("background: %d batches of %s; slots read per layer %s; saved to %s", n, source, read, out)
     return {"n_batches": n, "slots_read": read}

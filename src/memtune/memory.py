@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from memtune.config import MemoryConfig
 from memtune.ledger import Ledger
 from memtune.product_keys import product_key_topk
+from memtune.sharding import ColumnShard, column_shard, gather_columns, normal_init_, read_sharded, take_columns
 
 # Elements of the buffer that gathered value rows are recomputed into in backward when no
 # sampled matmul is available: 4M elements bounds the temporary whatever the batch size.
@@ -97,22 +98,43 @@ def _mark_coalesced(param: Tensor) -> None:
 
 
 class ValueTable(nn.Module):
-    """n_slots value rows of size v_dim. Several memory layers may read one table."""
+    """n_slots value rows of size v_dim. Several memory layers may read one table.
 
-    def __init__(self, n_slots: int, v_dim: int, init: str = "zeros", dtype: torch.dtype | None = None):
+    With a `shard` (memtune.sharding, under torchrun) `weight` holds only this rank's columns,
+    (n_slots, ~v_dim/N), and reads are collectives. Its state_dict is still the whole table
+    (gathered: every rank must call it, as with FSDP's full state dict) and loading takes this
+    rank's columns, so checkpoints are the same whatever the number of ranks.
+    """
+
+    def __init__(self, n_slots: int, v_dim: int, init: str = "zeros", dtype: torch.dtype | None = None,
+                 shard: ColumnShard | None = None):
         super().__init__()
         device = torch.get_default_device()
         dtype = dtype or torch.get_default_dtype()
-        self.weight = nn.Parameter(empty_huge((n_slots, v_dim), dtype, device))
+        self.v_dim = v_dim
+        self.shard = shard
+        width = v_dim if shard is None else shard.width
+        self.weight = nn.Parameter(empty_huge((n_slots, width), dtype, device))
         self.weight.register_post_accumulate_grad_hook(_mark_coalesced)
+        if shard is not None:
+            self.register_state_dict_post_hook(_gather_shard)
+            self.register_load_state_dict_pre_hook(_take_shard)
         self.reset_parameters(init)
 
     def reset_parameters(self, init: str = "zeros") -> None:
         with torch.no_grad():
             if init == "zeros":
                 self.weight.zero_()
+            elif self.shard is not None:
+                normal_init_(self.weight, self.shard)
             else:
                 self.weight.normal_(0.0, self.weight.shape[1] ** -0.5)
+
+    def read(self, weights: Tensor, indices: Tensor) -> Tensor:
+        """Weighted sum of rows. weights, indices: (N, K) -> (N, v_dim)."""
+        if self.shard is None:
+            return read_values(weights, indices, self.weight)
+        return read_sharded(weights, indices, self.weight, self.shard)
 
     @property
     def n_slots(self) -> int:
@@ -221,6 +243,16 @@ def read_values(weights: Tensor, indices: Tensor, table: Tensor) -> Tensor:
     return _SparseValueRead.apply(weights, indices, table)
 
 
+def _gather_shard(module: ValueTable, state: dict, prefix: str, local_metadata) -> None:
+    state[prefix + "weight"] = gather_columns(module.weight.detach(), module.shard)
+
+
+def _take_shard(module: ValueTable, state: dict, prefix: str, *args) -> None:
+    full = state.get(prefix + "weight")
+    if full is not None and full.shape[1] == module.v_dim != module.weight.shape[1]:
+        state[prefix + "weight"] = take_columns(full, module.shard)
+
+
 class ProductKeyMemory(nn.Module):
     """One memory layer: query -> product-key lookup -> weighted value read -> Memory+ gate.
 
@@ -262,8 +294,7 @@ class ProductKeyMemory(nn.Module):
         weights, indices = self.lookup(x)
         if self.record:
             self.last_indices = indices.detach().view(*x.shape[:-1], -1)
-        table = values.weight
-        y = read_values(weights.to(table.dtype), indices, table).to(x.dtype).view(*x.shape[:-1], -1)  # (B, T, v)
+        y = values.read(weights.to(values.weight.dtype), indices).to(x.dtype).view(*x.shape[:-1], -1)  # (B, T, v)
         if self.gate is not None:
             y = y * F.silu(self.gate(x))
         return self.out(y)
@@ -279,13 +310,21 @@ class MemoryBank(nn.Module):
         v_dim = config.v_dim or hidden_size
         n_tables = 1 if config.share_values else len(config.layers)
         value_dtype = dtype if config.value_dtype == "auto" else getattr(torch, config.value_dtype)
+        shard = column_shard(v_dim) if config.shard_values else None  # None in one process
         self.values = nn.ModuleList(
-            ValueTable(config.n_slots, v_dim, config.resolved_value_init, value_dtype) for _ in range(n_tables)
+            ValueTable(config.n_slots, v_dim, config.resolved_value_init, value_dtype, shard) for _ in range(n_tables)
         )
         self.layers = nn.ModuleDict(
             {str(i): ProductKeyMemory(config, hidden_size, dtype) for i in config.layers}
         )
         self.ledger = Ledger()  # what learn calls changed and froze; saved with the checkpoint
+
+    def state_shapes(self) -> dict[str, torch.Size]:
+        """The shapes of `state_dict()`'s tensors, found without gathering sharded tables."""
+        shapes = {k: t.shape for k, t in [*self.named_parameters(), *self.named_buffers()]}
+        for i, table in enumerate(self.values):
+            shapes[f"values.{i}.weight"] = torch.Size((table.n_slots, table.v_dim))
+        return shapes
 
     def table_for(self, layer: int) -> ValueTable:
         if self.config.share_values:

@@ -14,10 +14,12 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from memtune import distributed
 from memtune.errors import MemtuneError
 from memtune.ledger import union as _union
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
 from memtune.retrofit import get_memory_bank, require_memory_bank
+from memtune.sharding import local_optimizer_state, whole_optimizer_state
 from memtune.sparse_optim import make_sparse_optimizer
 from memtune.stats import Background, StepUsage
 
@@ -104,7 +106,8 @@ class SparseMemoryFinetuning:
             if self.freeze_learned:
                 self.protected[t] = _union(self.protected.get(t), rows)
         if not self.freeze_learned and ledger.optimizer:
-            self.optimizer.load_state_tensors([v.weight for v in bank.values], ledger.optimizer)
+            self.optimizer.load_state_tensors([v.weight for v in bank.values],
+                                              local_optimizer_state(ledger.optimizer, bank.values))  # sharded: our columns
         self.trainable = _count_trainable(model)
         self.model = model
         return model
@@ -127,7 +130,8 @@ class SparseMemoryFinetuning:
         is kept only when learned rows were not frozen (`freeze_learned=False`): only then can
         a later call move them again. Returns the journal entry."""
         frozen = {t: _union(self.touched.get(t), self.kept.get(t)) for t in {*self.touched, *self.kept}}
-        state = {} if self.freeze_learned else self.optimizer.state_tensors([v.weight for v in self.bank.values])
+        state = {} if self.freeze_learned else whole_optimizer_state(  # sharded tables: gathered, as one process's
+            self.optimizer.state_tensors([v.weight for v in self.bank.values]), self.bank.values)
         entry = {**entry, "rows_kept": sum(int(r.numel()) for r in self.kept.values()),
                  "rows_protected": sum(int(r.numel()) for r in self.protected.values())}
         return self.bank.ledger.record(entry, self.touched, frozen, state)
@@ -142,7 +146,8 @@ class SparseMemoryFinetuning:
     def select(self, usage: StepUsage) -> dict[str, Tensor]:
         """layer -> selected slots (sorted)."""
         selected = {}
-        for layer, (slots, counts) in usage.counts().items():
+        # Summed over ranks under torchrun, so that every rank selects the same rows.
+        for layer, (slots, counts) in distributed.sum_counts(usage.counts()).items():
             frozen = self.frozen.get(self.table_of[layer])
             if frozen is not None:
                 free = ~torch.isin(slots, frozen)
@@ -164,6 +169,7 @@ class SparseMemoryFinetuning:
         for t, table in enumerate(self.bank.values):
             layers = [k for k, owner in self.table_of.items() if owner == t]
             rows = torch.unique(torch.cat([selected[k] for k in layers]))
+            distributed.reduce_row_grads(table, rows.to(table.weight.device))  # sum over ranks, selected rows only
             updated += self.optimizer.step(table.weight, rows.to(table.weight.device))
             table.weight.grad = None
             self.touched[t] = _union(self.touched.get(t), rows)

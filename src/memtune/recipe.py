@@ -56,6 +56,9 @@ class RecipeConfig:
 
     n_keys: int = field(default=1024, metadata={
         "help": "SMF on a base model: half-keys of the memory it is given (n_keys² slots, shared by 3 layers)"})
+    shard_values: bool = field(default=False, metadata={
+        "help": "SMF on a base model, under torchrun: split its value table by columns over the ranks (each holds "
+                "1/N; see memtune.sharding)"})
     related: int = field(default=200, metadata={
         "help": "SMF: questions of the data's form the model writes itself (about what it knows); their "
                 "own answers make the background and the protected slots. 0: none"})
@@ -303,6 +306,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                 raise MemtuneError(f"{named[0]}={getattr(recipe, named[0])!r} holds statistics of a memory, but the "
                                    "model has none: pass the memory checkpoint they were computed on as --model")
             memory = default_memory_config(model, getattr(model.config, "name_or_path", None), recipe.n_keys)
+            memory.shard_values = recipe.shard_values
             retrofit(model, memory)
             fresh = True
             report["retrofit"] = {k: v for k, v in memory.to_dict().items() if v is not None}

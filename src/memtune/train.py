@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from memtune import distributed
 from memtune.batches import COUNT_POSITIONS, Example, collate, n_loss_tokens, token_loss_sum
 from memtune.errors import MemtuneError
 from memtune.methods import DEFAULT_LR, METHODS, FullFinetuning, LoRA, SparseMemoryFinetuning
@@ -169,6 +170,7 @@ def train(
     if method.model is None or method.model is not model:
         model = method.prepare(model)
     method.begin()
+    forward_model = distributed.data_parallel(model)  # DDP for dense methods under torchrun
     bank = getattr(method, "bank", None)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
@@ -179,14 +181,14 @@ def train(
         total = min(total, config.max_steps)
     check = learned if config.until_learned else None
     history: list[dict] = []
-    bar = tqdm(total=total, desc=f"learn ({method.name})", disable=not progress)
+    bar = tqdm(total=total, desc=f"learn ({method.name})", disable=not (progress and distributed.is_main()))
     step = epoch = 0
     active = list(range(len(examples)))
     start = time.perf_counter()
     try:
         while step < total and epoch < config.epochs:
-            if check is not None:  # only what the model does not answer right yet
-                active = [i for i, done in enumerate(check(model)) if not done]
+            if check is not None:  # only what the model does not answer right yet (rank 0's view)
+                active = distributed.from_main([i for i, done in enumerate(check(model)) if not done])
                 bar.set_postfix(left=len(active), refresh=False)
                 if not active:
                     break
@@ -200,22 +202,28 @@ def train(
                 lr = config.lr * (1.0 - step / total if config.schedule == "linear" else 1.0)
                 method.set_lr(lr)
                 chunk = [examples[i] for i in order[s : s + per_step]]
-                micro = [collate(chunk[m : m + config.batch_size], tokenizer.pad_token_id, config.count_positions)
-                         for m in range(0, len(chunk), config.batch_size)]
-                n_tokens = sum(n_loss_tokens(b["labels"]) for b in micro)
+                # Under torchrun this rank's share of the step (see memtune.distributed); a share
+                # with nothing in it runs a stand-in weighted by zero.
+                shares = distributed.local_micro_batches(chunk, config.batch_size)
+                micro = [(collate(part, tokenizer.pad_token_id, config.count_positions), float(real))
+                         for part, real in shares]
+                n_tokens = int(distributed.sum_over_ranks(sum(n_loss_tokens(b["labels"]) * w for b, w in micro))[0])
                 usage = StepUsage(bank) if bank is not None else None
-                loss_sum = 0.0
-                for b in micro:
-                    out = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                                use_cache=False)
-                    loss = token_loss_sum(out.logits, b["labels"].to(device))
-                    (loss / max(n_tokens, 1)).backward()
+                loss_sum = real_tokens = 0.0
+                for i, (b, w) in enumerate(micro):
+                    with distributed.sync_gradients(forward_model, last=i == len(micro) - 1):
+                        out = forward_model(input_ids=b["input_ids"].to(device),
+                                            attention_mask=b["attention_mask"].to(device), use_cache=False)
+                        loss = token_loss_sum(out.logits, b["labels"].to(device)) * w
+                        (loss / max(n_tokens, 1)).backward()
                     loss_sum += loss.item()
+                    real_tokens += w * int(b["attention_mask"].sum())
                     if usage is not None:
-                        usage.add(b["count_mask"])
+                        usage.add(b["count_mask"] & bool(w))
+                loss_sum, real_tokens = distributed.sum_over_ranks(loss_sum, real_tokens)
+                real_tokens = int(real_tokens)
                 info = method.step(usage)
                 step += 1
-                real_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
                 record = {"step": step, "epoch": epoch, "examples": len(chunk), "loss": loss_sum / max(n_tokens, 1),
                           "loss_tokens": n_tokens, "lr": lr, **cost_fields(t0, start, real_tokens), **info}
                 history.append(record)
@@ -224,7 +232,7 @@ def train(
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", left=len(active))
         if check is not None and step < total and epoch == config.epochs:  # did the last pass finish it?
-            active = [i for i, done in enumerate(check(model)) if not done]
+            active = distributed.from_main([i for i, done in enumerate(check(model)) if not done])
         if check is not None:
             log.info("trained %d passes, %d steps: %d of %d examples answered right (until learned, cap %d passes)",
                      epoch, step, len(examples) - len(active), len(examples), config.epochs)
