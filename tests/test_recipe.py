@@ -141,6 +141,22 @@ def test_answer_check_scores_greedy_answers_like_the_probe(tokenizer):
         is_correct(a, q.answers) for a, q in zip(answers, items)]
 
 
+def test_answer_check_takes_the_loss_again_from_where_the_model_now_diverges(tokenizer):
+    from memtune.targets import fact_examples, mask_predicted
+
+    model = tiny_model()
+    items = [QA(q.question, q.answer, statement=f"It is {q.answer}.") for q in FACTS]
+    examples = fact_examples(items, tokenizer, "statement", "target")
+    targets = [list(e.labels) for e in examples]
+    for e in examples:  # a stale mask: no loss anywhere but the last token
+        e.labels = [-100] * (len(e.labels) - 1) + e.labels[-1:]
+    right = AnswerCheck(tokenizer, items, max_new_tokens=4, examples=examples, targets=targets)(model)
+    expected = fact_examples(items, tokenizer, "statement", "target")
+    mask_predicted(model, expected, tokenizer.pad_token_id)
+    for ok, e, want, stale in zip(right, examples, expected, targets):
+        assert e.labels == (want.labels if not ok else [-100] * (len(stale) - 1) + stale[-1:])
+
+
 def test_python_entry_point_retrofits_and_learns(tokenizer):
     model = tiny_model()
     result = learn(model, tokenizer, FACTS, LearnConfig(epochs=2, batch_size=2),

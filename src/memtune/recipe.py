@@ -37,7 +37,7 @@ from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Document
 from memtune.errors import MemtuneError
 from memtune.stats import background_stats
-from memtune.targets import check_target, fact_examples, own_statements
+from memtune.targets import check_target, fact_examples, mask_predicted, own_statements
 from memtune.train import LearnConfig, make_method, train
 
 log = logging.getLogger(__name__)
@@ -234,18 +234,34 @@ def example_questions(items: list[QA], augment: int = 0) -> list[QA]:
 
 class AnswerCheck:
     """Which items the model answers right: greedy answers scored as the QA probe scores them
-    (`memtune.probes.qa.is_correct`). Called with a model, returns one bool per item."""
+    (`memtune.probes.qa.is_correct`). Called with a model, returns one bool per item.
 
-    def __init__(self, tokenizer, items: list[QA], max_new_tokens: int = 24, batch_size: int = 32):
+    With `examples` (one per item, trained with `loss="diverge"`), the examples of the items
+    still answered wrong get their loss again from where the model's words leave the target
+    *now*: learning other facts can move the model's own words before the answer, and greedy
+    decoding follows those."""
+
+    def __init__(self, tokenizer, items: list[QA], max_new_tokens: int = 24, batch_size: int = 32,
+                 examples: list[Example] | None = None, targets: list[list[int]] | None = None):
         self.tokenizer, self.items = tokenizer, items
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        if (examples is None) != (targets is None):
+            raise ValueError("examples and targets (their labels with the loss on the whole target) go together")
+        self.examples, self.targets = examples, targets
 
     def __call__(self, model: nn.Module) -> list[bool]:
         from memtune.probes.qa import answer_questions, is_correct
 
         answers = answer_questions(model, self.tokenizer, [q.question for q in self.items],
                                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
-        return [is_correct(a, q.answers) for a, q in zip(answers, self.items)]
+        right = [is_correct(a, q.answers) for a, q in zip(answers, self.items)]
+        if self.examples is not None:
+            wrong = [i for i, ok in enumerate(right) if not ok]
+            for i in wrong:
+                self.examples[i].labels = list(self.targets[i])
+            if wrong:
+                mask_predicted(model, [self.examples[i] for i in wrong], self.tokenizer.pad_token_id)
+        return right
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,10 +301,11 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if not smf:
         if get_memory_bank(model) is not None:
             raise MemtuneError(f"--method {config.method} trains a base model: pass a model without memory layers")
-        given = [n for n in ("background", "protect") if getattr(recipe, n) not in (AUTO, NONE)]
-        given += ["keep"] if recipe.keep is not None else []
-        if given:
-            raise MemtuneError(f"{given[0]} is for SMF: method {config.method!r} updates every parameter it trains")
+        slot_options = [n for n in ("background", "protect") if getattr(recipe, n) not in (AUTO, NONE)]
+        slot_options += ["keep"] if recipe.keep is not None else []
+        if slot_options:
+            raise MemtuneError(f"{slot_options[0]} is for SMF: method {config.method!r} updates every parameter "
+                               "it trains")
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()
@@ -361,9 +378,14 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         report["calibrate"] = {"mode": recipe.calibrate, "examples": len(cal), "positions": positions}
 
     if facts:
-        examples = fact_examples(items, tokenizer, recipe.target, recipe.loss, max_length=config.max_length,
-                                 model=model if recipe.loss == "diverge" else None)
-        check = AnswerCheck(tokenizer, example_questions(items), recipe.max_new_tokens)
+        diverge = recipe.loss == "diverge"
+        examples = fact_examples(items, tokenizer, recipe.target, "target" if diverge else recipe.loss,
+                                 max_length=config.max_length)
+        targets = [list(e.labels) for e in examples]
+        if diverge:  # the loss from where the model's own words leave the target (again at each check)
+            mask_predicted(model, examples, pad)
+        check = AnswerCheck(tokenizer, example_questions(items), recipe.max_new_tokens,
+                            examples=examples if diverge else None, targets=targets if diverge else None)
     else:
         examples = encode_documents(tokenizer, [d.text for d in data], config.max_length)
         check = None
