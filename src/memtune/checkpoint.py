@@ -61,8 +61,10 @@ def save_memory(model: nn.Module, path: str | Path, overwrite: bool = False, ext
     (`memtune.ledger`, when there is one) atomically."""
     bank = require_memory_bank(model)
     config = bank.config
-    if config.base_model and Path(config.base_model).exists():
-        config.base_model = str(Path(config.base_model).resolve())
+    if config.base_model:  # a relative folder would not reload from another working directory
+        from memtune.models import portable_name
+
+        config.base_model = portable_name(config.base_model)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         data = {"memory": config.to_dict(), "format": "memtune-memory-v1", **(extra or {})}
         (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
@@ -75,7 +77,13 @@ def read_memory_config(path: str | Path) -> MemoryConfig:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise MemtuneError(f"{str(path)!r} is not a memory checkpoint: {CONFIG_NAME} is missing")
-    return MemoryConfig.from_dict(json.loads(file.read_text())["memory"])
+    try:
+        return MemoryConfig.from_dict(json.loads(file.read_text())["memory"])
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, MemtuneError):
+            raise
+        raise MemtuneError(f"{str(file)!r} is not a valid memory config: expected JSON with a 'memory' object "
+                           f"({type(e).__name__}: {e})") from None
 
 
 def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
@@ -83,7 +91,11 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     the learn history (`bank.ledger`)."""
     config = read_memory_config(path)
     retrofit(model, config)
-    state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
+    try:
+        state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
+    except Exception as e:  # missing, truncated or not safetensors
+        raise MemtuneError(f"memory checkpoint {str(path)!r}: cannot read {WEIGHTS_NAME} "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     bank = require_memory_bank(model)
     shapes = {PREFIX + k: v for k, v in bank.state_shapes().items()}
     state = {k.removeprefix(PREFIX): v for k, v in _expand(state, shapes).items()}

@@ -98,7 +98,7 @@ def run_learn(run: LearnRun) -> dict:
     """Learn `run.data` into `run.model` with the recipe (`memtune.recipe.learn`); writes
     `run.out/` with config.json (options, and what each recipe step did), metrics.jsonl, model/
     (for SMF a memory checkpoint with its ledger) and results.json. Returns the results."""
-    from memtune.models import load_model
+    from memtune.models import load_model, portable_name
     from memtune.recipe import learn
 
     cfg = run.config
@@ -114,7 +114,8 @@ def run_learn(run: LearnRun) -> dict:
         finally:
             writer.close()
         history, steps = result.history, result.recipe
-        write_json(tmp / "config.json", {"model": run.model, "data": run.data, "format": kind, "limit": run.limit,
+        write_json(tmp / "config.json", {"model": portable_name(run.model), "data": portable_name(run.data),
+                                         "format": kind, "limit": run.limit,
                                          "learn": cfg.to_dict(), "recipe": run.recipe.to_dict(), "steps": steps})
         if distributed.is_main() or distributed.holds_shards(result.model):  # a sharded table is gathered by all ranks
             result.method.save(result.model, tokenizer, tmp / "model")
@@ -144,7 +145,7 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
 
     QA sources are formatted exactly as `learn` formats them, so a background of chat-formatted
     questions looks like the data being learned (the lesson of DESIGN.md)."""
-    from memtune.models import load_model
+    from memtune.models import load_model, portable_name
 
     if n_batches <= 0 or batch_size <= 0:
         raise MemtuneError(f"n_batches={n_batches}, batch_size={batch_size}: expected positive integers")
@@ -156,7 +157,7 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
     if n < n_batches:
         log.warning("%s gives %d batches of %d, fewer than the %d asked for", source, n, batch_size, n_batches)
     stats.meta |= {"source": source, "format": kind, "batch_size": batch_size, "max_length": max_length,
-                   "count_positions": count_positions, "memory_model": model_name}
+                   "count_positions": count_positions, "memory_model": portable_name(model_name)}
     if distributed.is_main():  # under torchrun every rank reads every batch (sharded tables need all ranks)
         stats.save(out, overwrite=overwrite)
     read = {k: int((v > 0).sum()) for k, v in stats.df.items()}

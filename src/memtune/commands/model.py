@@ -60,6 +60,7 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
         raise MemtuneError(f"--calibration-batches={args.calibration_batches} is invalid: expected a positive integer")
     check_output_free(args.out, args.overwrite)
     model, tokenizer = load_base_model(args.model, dtype=args.dtype)
+    config.base_model = model.config.name_or_path  # a run folder's model/, local folders absolute
     torch.manual_seed(args.seed)
     retrofit(model, config)
     if args.calibrate:
