@@ -1,5 +1,6 @@
 """Every probe and training read the same ids: BOS once, the answer closed as the template does."""
 
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -131,3 +132,21 @@ def test_a_template_that_cannot_render_an_answer_falls_back_to_eos():
     tok = tiny_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # no end of turn at all
     assert answer_suffix(tok, "Paris") == "Paris<|end|>"  # tiny_tokenizer's eos
+
+
+def test_perplexity_and_drift_read_text_after_one_bos(tok, model, monkeypatch):
+    from memtune.probes import drift, perplexity
+
+    seen = []
+    real = likelihood.pad_right
+
+    def spy(seqs, *args):
+        seen.extend(seqs)
+        return real(seqs, *args)
+
+    monkeypatch.setattr(likelihood, "pad_right", spy)
+    monkeypatch.setattr(sys.modules["memtune.probes.drift"], "pad_right", spy)
+    perplexity(model, tok, ["Paris is the capital of France."], progress=False)
+    drift(model, tok, ["Paris is the capital of France."], base=tiny_model(vocab_size=BOS_VOCAB, seed=1),
+          progress=False)
+    assert seen and all(_one_bos(ids, tok.bos_token_id) for ids in seen)

@@ -116,7 +116,7 @@ def perplexity(
     if not 0 < stride <= max_length:
         raise MemtuneError(f"stride={stride} is invalid: expected 0 < stride <= max_length ({max_length})")
     strings = [t.text if isinstance(t, Document) else t for t in texts]
-    ids = tokenizer("\n\n".join(strings), add_special_tokens=False).input_ids
+    ids = encode_text(tokenizer, "\n\n".join(strings))  # BOS once, as documents are trained
     if len(ids) < 2:
         raise MemtuneError("perplexity needs text of at least two tokens")
     windows, starts, prev_end = [], [], 0
