@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -66,11 +67,42 @@ def save_memory(model: nn.Module, path: str | Path, overwrite: bool = False, ext
 
         config.base_model = portable_name(config.base_model)
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        data = {"memory": config.to_dict(), "format": "memtune-memory-v1", **(extra or {})}
-        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
         save_file(_compact(memory_state_dict(model)), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         bank.ledger.save(tmp)
+        data = {"memory": config.to_dict(), "format": "memtune-memory-v1", "base": base_signature(model),
+                "weights_sha256": file_sha256(tmp / WEIGHTS_NAME), **(extra or {})}
+        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
     return Path(path)
+
+
+BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+               "num_attention_heads", "num_key_value_heads")
+
+
+def base_signature(model: nn.Module) -> dict:
+    """What a memory checkpoint needs of its base model: the architecture's shape."""
+    config = model.config
+    return {k: getattr(config, k, None) for k in BASE_FIELDS}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_weights(path: str | Path) -> None:
+    """Refuse a memory.safetensors that is not the one saved with this config (truncated,
+    edited, copied from another checkpoint). Checkpoints saved before checksums pass."""
+    expected = json.loads((Path(path) / CONFIG_NAME).read_text()).get("weights_sha256")
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise MemtuneError(f"memory checkpoint {str(path)!r} has no {WEIGHTS_NAME}")
+    if expected is not None and file_sha256(weights) != expected:
+        raise MemtuneError(f"memory checkpoint {str(path)!r}: {WEIGHTS_NAME} does not match the checksum in "
+                           f"{CONFIG_NAME} (truncated or edited): save it again")
 
 
 def read_memory_config(path: str | Path) -> MemoryConfig:
@@ -90,6 +122,12 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     """Retrofit `model` (a base model) as the checkpoint says and load the memory weights and
     the learn history (`bank.ledger`)."""
     config = read_memory_config(path)
+    verify_weights(path)
+    saved = json.loads((Path(path) / CONFIG_NAME).read_text()).get("base")
+    if saved is not None and saved != base_signature(model):
+        diff = {k: (saved.get(k), v) for k, v in base_signature(model).items() if saved.get(k) != v}
+        raise MemtuneError(f"memory checkpoint {str(path)!r} belongs to another base model than {config.base_model!r} "
+                           f"(saved vs this model: {diff}): load it onto the model it was made for")
     retrofit(model, config)
     try:
         state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
@@ -99,7 +137,11 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     bank = require_memory_bank(model)
     shapes = {PREFIX + k: v for k, v in bank.state_shapes().items()}
     state = {k.removeprefix(PREFIX): v for k, v in _expand(state, shapes).items()}
-    missing, unexpected = bank.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = bank.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes of another memory
+        raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config or base model: "
+                           f"{str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.endswith(".query_center")]  # older checkpoints: uncalibrated
     if missing or unexpected:
         raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config: missing {missing}, unexpected {unexpected}")

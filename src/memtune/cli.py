@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     from memtune import distributed
     from memtune.commands import setup_logging
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (2, its one-line error printed)
+        return e.code if isinstance(e.code, int) else 2
     setup_logging(args.verbose)
     distributed.init_from_env()  # under torchrun: join the process group (one process: nothing)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")

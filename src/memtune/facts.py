@@ -122,8 +122,11 @@ def run_facts(
     from memtune.io import atomic_dir
     from memtune.models import load_model
 
+    from memtune.io import check_output_free
+
     if not min_margin >= 0:
         raise MemtuneError(f"--min-margin {min_margin} is invalid: expected a number of nats >= 0")
+    check_output_free(out, overwrite)  # before minutes of generation
     items = load_qa(source, limit=limit)
     model, tokenizer = load_model(model_name, dtype=dtype)
     log.info("asking %s %d questions from %s", model_name, len(items), source)

@@ -180,8 +180,9 @@ def load_base_model(
     path = resolve_model_path(name)
     dtype = resolve_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # Weights only from safetensors (never a pickle), and no code from a model folder or the hub.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except OSError as e:
         raise MemtuneError(
             f"cannot load model {name!r}: {str(e).splitlines()[0]} "

@@ -7,7 +7,12 @@ import json
 import logging
 import time
 
-from memtune.commands import add_threads_argument
+from memtune.commands import (
+    add_threads_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 log = logging.getLogger("memtune")
 
@@ -21,7 +26,7 @@ PROBE_OPTIONS = {"qa": "qa", "perplexity": "text", "drift": "text", "choice": "c
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    p.add_argument("--batch-size", type=int, default=32, help="questions (or windows) per batch [default: 32]")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="questions (or windows) per batch [default: 32]")
     add_threads_argument(p)
 
 
@@ -31,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder: learn.jsonl, known.jsonl, unsure.jsonl, summary.json")
     p.add_argument("--data", default="countries",
                    help="QA source: countries, countries:RELATION[,...], a file or a hub name [default: countries]")
-    p.add_argument("--limit", type=int, default=None, help="ask only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per answer [default: 24]")
-    p.add_argument("--min-margin", type=float, default=None,
+    p.add_argument("--limit", type=non_negative_int, default=None, help="ask only the first N questions")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens generated per answer [default: 24]")
+    p.add_argument("--min-margin", type=non_negative_float, default=None,
                    help="known only if answered right by at least this many nats over the runner-up token; right "
                    "answers by less go to unsure.jsonl (0 keeps every right answer) [default: 0.1]")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -66,13 +71,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="local copy (.jsonl/.csv/.parquet, the dataset's own schema) of the hub dataset named "
                    "by --qa/--text/--choices/--answers")
     p.add_argument("--split", default=None, help="hub dataset split [default: the dataset's evaluation split]")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N items of each source")
+    p.add_argument("--limit", type=non_negative_int, default=None, help="use only the first N items of each source")
     p.add_argument("--base", default=None,
                    help="base model for drift (not needed for memory checkpoints or LoRA adapters)")
     p.add_argument("--no-paraphrases", action="store_true", help="qa: skip the paraphrased questions")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="qa: tokens generated per answer [default: 32]")
-    p.add_argument("--max-length", type=int, default=512, help="perplexity/drift window in tokens [default: 512]")
-    p.add_argument("--stride", type=int, default=256, help="perplexity window stride in tokens [default: 256]")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="qa: tokens generated per answer [default: 32]")
+    p.add_argument("--max-length", type=positive_int, default=512, help="perplexity/drift window in tokens [default: 512]")
+    p.add_argument("--stride", type=positive_int, default=256, help="perplexity window stride in tokens [default: 256]")
     p.add_argument("--tasks", default=None, help="lm-eval: comma-separated harness task names")
     p.add_argument("--include-path", default=None, help="lm-eval: folder of local task YAML files")
     p.add_argument("--predictions", action="store_true", help="qa: include every question's generated answer")
@@ -134,7 +139,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from memtune.io import write_json
     from memtune.models import load_model
 
+    from memtune.io import check_output_file
+
     probes = parse_probes(args.probe)
+    if args.out:
+        check_output_file(args.out)
     files = _data_file_for(args, probes)
     src = probe_sources(args)
     kw = {"limit": args.limit, "split": args.split}
