@@ -123,3 +123,23 @@ def _subparsers(parser):
     for action in parser._actions:
         if isinstance(getattr(action, "choices", None), dict):
             yield from action.choices.items()
+
+
+@pytest.mark.parametrize("method", ["smf", "full", "lora"])
+def test_the_same_command_twice_gives_bitwise_identical_weights(project, method):
+    from safetensors.torch import load_file
+
+    if method == "smf":
+        assert main(["retrofit", "--model", "models/tiny", *RETROFIT, "--out", "mem"]) == 0
+    model = "mem" if method == "smf" else "models/tiny"
+    extra = ["--ranker", "count", "--top-t", "4"] if method == "smf" else []
+    weights = []
+    for out in ("a", "b"):
+        assert main(["learn", "--method", method, "--model", model, "--data", "facts.jsonl", "--epochs", "2",
+                     *extra, "--out", out]) == 0
+        files = sorted((project / out / "model").glob("*.safetensors"))
+        weights.append({f.name: load_file(f) for f in files})
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    for name, tensors in weights[0].items():
+        assert tensors.keys() == weights[1][name].keys()
+        assert all(t.equal(weights[1][name][k]) for k, t in tensors.items())
