@@ -45,7 +45,7 @@ def test_every_saved_artefact_reloads_from_another_working_directory(project, mo
     memory = json.loads((project / "mem/memory_config.json").read_text())
     assert memory["memory"]["base_model"] == str(project / "models/tiny")
     assert json.loads((project / "bg/background.json").read_text())["memory_model"] == str(project / "mem")
-    assert json.loads((project / "run_smf/config.json").read_text())["background"] == str(project / "bg")
+    assert json.loads((project / "run_smf/config.json").read_text())["recipe"]["background"] == str(project / "bg")
     _everywhere(project, monkeypatch, ["run_lora/model", "run_full/model", "mem", "run_smf/model"])
     capsys.readouterr()
     assert main(["generate", "--model", str(project / "run_lora/model"), "--max-new-tokens", "2", "Hi"]) == 0

@@ -105,6 +105,10 @@ def run_learn(run: LearnRun) -> dict:
     check_output_free(run.out, run.overwrite)
     kind, items = load_items(run.data, run.format, run.limit)
     model, tokenizer = load_model(run.model, device=distributed.local_device())
+    if kind == "qa":  # an answer that --max-length would cut fails now, before minutes of setup
+        encode_qa(tokenizer, [(q.question, q.answer) for q in items], cfg.max_length)
+    recipe = {k: portable_name(v) if k in ("background", "protect", "keep") and isinstance(v, str) else v
+              for k, v in run.recipe.to_dict().items()}  # folders reload from any working directory
     # Under torchrun only rank 0 writes run.out; the other ranks' tmp is thrown away.
     with distributed.main_process_dir(run.out, overwrite=run.overwrite) as tmp:
         writer = JsonlWriter(tmp / "metrics.jsonl")
@@ -116,7 +120,7 @@ def run_learn(run: LearnRun) -> dict:
         history, steps = result.history, result.recipe
         write_json(tmp / "config.json", {"model": portable_name(run.model), "data": portable_name(run.data),
                                          "format": kind, "limit": run.limit,
-                                         "learn": cfg.to_dict(), "recipe": run.recipe.to_dict(), "steps": steps})
+                                         "learn": cfg.to_dict(), "recipe": recipe, "steps": steps})
         if distributed.is_main() or distributed.holds_shards(result.model):  # a sharded table is gathered by all ranks
             result.method.save(result.model, tokenizer, tmp / "model")
         results = {

@@ -102,6 +102,11 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question: str, chat: bool |
     return f"Question: {question}\nAnswer:"
 
 
+def answer_opening(tokenizer: PreTrainedTokenizerBase, chat: bool | None = None) -> str:
+    """The text between the prompt and the answer's words in a training example."""
+    return assistant_turn(tokenizer)[0] if _use_chat(tokenizer, chat) else " "
+
+
 def answer_suffix(tokenizer: PreTrainedTokenizerBase, answer: str, chat: bool | None = None) -> str:
     """The text that follows the prompt in a training example: the answer as the template
     renders an assistant turn (or ` answer` + EOS)."""
