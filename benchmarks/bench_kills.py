@@ -50,10 +50,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20, help="kills per command [default: 20]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["learn", "experiment"], default=None, help="kill only this command")
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    import yaml
-
     from tiny import save_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="memtune-kills-"))
@@ -66,13 +65,22 @@ def main() -> None:
     learn = ["learn", "--method", "full", "--model", str(root / "tiny"), "--data", str(root / "facts.jsonl"),
              "--epochs", "30", "--batch-size", "2", "--threads", "1"]
 
+    results = {"learn": [], "experiment": []}
+    if args.only != "experiment":
+        kill_learn(root, learn, env, rng, args.trials, results)
+    if args.only != "learn":
+        kill_experiment(root, env, rng, args.trials, results)
+    print(json.dumps({k: {"trials": len(v), "killed": sum(bool(r.get("killed", r.get("kills_at_s"))) for r in v)}
+                      for k, v in results.items()}))
+
+
+def kill_learn(root: Path, learn: list[str], env: dict, rng: random.Random, trials: int, results: dict) -> None:
     # Time one whole run, to kill at random points inside it.
     start = time.perf_counter()
     assert memtune([*learn, "--out", str(root / "timing")], env).wait() == 0
     whole = time.perf_counter() - start
     print(f"learn: one run takes {whole:.1f} s")
-    results = {"learn": [], "experiment": []}
-    for trial in range(args.trials):
+    for trial in range(trials):
         run = root / f"learn{trial}"
         before = {p.name: snapshot(p) for p in root.glob("learn*") if p.is_dir()}
         proc = memtune([*learn, "--out", str(run)], env)
@@ -91,6 +99,10 @@ def main() -> None:
         print(f"learn trial {trial}: kill at {at:.1f} s ({'killed' if killed else 'had finished'}), "
               f"folder {'finished' if done else 'absent'}, rerun ok, earlier runs intact")
 
+
+def kill_experiment(root: Path, env: dict, rng: random.Random, trials: int, results: dict) -> None:
+    import yaml
+
     config = {"name": "kills", "model": str(root / "tiny"), "memory": MEMORY,
               "background": {"data": "prose:background", "batches": 2, "batch_size": 2, "max_length": 32},
               "stream": {"kind": "facts", "data": str(root / "facts.jsonl"), "chunks": 2, "target": "statement"},
@@ -106,7 +118,7 @@ def main() -> None:
     whole = time.perf_counter() - start
     reference = {n: json.loads((root / "exp_timing" / n / "results.json").read_text()) for n in ("smf", "full", "lora")}
     print(f"experiment: one run takes {whole:.1f} s")
-    for trial in range(args.trials):
+    for trial in range(trials):
         out = root / f"exp{trial}"
         killed_runs = []
         for _ in range(2):  # kill twice, then let it finish: finished runs must survive each kill
@@ -130,8 +142,6 @@ def main() -> None:
         results["experiment"].append({"kills_at_s": killed_runs})
         print(f"experiment trial {trial}: killed at {killed_runs} s, finished runs kept, rerun finished with "
               "the same learning as an uninterrupted run")
-    print(json.dumps({k: {"trials": len(v), "killed": sum(bool(r.get("killed", r.get("kills_at_s"))) for r in v)}
-                      for k, v in results.items()}))
 
 
 if __name__ == "__main__":
