@@ -40,13 +40,17 @@ def test_every_saved_artefact_reloads_from_another_working_directory(project, mo
     assert main(["background", "--model", "mem", "--data", "facts.jsonl", "--batches", "1", "--out", "bg"]) == 0
     assert main(["learn", "--model", "mem", "--data", "facts.jsonl", "--background", "bg", *FAST,
                  "--top-t", "4", "--out", "run_smf"]) == 0
+    assert main(["learn", "--model", "models/tiny", "--data", "facts.jsonl", *FAST, "--related", "2",
+                 "--n-keys", "16", "--out", "run_smf_base"]) == 0  # SMF retrofits the base itself
+    base = json.loads((project / "run_smf_base/model/memory_config.json").read_text())["memory"]["base_model"]
+    assert base == str(project / "models/tiny")
     adapter = json.loads((project / "run_lora/model/adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(project / "models/tiny")
     memory = json.loads((project / "mem/memory_config.json").read_text())
     assert memory["memory"]["base_model"] == str(project / "models/tiny")
     assert json.loads((project / "bg/background.json").read_text())["memory_model"] == str(project / "mem")
     assert json.loads((project / "run_smf/config.json").read_text())["recipe"]["background"] == str(project / "bg")
-    _everywhere(project, monkeypatch, ["run_lora/model", "run_full/model", "mem", "run_smf/model"])
+    _everywhere(project, monkeypatch, ["run_lora/model", "run_full/model", "mem", "run_smf/model", "run_smf_base"])
     capsys.readouterr()
     assert main(["generate", "--model", str(project / "run_lora/model"), "--max-new-tokens", "2", "Hi"]) == 0
 

@@ -18,6 +18,10 @@ from memtune.probes.match import fold
     ("Ｐａｒｉｓ", "Paris"),                  # full-width letters (NFKC)
     ("São\u00a0Tomé", "São Tomé"),          # non-breaking space
     (unicodedata.normalize("NFD", "Bogotá"), "Bogotá"),  # decomposed accent
+    ("Para\u00adguay", "Paraguay"),            # soft hyphen
+    ("Ban\u200bgkok", "Bangkok"),              # zero-width space
+    ("STRASSE", "Straße"),                     # full case folding
+    ("ﬁnland", "finland"),                     # ligature (NFKC)
 ])
 def test_every_score_folds_unicode_and_typography(typed, plain):
     assert normalize_answer(typed) == normalize_answer(plain)

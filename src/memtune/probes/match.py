@@ -2,8 +2,9 @@
 that chat models need — on any Unicode spelling of the same text.
 
 Every score first *folds* both texts: Unicode NFKC (composed and decomposed accents, full-width
-letters and non-breaking spaces become one form) and typographic punctuation to ASCII (’ ‘ ʼ →
-', “ ” « » → ", – — − → -). Then SQuAD's normalisation: lower case, no punctuation, no articles
+letters and non-breaking spaces become one form), typographic punctuation to ASCII (’ ‘ ʼ →
+', “ ” « » → ", – — − → -), invisible format characters (soft hyphen, zero-width space) dropped.
+Then SQuAD's normalisation, Unicode-aware: case folded (ß = ss), no punctuation, no articles
 ``a/an/the`` and possessive 's, single spaces.
 
 ``contains`` (`is_correct`, which splits facts into known and to-learn) credits a sentence that
@@ -61,8 +62,10 @@ _NEGATED_AFTER = re.compile(
 
 
 def fold(text: str) -> str:
-    """One spelling of the same text: Unicode NFKC, typographic quotes and dashes as ASCII."""
-    return unicodedata.normalize("NFKC", text).translate(_TYPOGRAPHIC)
+    """One spelling of the same text: Unicode NFKC, typographic quotes and dashes as ASCII, no
+    invisible format characters (soft hyphens, zero-width spaces)."""
+    text = unicodedata.normalize("NFKC", text).translate(_TYPOGRAPHIC)
+    return "".join(c for c in text if unicodedata.category(c) != "Cf")
 
 
 def _is_punct(c: str) -> bool:
@@ -72,7 +75,7 @@ def _is_punct(c: str) -> bool:
 def _norm_word(word: str) -> str:
     """A whitespace-free chunk of folded text -> its normalised word ('' if none is left). A
     possessive 's goes too: "Sudan's capital" names Sudan."""
-    w = re.sub(r"'s(?=\W*$)", "", word.lower())
+    w = re.sub(r"'s(?=\W*$)", "", word.casefold())
     w = "".join(c for c in w if not _is_punct(c))
     return "" if w in _ARTICLES else w
 
