@@ -150,3 +150,17 @@ def test_perplexity_and_drift_read_text_after_one_bos(tok, model, monkeypatch):
     drift(model, tok, ["Paris is the capital of France."], base=tiny_model(vocab_size=BOS_VOCAB, seed=1),
           progress=False)
     assert seen and all(_one_bos(ids, tok.bos_token_id) for ids in seen)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_statements_words_before_its_answer_are_masked_whatever_the_opening(chat):
+    from memtune.targets import fact_examples
+
+    tok = tiny_tokenizer(chat=chat)
+    if chat:  # Llama-2 style: a space between the prompt and the answer
+        tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+                             "<|assistant|>{% else %} {{ m['content'] }} <|end|>{% endif %}{% endfor %}")
+    item = QA("What is the capital of France?", "Paris", statement="The capital of France is Paris.")
+    e = fact_examples([item], tok, "statement", "answer")[0]
+    trained = tok.decode([t for t, y in zip(e.input_ids, e.labels) if y != IGNORE])
+    assert trained.strip().startswith("Paris") and "capital" not in trained

@@ -58,9 +58,10 @@ def fact_examples(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: T
             pairs.append((question, text))
             prefixes.append(text[:cut].rstrip() if cut > 0 else "")
     examples = encode_qa(tokenizer, pairs, max_length)
+    opening = answer_opening(tokenizer)  # the prefix is tokenised as it starts the trained answer
     for example, prefix in zip(examples, prefixes):
         if prefix:
-            mask_prefix(example, tokenizer(prefix, add_special_tokens=False)["input_ids"])
+            mask_prefix(example, tokenizer(opening + prefix, add_special_tokens=False)["input_ids"])
     if loss == "diverge":
         if model is None:
             raise ValueError("loss=diverge needs the model that learns the facts")
