@@ -25,7 +25,9 @@ def _generate_batches(model, tokenizer, questions, batch_size, chat, progress, *
     model.eval()
     device = next(model.parameters()).device
     prompts = encode_prompt(tokenizer, questions, chat)
-    kwargs.setdefault("eos_token_id", stop_ids(model, tokenizer, chat))
+    stops = stop_ids(model, tokenizer, chat)
+    if stops:
+        kwargs.setdefault("eos_token_id", stops)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         for s in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
