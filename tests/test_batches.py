@@ -50,3 +50,17 @@ def test_learn_refuses_a_max_length_that_would_cut_an_answer(tiny_model_dir, tmp
     cli_error(["learn", "--method", "full", "--model", str(tiny_model_dir), "--data", str(data),
                "--max-length", "12", "--out", str(tmp_path / "run")], capsys, "Which region is Chile in?")
     assert not (tmp_path / "run").exists()
+
+
+def test_long_documents_lose_no_token_at_a_window_edge(tokenizer):
+    from memtune.batches import encode_documents
+
+    text = "Python is a programming language; a function returns a value and a class defines objects."
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    for max_length in (2, 3, 5, len(ids) - 1, len(ids), len(ids) + 4):
+        examples = encode_documents(tokenizer, [text], max_length)
+        assert all(2 <= len(e.input_ids) <= max_length for e in examples)
+        predicted = [t for e in examples for t in e.input_ids[1:]]  # what the loss covers, in order
+        assert predicted == ids[1:], max_length                      # every token once, the EOS last
+    with pytest.raises(MemtuneError, match="max_length=1"):
+        encode_documents(tokenizer, [text], 1)

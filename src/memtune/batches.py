@@ -61,13 +61,17 @@ def encode_qa(
 def encode_documents(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 256
 ) -> list[Example]:
-    """Documents -> examples of at most max_length tokens (long documents are split)."""
+    """Documents -> examples of at most max_length tokens. A long document is split into
+    windows that overlap by one token, so every token after the first — the EOS included — is
+    predicted exactly once (no token is lost at a window's edge)."""
+    if max_length < 2:
+        raise MemtuneError(f"max_length={max_length} is too short: a document example needs at least 2 tokens")
     out = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for text in texts:
         ids = encode_text(tokenizer, text) + eos  # BOS once, EOS once, whatever the tokenizer adds
-        for s in range(0, len(ids), max_length):
-            chunk = ids[s : s + max_length]
+        for begin in range(0, max(len(ids) - 1, 1), max_length - 1):
+            chunk = ids[begin : begin + max_length]  # chunk[0] is context: the previous window predicted it
             if len(chunk) > 1:
                 out.append(Example(chunk, list(chunk)))
     return out
