@@ -147,3 +147,13 @@ def test_the_same_command_twice_gives_bitwise_identical_weights(project, method)
     for name, tensors in weights[0].items():
         assert tensors.keys() == weights[1][name].keys()
         assert all(t.equal(weights[1][name][k]) for k, t in tensors.items())
+
+
+def test_calibrate_means_how_in_retrofit_as_in_learn(project, capsys):
+    cli_error(["retrofit", "--model", "models/tiny", *RETROFIT, "--calibrate", "whiten", "--out", "m"], capsys,
+              "--calibrate whiten needs --calibration-data")
+    cli_error(["retrofit", "--model", "models/tiny", *RETROFIT, "--calibrate", "facts.jsonl", "--out", "m"], capsys,
+              "invalid choice: 'facts.jsonl'")
+    assert main(["retrofit", "--model", "models/tiny", *RETROFIT, "--calibration-data", "facts.jsonl",
+                 "--calibration-batches", "1", "--out", "m"]) == 0
+    assert json.loads((project / "m/memory_config.json").read_text())["memory"]["query_calibration"] == "standardize"

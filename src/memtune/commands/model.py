@@ -28,11 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for the memory's initial weights [default: 0]")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     add_dataclass_arguments(p, MemoryConfig, exclude=("base_model", "hidden_size", "query_calibration"))
-    p.add_argument("--calibrate", metavar="SOURCE", default=None,
-                   help="calibrate the queries on this data (like the data to learn; QA is measured at the answer "
-                        "positions): lookups of similar inputs overlap less. Same sources as --data of learn")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="standardize",
-                   help="how: per-dimension or full whitening of the memory input [default: standardize]")
+    # One name for one idea, as in `memtune learn`: --calibrate is how, the data is named apart.
+    p.add_argument("--calibrate", "--calibration", dest="calibrate", choices=[*CALIBRATIONS, "none"], default=None,
+                   help="calibrate the queries (lookups of similar inputs overlap less): per-dimension or full "
+                        "whitening of the memory input, as --calibrate of learn [default: standardize with "
+                        "--calibration-data, else none]")
+    p.add_argument("--calibration-data", metavar="SOURCE", default=None,
+                   help="the data to calibrate on (like the data to learn; QA is measured at the answer positions). "
+                        "Same sources as --data of learn")
     p.add_argument("--calibration-batches", type=positive_int, default=100, help="batches of 8 examples [default: 100]")
     add_threads_argument(p)
     p.set_defaults(func=cmd_retrofit)
@@ -66,13 +69,16 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     config = MemoryConfig(**dataclass_kwargs(MemoryConfig, args), base_model=args.model)
     if args.calibration_batches <= 0:
         raise MemtuneError(f"--calibration-batches={args.calibration_batches} is invalid: expected a positive integer")
+    mode = args.calibrate or ("standardize" if args.calibration_data else "none")
+    if mode != "none" and not args.calibration_data:
+        raise MemtuneError(f"--calibrate {mode} needs --calibration-data SOURCE: the data to calibrate on")
     check_output_free(args.out, args.overwrite)
     model, tokenizer = load_base_model(args.model, dtype=args.dtype)
     config.base_model = model.config.name_or_path  # a run folder's model/, local folders absolute
     torch.manual_seed(args.seed)
     retrofit(model, config)
-    if args.calibrate:
-        calibrate_on(model, tokenizer, args.calibrate, args.calibration, args.calibration_batches)
+    if mode != "none" and args.calibration_data:
+        calibrate_on(model, tokenizer, args.calibration_data, mode, args.calibration_batches)
     save_memory(model, args.out, overwrite=args.overwrite)
     counts = parameter_counts(model)
     log.info(
