@@ -12,6 +12,7 @@ from memtune.probes.match import fold
     ("N’Djamena", "N'Djamena"),            # typographic apostrophe
     ("Côte d’Ivoire", "Côte d'Ivoire"),
     ("Côte dʼIvoire", "Côte d'Ivoire"),    # modifier letter apostrophe
+    ("N´Djamena", "N'Djamena"),             # acute accent as an apostrophe
     ("“Paris”", '"Paris"'),                 # typographic quotes
     ("Guinea‑Bissau", "Guinea-Bissau"),     # non-breaking hyphen
     ("Port–au–Prince", "Port-au-Prince"),   # en dash

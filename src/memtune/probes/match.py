@@ -64,7 +64,8 @@ _NEGATED_AFTER = re.compile(
 def fold(text: str) -> str:
     """One spelling of the same text: Unicode NFKC, typographic quotes and dashes as ASCII, no
     invisible format characters (soft hyphens, zero-width spaces)."""
-    text = unicodedata.normalize("NFKC", text).translate(_TYPOGRAPHIC)
+    # Before NFKC too: it would turn an acute accent used as an apostrophe (´) into a space and a mark.
+    text = unicodedata.normalize("NFKC", text.translate(_TYPOGRAPHIC)).translate(_TYPOGRAPHIC)
     return "".join(c for c in text if unicodedata.category(c) != "Cf")
 
 
