@@ -31,7 +31,7 @@ $M learn --model smollm2-135m --data "$OUT/new_facts.jsonl" --out "$OUT/smf" --o
 echo "== 3/3 before and after"
 for side in before after; do
   model=$([ "$side" = before ] && echo smollm2-135m || echo "$OUT/smf/model")
-  $M eval --model "$model" --probe qa --qa "$OUT/learn.jsonl" --predictions --out "$OUT/$side.learned.json" --threads "$THREADS" > /dev/null
-  $M eval --model "$model" --probe qa --qa "$OUT/known.jsonl" --predictions --out "$OUT/$side.known.json" --threads "$THREADS" > /dev/null
+  $M eval --model "$model" --probe qa --data "$OUT/learn.jsonl" --predictions --out "$OUT/$side.learned.json" --threads "$THREADS" > /dev/null
+  $M eval --model "$model" --probe qa --data "$OUT/known.jsonl" --predictions --out "$OUT/$side.known.json" --threads "$THREADS" > /dev/null
 done
 $PY examples/compare.py "$OUT/before" "$OUT/after" | tee "$OUT/summary.md"

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -121,13 +123,16 @@ def test_bad_calibration_is_an_error():
 def test_checkpoint_without_query_center_loads_uncalibrated(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from memtune.checkpoint import WEIGHTS_NAME
+    from memtune.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
     torch.manual_seed(0)
     model = retrofit(tiny_model(), tiny_memory_config())
     save_memory(model, tmp_path / "m")
     path = tmp_path / "m" / WEIGHTS_NAME
     state = {k: v for k, v in load_file(path).items() if not k.endswith("query_center")}
-    save_file(state, path)  # as written before calibration existed
+    save_file(state, path)  # as written before calibration existed (and before checksums)
+    config = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
+    del config["weights_sha256"]
+    (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(config))
     loaded = load_memory(tiny_model(), tmp_path / "m")
     assert all(not m.query_center.any() for m in loaded.memory.layers.values())

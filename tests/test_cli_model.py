@@ -63,7 +63,7 @@ def test_threads_option(tiny_model_dir, capsys):
     finally:
         torch.set_num_threads(before)
     assert main(["generate", "--model", str(tiny_model_dir), "--threads", "0", "hi"]) == 2
-    assert "threads=0" in capsys.readouterr().err
+    assert "--threads: '0' is invalid: expected a positive integer" in capsys.readouterr().err
 
 
 def test_retrofit_calibrates_on_data(tiny_model_dir, tmp_path, capsys):
@@ -73,10 +73,10 @@ def test_retrofit_calibrates_on_data(tiny_model_dir, tmp_path, capsys):
     common = ["retrofit", "--model", str(tiny_model_dir), "--layers", "1", "--n-keys", "16", "--heads", "2",
               "--knn", "4", "--k-dim", "8"]
     assert main([*common, "--out", str(tmp_path / "plain")]) == 0
-    assert main([*common, "--calibrate", str(data), "--calibration", "whiten", "--out", str(tmp_path / "cal")]) == 0
+    assert main([*common, "--calibration-data", str(data), "--calibrate", "whiten", "--out", str(tmp_path / "cal")]) == 0
     config = json.loads((tmp_path / "cal" / CONFIG_NAME).read_text())["memory"]
     assert config["query_calibration"] == "whiten"
     assert json.loads((tmp_path / "plain" / CONFIG_NAME).read_text())["memory"]["query_calibration"] is None
     assert main(["inspect", "--model", str(tmp_path / "cal"), "--json"]) == 0  # loads back
-    assert main([*common, "--calibrate", str(data), "--calibration-batches", "0", "--out", str(tmp_path / "x")]) == 2
-    assert "calibration-batches=0" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*common, "--calibration-data", str(data), "--calibration-batches", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "--calibration-batches: '0' is invalid" in capsys.readouterr().err and not (tmp_path / "x").exists()

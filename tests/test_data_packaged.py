@@ -59,3 +59,17 @@ def test_every_country_fact_states_itself():
     assert all(q.statement and q.statement.endswith(".") and q.answer in q.statement for q in items)
     chad = next(q for q in items if q.id == "countries/chad/capital")
     assert chad.statement == "The capital of Chad is N'Djamena."
+
+
+def test_a_part_of_a_continent_answers_the_continent_question():
+    from memtune.probes import is_correct
+
+    facts = {q.id: q for q in country_facts(["continent", "language", "capital_of"])}
+    mali, china = facts["countries/mali/continent"], facts["countries/china/language"]
+    assert is_correct("Mali is located in West Africa.", mali.answers)
+    assert is_correct("Mali is in Sub-Saharan Africa.", mali.answers)
+    assert not is_correct("Mali is located in West Asia.", mali.answers)
+    assert is_correct("The official language of China is Mandarin Chinese.", china.answers)
+    sudan = facts["countries/sudan/capital_of"]
+    assert is_correct("Khartoum is the capital of Sudan.", sudan.answers)
+    assert not is_correct("Khartoum is a city in South Sudan.", sudan.answers)

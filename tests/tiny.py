@@ -46,6 +46,27 @@ def tiny_tokenizer(vocab_size: int = 320, chat: bool = True) -> PreTrainedTokeni
     return fast
 
 
+# The Llama-3 pattern: the template writes BOS itself, and turns end with a token that is not EOS.
+BOS_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
+
+
+def bos_tokenizer(template: str | None = BOS_CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """A tokenizer that prepends BOS `<s>` to plain text, whose EOS `<|endoftext|>` is not the
+    `<|end|>` that closes a chat turn (Llama-3, Qwen2.5 base, Gemma). Its ids reach 322: use
+    `tiny_model(vocab_size=BOS_VOCAB)`."""
+    from tokenizers import processors
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"bos_token": "<s>", "eos_token": "<|endoftext|>"})
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.bos_token_id)])
+    tok.chat_template = template
+    return tok
+
+
+BOS_VOCAB = 324
+
+
 def tiny_model(
     arch: str = "llama", vocab_size: int = 320, hidden: int = 32, layers: int = 2, seed: int = 0,
     init_range: float = 0.02,

@@ -9,6 +9,7 @@ example also carries the positions whose slot reads count for sparse finetuning:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,9 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from memtune.errors import MemtuneError
-from memtune.prompts import answer_suffix, encode_prompt
+from memtune.prompts import encode_answers, encode_prompt, encode_text
+
+log = logging.getLogger(__name__)
 
 IGNORE = -100
 COUNT_POSITIONS = ("loss", "all")
@@ -32,31 +35,43 @@ class Example:
 
 
 def encode_qa(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int = 256
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int = 256,
+    chat: bool | None = None,
 ) -> list[Example]:
-    """(question, answer) pairs -> examples with loss on the answer (and end-of-turn) tokens."""
-    prompts = encode_prompt(tokenizer, [q for q, _ in pairs])
-    answers = tokenizer([answer_suffix(tokenizer, a) for _, a in pairs], add_special_tokens=False)["input_ids"]
-    out = []
-    for p, a in zip(prompts, answers):
-        ids = (p + a)[:max_length]
-        labels = ([IGNORE] * len(p) + a)[:max_length]
-        if all(x == IGNORE for x in labels[1:]):
-            raise MemtuneError(f"max_length={max_length} is too short: a prompt of {len(p)} tokens leaves no answer tokens")
-        out.append(Example(ids, labels))
+    """(question, answer) pairs -> examples with loss on the answer (and end-of-turn) tokens.
+
+    An example longer than `max_length` loses the start of its prompt, never its answer or the
+    answer's end token; an answer that cannot fit with one token of prompt is an error."""
+    prompts = encode_prompt(tokenizer, [q for q, _ in pairs], chat)
+    answers = encode_answers(tokenizer, [a for _, a in pairs], chat)
+    out, cut = [], 0
+    for (question, _), p, a in zip(pairs, prompts, answers):
+        if len(a) + 1 > max_length:
+            raise MemtuneError(f"max_length={max_length} is too short for the answer to {question!r}: it needs "
+                               f"{len(a) + 1} tokens (answer and end token, one prompt token); raise --max-length")
+        if len(p) + len(a) > max_length:
+            p, cut = p[len(p) + len(a) - max_length :], cut + 1
+        out.append(Example(p + a, [IGNORE] * len(p) + a))
+    if cut:
+        log.warning("%d of %d prompts were cut from the left to fit max_length=%d (answers kept whole)",
+                    cut, len(out), max_length)
     return out
 
 
 def encode_documents(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int = 256
 ) -> list[Example]:
-    """Documents -> examples of at most max_length tokens (long documents are split)."""
+    """Documents -> examples of at most max_length tokens. A long document is split into
+    windows that overlap by one token, so every token after the first — the EOS included — is
+    predicted exactly once (no token is lost at a window's edge)."""
+    if max_length < 2:
+        raise MemtuneError(f"max_length={max_length} is too short: a document example needs at least 2 tokens")
     out = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for ids in tokenizer(list(texts))["input_ids"]:
-        ids = ids + eos
-        for s in range(0, len(ids), max_length):
-            chunk = ids[s : s + max_length]
+    for text in texts:
+        ids = encode_text(tokenizer, text) + eos  # BOS once, EOS once, whatever the tokenizer adds
+        for begin in range(0, max(len(ids) - 1, 1), max_length - 1):
+            chunk = ids[begin : begin + max_length]  # chunk[0] is context: the previous window predicted it
             if len(chunk) > 1:
                 out.append(Example(chunk, list(chunk)))
     return out

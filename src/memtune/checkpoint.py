@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -61,33 +62,86 @@ def save_memory(model: nn.Module, path: str | Path, overwrite: bool = False, ext
     (`memtune.ledger`, when there is one) atomically."""
     bank = require_memory_bank(model)
     config = bank.config
-    if config.base_model and Path(config.base_model).exists():
-        config.base_model = str(Path(config.base_model).resolve())
+    if config.base_model:  # a relative folder would not reload from another working directory
+        from memtune.models import portable_name
+
+        config.base_model = portable_name(config.base_model)
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        data = {"memory": config.to_dict(), "format": "memtune-memory-v1", **(extra or {})}
-        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
         save_file(_compact(memory_state_dict(model)), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         bank.ledger.save(tmp)
+        data = {"memory": config.to_dict(), "format": "memtune-memory-v1", "base": base_signature(model),
+                "weights_sha256": file_sha256(tmp / WEIGHTS_NAME), **(extra or {})}
+        (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2) + "\n")
     return Path(path)
+
+
+BASE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+               "num_attention_heads", "num_key_value_heads")
+
+
+def base_signature(model: nn.Module) -> dict:
+    """What a memory checkpoint needs of its base model: the architecture's shape."""
+    config = model.config
+    return {k: getattr(config, k, None) for k in BASE_FIELDS}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_weights(path: str | Path) -> None:
+    """Refuse a memory.safetensors that is not the one saved with this config (truncated,
+    edited, copied from another checkpoint). Checkpoints saved before checksums pass."""
+    expected = json.loads((Path(path) / CONFIG_NAME).read_text()).get("weights_sha256")
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise MemtuneError(f"memory checkpoint {str(path)!r} has no {WEIGHTS_NAME}")
+    if expected is not None and file_sha256(weights) != expected:
+        raise MemtuneError(f"memory checkpoint {str(path)!r}: {WEIGHTS_NAME} does not match the checksum in "
+                           f"{CONFIG_NAME} (truncated or edited): save it again")
 
 
 def read_memory_config(path: str | Path) -> MemoryConfig:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise MemtuneError(f"{str(path)!r} is not a memory checkpoint: {CONFIG_NAME} is missing")
-    return MemoryConfig.from_dict(json.loads(file.read_text())["memory"])
+    try:
+        return MemoryConfig.from_dict(json.loads(file.read_text())["memory"])
+    except (ValueError, KeyError, TypeError) as e:
+        if isinstance(e, MemtuneError):
+            raise
+        raise MemtuneError(f"{str(file)!r} is not a valid memory config: expected JSON with a 'memory' object "
+                           f"({type(e).__name__}: {e})") from None
 
 
 def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     """Retrofit `model` (a base model) as the checkpoint says and load the memory weights and
     the learn history (`bank.ledger`)."""
     config = read_memory_config(path)
+    verify_weights(path)
+    saved = json.loads((Path(path) / CONFIG_NAME).read_text()).get("base")
+    if saved is not None and saved != base_signature(model):
+        diff = {k: (saved.get(k), v) for k, v in base_signature(model).items() if saved.get(k) != v}
+        raise MemtuneError(f"memory checkpoint {str(path)!r} belongs to another base model than {config.base_model!r} "
+                           f"(saved vs this model: {diff}): load it onto the model it was made for")
     retrofit(model, config)
-    state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
+    try:
+        state = load_file(Path(path) / WEIGHTS_NAME, device=str(next(model.parameters()).device))
+    except Exception as e:  # missing, truncated or not safetensors
+        raise MemtuneError(f"memory checkpoint {str(path)!r}: cannot read {WEIGHTS_NAME} "
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     bank = require_memory_bank(model)
     shapes = {PREFIX + k: v for k, v in bank.state_shapes().items()}
     state = {k.removeprefix(PREFIX): v for k, v in _expand(state, shapes).items()}
-    missing, unexpected = bank.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = bank.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes of another memory
+        raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config or base model: "
+                           f"{str(e).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if not k.endswith(".query_center")]  # older checkpoints: uncalibrated
     if missing or unexpected:
         raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config: missing {missing}, unexpected {unexpected}")

@@ -14,13 +14,25 @@ from memtune.errors import MemtuneError
 COMMAND_MODULES = ("model", "heal", "learn", "evaluate", "experiment")
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviated options (`--data` must never be read as `--data-file`), and argparse's
+    own errors on one line, like memtune's, with exit code 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="memtune",
         description="Teach a language model new facts without forgetting (sparse memory finetuning).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"memtune.commands.{name}").register(sub)
     return parser
@@ -30,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     from memtune import distributed
     from memtune.commands import setup_logging
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (2, its one-line error printed)
+        return e.code if isinstance(e.code, int) else 2
     setup_logging(args.verbose)
     distributed.init_from_env()  # under torchrun: join the process group (one process: nothing)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")

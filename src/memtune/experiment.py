@@ -440,7 +440,7 @@ def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer,
     out = []  # task: the right choice continues the question, scored as the choice probe scores it
     for item in chunk.train:
         ids, start = truncate_left(*split_encode(tokenizer, item.question, " " + item.choices[item.label]),
-                                    cfg.max_length)
+                                    cfg.max_length, f"the right choice of {item.question[:60]!r}")
         out.append(Example(ids, [IGNORE] * start + ids[start:]))
     return out
 

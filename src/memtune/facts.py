@@ -8,8 +8,9 @@
   neither to learn nor a fair test of forgetting, since the smallest change flips them;
 - ``summary.json``: counts overall and per relation, the decision rule, model and timing.
 
-"Answered right" is `memtune.probes.is_correct`: any alias of the answer appears in the
-generation (normalised, whole words), since chat models answer in sentences. The margin is
+"Answered right" is `memtune.probes.is_correct`: the generation names the answer or an alias
+(folded and normalised, whole words, not inside a longer name, not negated), since chat models
+answer in sentences. The margin is
 `memtune.probes.qa.answers_with_margins`: the smallest gap in log-probability (nats) between the
 greedy token and the runner-up, up to the token that completes the answer. Each line is a
 `memtune.data.QA` plus the model's ``prediction`` and ``margin``, loadable again with `load_qa`.
@@ -98,7 +99,7 @@ def write_fact_split(split: FactSplit, out: str | Path, info: dict) -> dict:
         "facts": sum(len(items) for items in parts.values()),
         **{name: len(items) for name, items in parts.items()},
         "per_relation": dict(sorted(per_relation.items())),
-        "decision": "right = the greedy answer contains the answer or an alias (memtune.probes.is_correct); "
+        "decision": "right = the greedy answer names the answer or an alias: whole words, not inside a longer name, not negated (memtune.probes.is_correct); "
                     f"known = right with a margin of at least {info.get('min_margin', MIN_MARGIN)} nats, unsure = right by less",
     }
     write_json(out / "summary.json", summary)
@@ -121,8 +122,11 @@ def run_facts(
     from memtune.io import atomic_dir
     from memtune.models import load_model
 
+    from memtune.io import check_output_free
+
     if not min_margin >= 0:
         raise MemtuneError(f"--min-margin {min_margin} is invalid: expected a number of nats >= 0")
+    check_output_free(out, overwrite)  # before minutes of generation
     items = load_qa(source, limit=limit)
     model, tokenizer = load_model(model_name, dtype=dtype)
     log.info("asking %s %d questions from %s", model_name, len(items), source)

@@ -9,7 +9,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from memtune.prompts import encode_prompt
+from memtune.prompts import encode_prompt, stop_token_ids
+
+
+def stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase, chat: bool | None = None) -> list[int]:
+    """Where an answer ends: the model's own end tokens, EOS, and the token that closes an
+    assistant turn in the chat template (which a base model's generation config may not list)."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own = [] if own is None else [own] if isinstance(own, int) else list(own)
+    return sorted({*own, *stop_token_ids(tokenizer, chat)})
 
 
 def _generate_batches(model, tokenizer, questions, batch_size, chat, progress, **kwargs) -> Iterator:
@@ -17,6 +25,9 @@ def _generate_batches(model, tokenizer, questions, batch_size, chat, progress, *
     model.eval()
     device = next(model.parameters()).device
     prompts = encode_prompt(tokenizer, questions, chat)
+    stops = stop_ids(model, tokenizer, chat)
+    if stops:
+        kwargs.setdefault("eos_token_id", stops)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
         for s in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress):
@@ -60,7 +71,7 @@ def greedy_gaps(
 ) -> list[tuple[list[int], list[float]]]:
     """Greedy answers with how sure each token was: per question, the generated token ids (up to
     the end of the answer) and, per token, its log-probability minus the runner-up's (nats)."""
-    stop = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    stop = {*stop_ids(model, tokenizer, chat), tokenizer.pad_token_id}
     results = []
     for n, out in _generate_batches(model, tokenizer, questions, batch_size, chat, progress,
                                     max_new_tokens=max_new_tokens, do_sample=False, output_scores=True):

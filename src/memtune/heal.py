@@ -354,7 +354,7 @@ def run_heal(run: HealRun) -> dict:
     from memtune.io import atomic_dir, write_json
     from memtune.io import check_output_free
     from memtune.learn import load_examples, provenance
-    from memtune.models import load_model
+    from memtune.models import load_model, portable_name
     from memtune.train import JsonlWriter
 
     cfg = run.config
@@ -366,7 +366,7 @@ def run_heal(run: HealRun) -> dict:
     if not texts:
         raise MemtuneError(f"eval_data={cfg.eval_data!r} holds no documents")
     with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
-        write_json(tmp / "config.json", {"model": run.model, "data": run.data, "format": kind, "limit": run.limit,
+        write_json(tmp / "config.json", {"model": portable_name(run.model), "data": portable_name(run.data), "format": kind, "limit": run.limit,
                                          "memory": require_memory_bank(model).config.to_dict(), "heal": cfg.to_dict()})
         ppl_base = held_out_perplexity(model, tokenizer, texts, cfg, bypass=True, progress=run.progress)
         ppl_before = held_out_perplexity(model, tokenizer, texts, cfg, progress=run.progress)
@@ -379,7 +379,7 @@ def run_heal(run: HealRun) -> dict:
             writer.close()
         train_time = time.perf_counter() - start
         ppl_after = held_out_perplexity(model, tokenizer, texts, cfg, progress=run.progress)
-        save_memory(model, tmp / "model", overwrite=True, extra={"healed_from": run.model})
+        save_memory(model, tmp / "model", overwrite=True, extra={"healed_from": portable_name(run.model)})
         fraction = recovered_fraction(ppl_base, ppl_before, ppl_after)
         results = {
             "examples": len(examples), "steps": len(history),

@@ -17,8 +17,13 @@ from memtune.errors import MemtuneError
 def check_output_free(path: str | Path, overwrite: bool = False) -> None:
     """Fail early (before slow work) when `path` exists, is not empty and may not be replaced."""
     path = Path(path)
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise MemtuneError(f"output {str(path)!r} is a file: expected a folder to create (choose another --out)")
+    if path.exists() and not overwrite and any(path.iterdir()):
         raise MemtuneError(f"output {str(path)!r} already exists and is not empty: choose another --out or pass --overwrite")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MemtuneError(f"output {str(path)!r} cannot be created: {str(parent)!r} is not a writable folder")
 
 
 @contextlib.contextmanager
@@ -26,8 +31,11 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes `path` only if the block succeeds."""
     path = Path(path)
     check_output_free(path, overwrite)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    except OSError as e:
+        raise MemtuneError(f"output {str(path)!r} cannot be created: {e.strerror or e}") from None
     try:
         yield tmp
     except BaseException:
@@ -63,10 +71,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def check_output_file(path: str | Path) -> None:
+    """Fail early (before slow work) when the file `path` could not be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise MemtuneError(f"output {str(path)!r} is a folder: expected a file name")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MemtuneError(f"output {str(path)!r} cannot be written: {str(parent)!r} is not a writable folder")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    check_output_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    except OSError as e:
+        raise MemtuneError(f"output {str(path)!r} cannot be written: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -98,13 +98,17 @@ def run_learn(run: LearnRun) -> dict:
     """Learn `run.data` into `run.model` with the recipe (`memtune.recipe.learn`); writes
     `run.out/` with config.json (options, and what each recipe step did), metrics.jsonl, model/
     (for SMF a memory checkpoint with its ledger) and results.json. Returns the results."""
-    from memtune.models import load_model
+    from memtune.models import load_model, portable_name
     from memtune.recipe import learn
 
     cfg = run.config
     check_output_free(run.out, run.overwrite)
     kind, items = load_items(run.data, run.format, run.limit)
     model, tokenizer = load_model(run.model, device=distributed.local_device())
+    if kind == "qa":  # an answer that --max-length would cut fails now, before minutes of setup
+        encode_qa(tokenizer, [(q.question, q.answer) for q in items], cfg.max_length)
+    recipe = {k: portable_name(v) if k in ("background", "protect", "keep") and isinstance(v, str) else v
+              for k, v in run.recipe.to_dict().items()}  # folders reload from any working directory
     # Under torchrun only rank 0 writes run.out; the other ranks' tmp is thrown away.
     with distributed.main_process_dir(run.out, overwrite=run.overwrite) as tmp:
         writer = JsonlWriter(tmp / "metrics.jsonl")
@@ -114,8 +118,9 @@ def run_learn(run: LearnRun) -> dict:
         finally:
             writer.close()
         history, steps = result.history, result.recipe
-        write_json(tmp / "config.json", {"model": run.model, "data": run.data, "format": kind, "limit": run.limit,
-                                         "learn": cfg.to_dict(), "recipe": run.recipe.to_dict(), "steps": steps})
+        write_json(tmp / "config.json", {"model": portable_name(run.model), "data": portable_name(run.data),
+                                         "format": kind, "limit": run.limit,
+                                         "learn": cfg.to_dict(), "recipe": recipe, "steps": steps})
         if distributed.is_main() or distributed.holds_shards(result.model):  # a sharded table is gathered by all ranks
             result.method.save(result.model, tokenizer, tmp / "model")
         results = {
@@ -144,7 +149,7 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
 
     QA sources are formatted exactly as `learn` formats them, so a background of chat-formatted
     questions looks like the data being learned (the lesson of DESIGN.md)."""
-    from memtune.models import load_model
+    from memtune.models import load_model, portable_name
 
     if n_batches <= 0 or batch_size <= 0:
         raise MemtuneError(f"n_batches={n_batches}, batch_size={batch_size}: expected positive integers")
@@ -156,7 +161,7 @@ def run_background(model_name: str, source: str, out: str, n_batches: int = 200,
     if n < n_batches:
         log.warning("%s gives %d batches of %d, fewer than the %d asked for", source, n, batch_size, n_batches)
     stats.meta |= {"source": source, "format": kind, "batch_size": batch_size, "max_length": max_length,
-                   "count_positions": count_positions, "memory_model": model_name}
+                   "count_positions": count_positions, "memory_model": portable_name(model_name)}
     if distributed.is_main():  # under torchrun every rank reads every batch (sharded tables need all ranks)
         stats.save(out, overwrite=overwrite)
     read = {k: int((v > 0).sum()) for k, v in stats.df.items()}

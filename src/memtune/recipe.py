@@ -36,6 +36,7 @@ from memtune.batches import Example, encode_documents, encode_qa, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Document
 from memtune.errors import MemtuneError
+from memtune.prompts import encode_text
 from memtune.stats import background_stats
 from memtune.targets import check_target, fact_examples, mask_predicted, own_statements
 from memtune.train import LearnConfig, make_method, train
@@ -197,7 +198,8 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
             rounds += 1
             prompts = ["Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(questions, min(shots, len(questions))))
                        + "-" for _ in range(batch_size)]
-            batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            batch = tokenizer.pad({"input_ids": [encode_text(tokenizer, p) for p in prompts]},  # BOS once, no EOS
+                                  return_tensors="pt", padding=True).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
                                  top_p=0.95, pad_token_id=tokenizer.pad_token_id)
             for text in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):

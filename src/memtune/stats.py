@@ -117,11 +117,16 @@ class Background:
         path = Path(path)
         if not (path / STATS_NAME).is_file() or not (path / META_NAME).is_file():
             raise MemtuneError(f"{str(path)!r} holds no background statistics: expected the output of `memtune background`")
-        meta = json.loads((path / META_NAME).read_text())
-        tensors = load_file(path / STATS_NAME)
+        try:
+            meta = json.loads((path / META_NAME).read_text())
+            tensors = load_file(path / STATS_NAME)
+            n_batches = int(meta["n_batches"])
+        except Exception as e:  # edited, truncated, not ours
+            raise MemtuneError(f"background statistics {str(path)!r} cannot be read ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}): rerun `memtune background`") from None
         df = {k.removeprefix("df."): v.long() for k, v in tensors.items() if k.startswith("df.")}
         counts = {k.removeprefix("counts."): v for k, v in tensors.items() if k.startswith("counts.")}
-        return cls(df=df, counts=counts, n_batches=int(meta["n_batches"]), meta=meta)
+        return cls(df=df, counts=counts, n_batches=n_batches, meta=meta)
 
 
 @torch.no_grad()

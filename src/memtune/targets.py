@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from memtune.batches import IGNORE, Example, collate, encode_qa
 from memtune.data import QA
 from memtune.errors import MemtuneError
-from memtune.prompts import encode_prompt
+from memtune.prompts import answer_opening, encode_prompt
 
 TARGETS = ("answer", "statement")
 LOSSES = ("target", "answer", "diverge")
@@ -58,9 +58,10 @@ def fact_examples(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: T
             pairs.append((question, text))
             prefixes.append(text[:cut].rstrip() if cut > 0 else "")
     examples = encode_qa(tokenizer, pairs, max_length)
+    opening = answer_opening(tokenizer)  # the prefix is tokenised as it starts the trained answer
     for example, prefix in zip(examples, prefixes):
         if prefix:
-            mask_prefix(example, tokenizer(prefix, add_special_tokens=False)["input_ids"])
+            mask_prefix(example, tokenizer(opening + prefix, add_special_tokens=False)["input_ids"])
     if loss == "diverge":
         if model is None:
             raise ValueError("loss=diverge needs the model that learns the facts")
@@ -125,14 +126,15 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
     if not todo:
         return list(items)
     prompts = encode_prompt(tokenizer, [items[i].question for i in todo])
+    opening = answer_opening(tokenizer)  # what training puts before the answer's words
     candidates: list[tuple[int, str, list[int], int]] = []  # (item, prefix, ids, answer start)
     for i, prompt in zip(todo, prompts):
         words = first_sentence(own_answers[i]).split()
         for j in range(min(len(words), MAX_PREFIX_WORDS) + 1):
             prefix = " ".join(words[:j])
             text = f"{prefix} {items[i].answer}" if prefix else items[i].answer
-            head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            head = tokenizer(opening + prefix, add_special_tokens=False)["input_ids"] if opening + prefix else []
+            ids = tokenizer(opening + text, add_special_tokens=False)["input_ids"]
             start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
             if start < len(ids):
                 candidates.append((i, prefix, prompt + ids, len(prompt) + start))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import types
 import typing
 from typing import Any
@@ -71,6 +72,28 @@ def dataclass_kwargs(cls: type, args: argparse.Namespace, prefix: str = "") -> d
     return out
 
 
+def _number(kind: type, low: float, strict: bool, accepted: str):
+    """An argparse type: a finite number of `kind` above (or, not `strict`, at) `low`; anything
+    else is a one-line error naming the value and what is accepted."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {accepted}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected {accepted}")
+        return value
+
+    parse.__name__ = accepted
+    return parse
+
+
+positive_int = _number(int, 0, True, "a positive integer")
+non_negative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a positive number")
+non_negative_float = _number(float, 0.0, False, "a number >= 0")
+
+
 def add_data_arguments(parser: argparse.ArgumentParser, help: str, default: str | None = None,
                        limit: bool = True) -> None:
     """`--data SOURCE`, `--format` and (optionally) `--limit`: what a training stage reads."""
@@ -82,7 +105,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, help: str, default: str 
         parser.add_argument("--data", default=default, help=f"{help} [default: {default}]")
     parser.add_argument("--format", default="auto", choices=DATA_KINDS, help="how to read --data")
     if limit:
-        parser.add_argument("--limit", type=int, default=None, help="use the first N items only")
+        parser.add_argument("--limit", type=non_negative_int, default=None, help="use the first N items only")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, help: str) -> None:
@@ -93,7 +116,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, help: str) -> None:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """`--threads`, applied by `memtune.cli.main` before the command runs."""
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (1 is fastest on a busy machine) [default: torch's choice]")
 
 

@@ -7,16 +7,26 @@ import json
 import logging
 import time
 
-from memtune.commands import add_threads_argument
+from memtune.commands import (
+    add_threads_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 log = logging.getLogger("memtune")
 
 PROBES = ("qa", "perplexity", "drift", "choice", "answer-loss", "lm-eval")
+# What each probe reads when neither --data nor its own option names a source.
+DEFAULT_SOURCES = {"qa": "countries", "perplexity": "prose:heldout", "drift": "prose:heldout",
+                   "choice": "hellaswag", "answer-loss": "gsm8k"}
+# The per-probe option that overrides --data.
+PROBE_OPTIONS = {"qa": "qa", "perplexity": "text", "drift": "text", "choice": "choices", "answer-loss": "answers"}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    p.add_argument("--batch-size", type=int, default=32, help="questions (or windows) per batch [default: 32]")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="questions (or windows) per batch [default: 32]")
     add_threads_argument(p)
 
 
@@ -26,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder: learn.jsonl, known.jsonl, unsure.jsonl, summary.json")
     p.add_argument("--data", default="countries",
                    help="QA source: countries, countries:RELATION[,...], a file or a hub name [default: countries]")
-    p.add_argument("--limit", type=int, default=None, help="ask only the first N questions")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per answer [default: 24]")
-    p.add_argument("--min-margin", type=float, default=None,
+    p.add_argument("--limit", type=non_negative_int, default=None, help="ask only the first N questions")
+    p.add_argument("--max-new-tokens", type=positive_int, default=24, help="tokens generated per answer [default: 24]")
+    p.add_argument("--min-margin", type=non_negative_float, default=None,
                    help="known only if answered right by at least this many nats over the runner-up token; right "
                    "answers by less go to unsure.jsonl (0 keeps every right answer) [default: 0.1]")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -43,26 +53,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="smollm2-135m", help="alias, folder, HF id, memory checkpoint or adapter")
     p.add_argument("--probe", action="append", required=True, metavar="NAME",
                    help=f"probe to run, repeatable or comma-separated: {', '.join(PROBES)}")
-    p.add_argument("--qa", default="countries",
-                   help="QA source for qa: a .jsonl/.csv/.parquet file, countries[:REL], trivia_qa, nq_open, "
-                   "simpleqa, gsm8k, oasst1 [default: countries]")
-    p.add_argument("--text", default="prose:heldout",
-                   help="text for perplexity and drift: a file, prose[:background|heldout], wikitext, oasst1 "
-                   "[default: prose:heldout]")
-    p.add_argument("--choices", default="hellaswag",
-                   help="multiple-choice source: a file, hellaswag, medmcqa [default: hellaswag]")
-    p.add_argument("--answers", default="gsm8k", help="QA source for answer-loss [default: gsm8k]")
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="what the probes read, as --data of learn: a .jsonl/.csv/.parquet/.txt file, a packaged "
+                   "source or a hub dataset (QA for qa and answer-loss, text for perplexity and drift, multiple "
+                   "choice for choice); a per-probe option below overrides it")
+    p.add_argument("--qa", default=None, metavar="SOURCE",
+                   help=f"qa only: countries[:REL], a file, trivia_qa, nq_open, simpleqa, gsm8k, oasst1 "
+                   f"[default: --data or {DEFAULT_SOURCES['qa']}]")
+    p.add_argument("--text", default=None, metavar="SOURCE",
+                   help=f"perplexity and drift only: a file, prose[:background|heldout], wikitext, oasst1 "
+                   f"[default: --data or {DEFAULT_SOURCES['perplexity']}]")
+    p.add_argument("--choices", default=None, metavar="SOURCE",
+                   help=f"choice only: a file, hellaswag, medmcqa [default: --data or {DEFAULT_SOURCES['choice']}]")
+    p.add_argument("--answers", default=None, metavar="SOURCE",
+                   help=f"answer-loss only: a QA source [default: --data or {DEFAULT_SOURCES['answer-loss']}]")
     p.add_argument("--data-file", default=None,
                    help="local copy (.jsonl/.csv/.parquet, the dataset's own schema) of the hub dataset named "
                    "by --qa/--text/--choices/--answers")
     p.add_argument("--split", default=None, help="hub dataset split [default: the dataset's evaluation split]")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N items of each source")
+    p.add_argument("--limit", type=non_negative_int, default=None, help="use only the first N items of each source")
     p.add_argument("--base", default=None,
                    help="base model for drift (not needed for memory checkpoints or LoRA adapters)")
     p.add_argument("--no-paraphrases", action="store_true", help="qa: skip the paraphrased questions")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="qa: tokens generated per answer [default: 32]")
-    p.add_argument("--max-length", type=int, default=512, help="perplexity/drift window in tokens [default: 512]")
-    p.add_argument("--stride", type=int, default=256, help="perplexity window stride in tokens [default: 256]")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="qa: tokens generated per answer [default: 32]")
+    p.add_argument("--max-length", type=positive_int, default=512, help="perplexity/drift window in tokens [default: 512]")
+    p.add_argument("--stride", type=positive_int, default=256, help="perplexity window stride in tokens [default: 256]")
     p.add_argument("--tasks", default=None, help="lm-eval: comma-separated harness task names")
     p.add_argument("--include-path", default=None, help="lm-eval: folder of local task YAML files")
     p.add_argument("--predictions", action="store_true", help="qa: include every question's generated answer")
@@ -93,12 +108,18 @@ def parse_probes(values: list[str]) -> list[str]:
     return list(dict.fromkeys(probes))
 
 
+def probe_sources(args: argparse.Namespace) -> dict[str, str]:
+    """probe -> the source it reads: its own option, else --data, else its default."""
+    return {probe: getattr(args, option) or args.data or DEFAULT_SOURCES[probe]
+            for probe, option in PROBE_OPTIONS.items()}
+
+
 def _data_file_for(args: argparse.Namespace, probes: list[str]) -> dict[str, str | None]:
     """Attach --data-file to the one hub source the chosen probes read."""
     from memtune.data import hub
     from memtune.errors import MemtuneError
 
-    used = {"qa": args.qa, "perplexity": args.text, "drift": args.text, "choice": args.choices, "answer-loss": args.answers}
+    used = probe_sources(args)
     sources = {used[p] for p in probes if p in used}
     if args.data_file is None:
         return {s: None for s in sources}
@@ -118,19 +139,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from memtune.io import write_json
     from memtune.models import load_model
 
+    from memtune.io import check_output_file
+
     probes = parse_probes(args.probe)
+    if args.out:
+        check_output_file(args.out)
     files = _data_file_for(args, probes)
+    src = probe_sources(args)
     kw = {"limit": args.limit, "split": args.split}
     # Load the data first: a missing dataset fails before minutes of model loading.
     loaded: dict[str, list] = {}
     if "qa" in probes:
-        loaded["qa"] = data.load_qa(args.qa, data_file=files[args.qa], **kw)
+        loaded["qa"] = data.load_qa(src["qa"], data_file=files[src["qa"]], **kw)
     if {"perplexity", "drift"} & set(probes):
-        loaded["text"] = data.load_documents(args.text, data_file=files[args.text], **kw)
+        loaded["text"] = data.load_documents(src["perplexity"], data_file=files[src["perplexity"]], **kw)
     if "choice" in probes:
-        loaded["choice"] = data.load_choices(args.choices, data_file=files[args.choices], **kw)
+        loaded["choice"] = data.load_choices(src["choice"], data_file=files[src["choice"]], **kw)
     if "answer-loss" in probes:
-        loaded["answer-loss"] = data.load_qa(args.answers, data_file=files[args.answers], **kw)
+        loaded["answer-loss"] = data.load_qa(src["answer-loss"], data_file=files[src["answer-loss"]], **kw)
     if "lm-eval" in probes and not args.tasks:
         raise MemtuneError("the lm-eval probe needs --tasks NAME[,NAME]")
 
@@ -147,21 +173,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             r = P.qa_accuracy(model, tokenizer, loaded["qa"], max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size, paraphrases=not args.no_paraphrases,
                               predictions=args.predictions)
-            r["source"] = args.qa
+            r["source"] = src["qa"]
         elif name == "perplexity":
             r = P.perplexity(model, tokenizer, loaded["text"], max_length=args.max_length, stride=args.stride,
                              batch_size=max(1, args.batch_size // 8))
-            r["source"] = args.text
+            r["source"] = src["perplexity"]
         elif name == "drift":
             r = P.drift(model, tokenizer, loaded["text"], base=base, max_length=args.max_length,
                         batch_size=max(1, args.batch_size // 8))
-            r["source"] = args.text
+            r["source"] = src["perplexity"]
         elif name == "choice":
             r = P.choice_accuracy(model, tokenizer, loaded["choice"], batch_size=max(1, args.batch_size // 4))
-            r["source"] = args.choices
+            r["source"] = src["choice"]
         elif name == "answer-loss":
             r = P.answer_loss(model, tokenizer, loaded["answer-loss"], batch_size=max(1, args.batch_size // 4))
-            r["source"] = args.answers
+            r["source"] = src["answer-loss"]
         else:
             r = P.lm_eval(model, tokenizer, [t.strip() for t in args.tasks.split(",") if t.strip()],
                           include_path=args.include_path, limit=args.limit, batch_size=max(1, args.batch_size // 4))

@@ -10,6 +10,7 @@ from memtune.commands import (
     add_output_arguments,
     add_threads_argument,
     dataclass_kwargs,
+    positive_int,
 )
 from memtune.recipe import RecipeConfig
 from memtune.train import LearnConfig
@@ -22,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("background", help="record how often general text reads each memory slot (for SMF rankers)")
     p.add_argument("--model", required=True, help="a memory checkpoint (from retrofit, heal or learn)")
     add_data_arguments(p, f"background text: {DATA_HELP}", default="prose:background", limit=False)
-    p.add_argument("--batches", type=int, default=200, help="number of background batches N [default: 200]")
-    p.add_argument("--batch-size", type=int, default=8, help="[default: 8]")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per sequence [default: 128]")
+    p.add_argument("--batches", type=positive_int, default=200, help="number of background batches N [default: 200]")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="[default: 8]")
+    p.add_argument("--max-length", type=positive_int, default=128, help="tokens per sequence [default: 128]")
     p.add_argument("--count-positions", default="loss", choices=["loss", "all"],
                    help="positions whose reads count; use the same as for learn [default: loss]")
     add_output_arguments(p, "output folder")

@@ -6,7 +6,15 @@ import argparse
 import json
 import logging
 
-from memtune.commands import add_dataclass_arguments, add_output_arguments, add_threads_argument, dataclass_kwargs
+from memtune.commands import (
+    add_dataclass_arguments,
+    add_output_arguments,
+    add_threads_argument,
+    dataclass_kwargs,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.errors import MemtuneError
 
@@ -17,24 +25,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrofit", help="add memory layers to a model and save them (memory weights only)")
     p.add_argument("--model", default="smollm2-135m", help="base model: alias, folder or HF id [default: smollm2-135m]")
     add_output_arguments(p, "output folder for the memory checkpoint")
-    p.add_argument("--seed", type=int, default=0, help="seed for the memory's initial weights [default: 0]")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for the memory's initial weights [default: 0]")
     p.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     add_dataclass_arguments(p, MemoryConfig, exclude=("base_model", "hidden_size", "query_calibration"))
-    p.add_argument("--calibrate", metavar="SOURCE", default=None,
-                   help="calibrate the queries on this data (like the data to learn; QA is measured at the answer "
-                        "positions): lookups of similar inputs overlap less. Same sources as --data of learn")
-    p.add_argument("--calibration", choices=CALIBRATIONS, default="standardize",
-                   help="how: per-dimension or full whitening of the memory input [default: standardize]")
-    p.add_argument("--calibration-batches", type=int, default=100, help="batches of 8 examples [default: 100]")
+    # One name for one idea, as in `memtune learn`: --calibrate is how, the data is named apart.
+    p.add_argument("--calibrate", "--calibration", dest="calibrate", choices=[*CALIBRATIONS, "none"], default=None,
+                   help="calibrate the queries (lookups of similar inputs overlap less): per-dimension or full "
+                        "whitening of the memory input, as --calibrate of learn [default: standardize with "
+                        "--calibration-data, else none]")
+    p.add_argument("--calibration-data", metavar="SOURCE", default=None,
+                   help="the data to calibrate on (like the data to learn; QA is measured at the answer positions). "
+                        "Same sources as --data of learn")
+    p.add_argument("--calibration-batches", type=positive_int, default=100, help="batches of 8 examples [default: 100]")
     add_threads_argument(p)
     p.set_defaults(func=cmd_retrofit)
 
     p = sub.add_parser("generate", help="answer prompts with a base model or a saved memory model")
     p.add_argument("prompts", nargs="+", help="one or more prompts")
     p.add_argument("--model", default="smollm2-135m", help="alias, folder, HF id, or memory checkpoint")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=positive_int, default=48)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=positive_float, default=0.7)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--dtype", default=None)
     p.add_argument("--json", action="store_true", help="print a JSON list of {prompt, answer}")
@@ -58,12 +69,16 @@ def cmd_retrofit(args: argparse.Namespace) -> int:
     config = MemoryConfig(**dataclass_kwargs(MemoryConfig, args), base_model=args.model)
     if args.calibration_batches <= 0:
         raise MemtuneError(f"--calibration-batches={args.calibration_batches} is invalid: expected a positive integer")
+    mode = args.calibrate or ("standardize" if args.calibration_data else "none")
+    if mode != "none" and not args.calibration_data:
+        raise MemtuneError(f"--calibrate {mode} needs --calibration-data SOURCE: the data to calibrate on")
     check_output_free(args.out, args.overwrite)
     model, tokenizer = load_base_model(args.model, dtype=args.dtype)
+    config.base_model = model.config.name_or_path  # a run folder's model/, local folders absolute
     torch.manual_seed(args.seed)
     retrofit(model, config)
-    if args.calibrate:
-        calibrate_on(model, tokenizer, args.calibrate, args.calibration, args.calibration_batches)
+    if mode != "none" and args.calibration_data:
+        calibrate_on(model, tokenizer, args.calibration_data, mode, args.calibration_batches)
     save_memory(model, args.out, overwrite=args.overwrite)
     counts = parameter_counts(model)
     log.info(

@@ -113,13 +113,22 @@ def _capital_of(info, t):
     return name, aliases, {"capital": cap}
 
 
+# A part of a continent names the continent: "Mali is in West Africa" answers "On which continent
+# is Mali?" (while "South Sudan" does not answer "Sudan": `memtune.probes.match`).
+PARTS = ("North", "South", "East", "West", "Northern", "Southern", "Eastern", "Western", "Central",
+         "Northeast", "Northwest", "Southeast", "Southwest", "North-East", "North-West", "South-East", "South-West",
+         "Northeastern", "Northwestern", "Southeastern", "Southwestern", "Sub-Saharan")
+
+
 def _continent(info, t):
     region = info.get("region")
     if not region:
         return None
     if region == "Americas":
         return ("South America", [], {}) if info.get("intermediateregion") == "South America" else ("North America", [], {})
-    return (region, ["Australia"], {}) if region == "Oceania" else (region, [], {})
+    if region == "Oceania":
+        return region, ["Australia"], {}
+    return region, [f"{part} {region}" for part in PARTS], {}
 
 
 def _subregion(info, t):
@@ -145,6 +154,8 @@ def _language(info, t):
         else:
             log.debug("unknown language code %r for %s", code, info["name"])
     names = list(dict.fromkeys(names))
+    if "Chinese" in names:  # the standard form of Chinese, as models name it
+        names += ["Mandarin", "Mandarin Chinese", "Standard Chinese"]
     return (names[0], names[1:], {}) if names else None
 
 

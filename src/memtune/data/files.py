@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,20 @@ def field(row: dict[str, Any], name: str, where: str, required: str) -> Any:
     return value
 
 
+def _text(value: Any, where: str, name: str) -> str:
+    """A text value: a string, or a number (CSV and parquet cells, numeric answers)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return str(value)
+    raise MemtuneError(f"{where}: field {name!r} must be text, got {type(value).__name__} {str(value)[:40]!r}")
+
+
+def text_field(row: dict[str, Any], name: str, where: str, required: str) -> str:
+    """A required text field (see `field` and `_text`)."""
+    return _text(field(row, name, where, required), where, name)
+
+
 def text_list(value: Any, where: str, name: str) -> list[str]:
     """A list field: a list, a JSON list in text, or `|`-separated text (CSV)."""
     if value is None or value == "":
@@ -101,7 +116,7 @@ def text_list(value: Any, where: str, name: str) -> list[str]:
             return [p.strip() for p in s.split("|") if p.strip()]
     if not isinstance(value, list | tuple):
         raise MemtuneError(f"{where}: field {name!r} must be a list of strings, got {type(value).__name__}")
-    return [str(v) for v in value]
+    return [_text(v, where, name) for v in value]
 
 
 def _id(row: dict[str, Any]) -> str | None:
@@ -114,12 +129,12 @@ def read_qa(path: str | Path) -> list:
     need = '"question" and "answer"'
     return [
         QA(
-            question=str(field(row, "question", where, need)),
-            answer=str(field(row, "answer", where, need)),
+            question=text_field(row, "question", where, need),
+            answer=text_field(row, "answer", where, need),
             aliases=text_list(row.get("aliases"), where, "aliases"),
             paraphrases=text_list(row.get("paraphrases"), where, "paraphrases"),
             id=_id(row),
-            statement=None if row.get("statement") in (None, "") else str(row["statement"]),
+            statement=None if row.get("statement") in (None, "") else _text(row["statement"], where, "statement"),
         )
         for where, row in read_rows(path)
     ]
@@ -138,7 +153,7 @@ def read_documents(path: str | Path) -> list:
         if not docs:
             raise MemtuneError(f"data file {str(path)!r} is empty: expected text")
         return docs
-    return [Document(text=str(field(row, "text", where, '"text"')), id=_id(row)) for where, row in read_rows(path)]
+    return [Document(text=text_field(row, "text", where, '"text"'), id=_id(row)) for where, row in read_rows(path)]
 
 
 def read_choices(path: str | Path) -> list:
@@ -155,6 +170,6 @@ def read_choices(path: str | Path) -> list:
             raise MemtuneError(f"{where}: label {label!r} is not an integer index into choices") from None
         if not 0 <= label < len(choices):
             raise MemtuneError(f"{where}: label {label} is out of range: expected 0..{len(choices) - 1}")
-        question = str(field(row, "question", where, need))
+        question = text_field(row, "question", where, need)
         items.append(Choice(question=question, choices=choices, label=label, id=_id(row)))
     return items

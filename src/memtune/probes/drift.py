@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from memtune.data import Document
 from memtune.errors import MemtuneError
 from memtune.probes.likelihood import _pad_id, pad_right
+from memtune.prompts import encode_text
 from memtune.retrofit import bypass_memory, get_memory_bank
 
 
@@ -73,7 +74,7 @@ def drift(
     """
     require_base(model, base)
     strings = [t.text if isinstance(t, Document) else t for t in texts]
-    ids = tokenizer("\n\n".join(strings), add_special_tokens=False).input_ids
+    ids = encode_text(tokenizer, "\n\n".join(strings))  # BOS once, as documents are trained
     if not ids:
         raise MemtuneError("drift needs non-empty text")
     windows = [ids[s : s + max_length] for s in range(0, len(ids), max_length)]

@@ -15,9 +15,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from memtune.batches import IGNORE, encode_qa
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
-from memtune.prompts import answer_suffix, build_prompt
+from memtune.prompts import encode_text
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -73,30 +74,27 @@ def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def _bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """[bos] when the tokenizer adds one to plain text (Llama), else [] (Qwen, SmolLM)."""
-    bos = tokenizer.bos_token_id
-    return [bos] if bos is not None and tokenizer("a").input_ids[:1] == [bos] else []
-
-
 def split_encode(tokenizer: PreTrainedTokenizerBase, context: str, continuation: str) -> tuple[list[int], int]:
-    """Token ids of context + continuation and where the continuation starts.
+    """Token ids of context + continuation (plain text: the tokenizer's BOS once, as
+    `memtune.prompts.encode_text`) and where the continuation starts.
 
     The whole string is encoded at once (as lm-evaluation-harness does) so the boundary is
     tokenised as the model saw it in training; if the context's tokens are not a prefix of the
     whole, the two parts are encoded separately."""
-    prefix = _bos(tokenizer)
-    ctx = prefix + tokenizer(context, add_special_tokens=False).input_ids
-    whole = prefix + tokenizer(context + continuation, add_special_tokens=False).input_ids
+    ctx = encode_text(tokenizer, context)
+    whole = encode_text(tokenizer, context + continuation)
     if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
         return whole, len(ctx)
     return ctx + tokenizer(continuation, add_special_tokens=False).input_ids, len(ctx)
 
 
-def truncate_left(ids: list[int], start: int, max_length: int) -> tuple[list[int], int]:
-    """Keep the last `max_length` tokens (the continuation, as much context as fits)."""
+def truncate_left(ids: list[int], start: int, max_length: int, what: str = "a continuation") -> tuple[list[int], int]:
+    """Keep the last `max_length` tokens: the whole continuation, as much context as fits. A
+    continuation that does not fit with one token of context is an error naming `what`."""
+    if len(ids) - start + 1 > max_length:
+        raise MemtuneError(f"max_length={max_length} is too short for {what}: it needs {len(ids) - start + 1} tokens")
     cut = max(0, len(ids) - max_length)
-    return ids[cut:], max(1, start - cut)
+    return ids[cut:], start - cut
 
 
 def perplexity(
@@ -118,7 +116,7 @@ def perplexity(
     if not 0 < stride <= max_length:
         raise MemtuneError(f"stride={stride} is invalid: expected 0 < stride <= max_length ({max_length})")
     strings = [t.text if isinstance(t, Document) else t for t in texts]
-    ids = tokenizer("\n\n".join(strings), add_special_tokens=False).input_ids
+    ids = encode_text(tokenizer, "\n\n".join(strings))  # BOS once, as documents are trained
     if len(ids) < 2:
         raise MemtuneError("perplexity needs text of at least two tokens")
     windows, starts, prev_end = [], [], 0
@@ -149,7 +147,8 @@ def choice_accuracy(
     seqs, starts, owners = [], [], []
     for i, item in enumerate(items):
         for choice in item.choices:
-            ids, start = truncate_left(*split_encode(tokenizer, item.question, " " + choice), max_length)
+            ids, start = truncate_left(*split_encode(tokenizer, item.question, " " + choice), max_length,
+                                       f"choice {choice!r} of {item.question[:60]!r}")
             seqs.append(ids)
             starts.append(start)
             owners.append(i)
@@ -174,15 +173,11 @@ def answer_loss(
     chat: bool | None = None,
     progress: bool = True,
 ) -> dict:
-    """Mean loss (nats per token) on the reference answers, prompted exactly as in training
-    (`memtune.prompts`). ``loss`` weighs every answer token alike; ``item_loss`` every answer."""
-    seqs, starts = [], []
-    for item in items:
-        prompt = build_prompt(tokenizer, item.question, chat)
-        ids, start = split_encode(tokenizer, prompt, answer_suffix(tokenizer, item.answer, chat))
-        ids, start = truncate_left(ids, start, max_length)
-        seqs.append(ids)
-        starts.append(start)
+    """Mean loss (nats per token) on the reference answers and their end token: exactly the ids
+    and loss positions training uses (`memtune.batches.encode_qa`). ``loss`` weighs every answer token alike; ``item_loss`` every answer."""
+    examples = encode_qa(tokenizer, [(item.question, item.answer) for item in items], max_length, chat)
+    seqs = [e.input_ids for e in examples]
+    starts = [sum(1 for y in e.labels if y == IGNORE) for e in examples]  # the prompt: no loss
     scored = continuation_logprobs(model, seqs, starts, batch_size, _pad_id(tokenizer), "answer loss", progress)
     lps = [lp for lp in scored if lp.numel()]
     if not lps:

@@ -1,77 +1,28 @@
 """The learning probe: generate answers (greedy, not teacher forcing) and score them.
 
-Three scores per question, each the best over the reference answer and its aliases:
+Three scores per question, each the best over the reference answer and its aliases
+(`memtune.probes.match`: Unicode- and typography-folded SQuAD normalisation):
 
-- ``exact_match`` and ``f1``: SQuAD's normalisation (lower case, no punctuation, no articles
-  ``a/an/the``, single spaces) then equality, or the F1 of the bag of tokens;
-- ``contains``: the normalised answer appears in the normalised generation as whole words.
+- ``exact_match`` and ``f1``: equality, or the F1 of the bag of tokens;
+- ``contains``: the generation names the answer — as whole words, not inside a longer name of
+  another entity, not negated.
 
 Chat models answer in sentences ("The capital of France is Paris."), which exact match scores
 as wrong, so memtune's decision "answered right" (`is_correct`, used to split facts into known
-and to-learn) is ``contains``. Answers of at most three characters once normalised (codes
-like ``IN``, ``.is``, ``+1``, small numbers) must instead appear verbatim — same case and
-punctuation — as a whole token, or ordinary words ("in", "is") would count as right.
+and to-learn) is ``contains``.
 """
 
 from __future__ import annotations
-
-import collections
-import re
-import string
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from memtune.data import QA
 from memtune.generation import generate, greedy_gaps
+from memtune.probes.match import SHORT, exact_match, fold, is_correct, normalize_answer, token_f1
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-SHORT = 3  # answers this short (normalised) must match verbatim
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, drop punctuation and articles, collapse whitespace."""
-    text = "".join(c for c in text.lower() if c not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, answers: str | list[str]) -> bool:
-    answers = [answers] if isinstance(answers, str) else answers
-    p = normalize_answer(prediction)
-    return any(p == normalize_answer(a) for a in answers)
-
-
-def token_f1(prediction: str, answers: str | list[str]) -> float:
-    """Best SQuAD token F1 of `prediction` against any of `answers`."""
-    answers = [answers] if isinstance(answers, str) else answers
-    pred = normalize_answer(prediction).split()
-    best = 0.0
-    for a in answers:
-        gold = normalize_answer(a).split()
-        if not pred or not gold:
-            best = max(best, float(pred == gold))
-            continue
-        common = sum((collections.Counter(pred) & collections.Counter(gold)).values())
-        if common:
-            precision, recall = common / len(pred), common / len(gold)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
-
-
-def _contains(prediction: str, answer: str) -> bool:
-    norm = normalize_answer(answer)
-    if not norm:
-        return False
-    if len(norm) <= SHORT:
-        return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", prediction) is not None
-    return f" {norm} " in f" {normalize_answer(prediction)} "
-
-
-def is_correct(prediction: str, answers: str | list[str]) -> bool:
-    """Whether any answer appears in the prediction (normalised, whole words; see module doc)."""
-    answers = [answers] if isinstance(answers, str) else answers
-    return any(_contains(prediction, a) for a in answers)
+__all__ = ["SHORT", "answer_questions", "answers_with_margins", "exact_match", "fold", "is_correct",
+           "normalize_answer", "qa_accuracy", "score", "token_f1"]
 
 
 def score(predictions: list[str], answers: list[list[str]]) -> dict[str, float | int]:
