@@ -44,9 +44,13 @@ def test_listed_questions_keeps_list_items_that_are_questions():
 def test_subject_words_are_what_questions_are_about():
     questions = [f"What is the capital of {s}?" for s in ("Vermont", "Ohio", "Texas", "Utah", "Iowa")]
     questions += ["What is the atomic number of francium?", "In which year did Ohio become a US state?"]
-    # 7 questions: a word in fewer than 2 of them is a subject ("ohio", in 2, counts as form here)
-    assert subject_words(questions) == {"vermont", "texas", "utah", "iowa", "atomic", "number",
+    assert subject_words(questions) == {"vermont", "ohio", "texas", "utah", "iowa", "atomic", "number",
                                         "francium", "year", "become", "state"}
+    assert subject_words(["What is the capital of Zorbia?"]) == {"zorbia"}  # too few to tell form by counts
+    many = [f"What is the {r} of {c}?" for r in ("capital", "currency", "president", "anthem", "motto", "flower")
+            for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr", "Mett", "Pell", "Dunn", "Fask", "Gorr")]
+    assert subject_words(many) == {c.lower() for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr", "Mett",
+                                                        "Pell", "Dunn", "Fask", "Gorr")}
 
 
 def test_first_sentence():
@@ -168,6 +172,13 @@ def test_python_entry_point_retrofits_and_learns(tokenizer):
     assert len(result.learned) == 2 and result.model.memory.ledger.calls == [r["call"]]
 
 
+@pytest.mark.parametrize("data, message", [([], "non-empty"), ([FACTS[0], "text"], r"data\[1\] is a str"),
+                                           ([QA("Who?", " ")], "must not be empty")])
+def test_python_entry_point_refuses_bad_data(tokenizer, data, message):
+    with pytest.raises(MemtuneError, match=message):
+        learn(tiny_model(), tokenizer, data)
+
+
 def test_dense_methods_refuse_slot_options(tokenizer, tmp_path):
     (tmp_path / "k.txt").write_text("Who?\n")
     with pytest.raises(MemtuneError, match="keep is for SMF"):
@@ -181,10 +192,19 @@ def _table(run) -> torch.Tensor:
     return model.memory.values[0].weight.detach().clone()
 
 
-def test_learning_in_two_calls_keeps_the_first_calls_rows(tiny_model_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def learnable_model_dir(tmp_path_factory):
+    """A tiny model whose larger logits let a 16²-slot memory teach it a fact in a few steps."""
+    path = tmp_path_factory.mktemp("models") / "learnable"
+    tiny_model(init_range=0.5).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_learning_in_two_calls_keeps_the_first_calls_rows(learnable_model_dir, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
-    common = ["--n-keys", "16", "--related", "3", "--epochs", "3", "--batch-size", "1", "--until-learned"]
-    assert main(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl", FACTS[:1]),
+    common = ["--n-keys", "16", "--related", "3", "--epochs", "40", "--batch-size", "1", "--lr", "20"]
+    assert main(["learn", "--model", str(learnable_model_dir), "--data", write_facts(tmp_path / "a.jsonl", FACTS[:1]),
                  "--out", str(first), *common]) == 0
     more = [QA("Which river flows through Varn?", "Ost"), QA("Who rules Ostland?", "Zor")]
     assert main(["learn", "--model", str(first / "model"), "--data", write_facts(tmp_path / "b.jsonl", more),
@@ -193,12 +213,13 @@ def test_learning_in_two_calls_keeps_the_first_calls_rows(tiny_model_dir, tmp_pa
     assert [c["call"] for c in journal] == [1, 2] and [c["items"] for c in journal] == [1, 2]
     assert journal[0]["data"].endswith("a.jsonl") and journal[1]["data"].endswith("b.jsonl")
     rows = load_file(second / "model" / "ledger.safetensors")
-    learned1 = rows["call1.table0.rows"]
-    assert learned1.numel() > 0 and "call2.table0.rows" in rows
-    assert torch.isin(learned1, rows["frozen.table0"]).all()
+    frozen1 = load_file(first / "model" / "ledger.safetensors")["frozen.table0"]
+    assert frozen1.numel() > 0 and rows["call1.table0.rows"].numel() > 0 and "call2.table0.rows" in rows
+    assert journal[0]["learned"]["right"] == 1 and journal[0]["rows_kept"] == frozen1.numel()
+    assert torch.isin(frozen1, rows["frozen.table0"]).all()
     before, after = _table(first), _table(second)
-    assert torch.equal(before[learned1], after[learned1])  # bitwise: the first call's rows are kept
-    assert not torch.isin(rows["call2.table0.rows"], learned1).any()
+    assert torch.equal(before[frozen1], after[frozen1])  # bitwise: what the first call kept
+    assert not torch.isin(rows["call2.table0.rows"], frozen1).any()
     assert "adam.table0.rows" not in rows  # frozen rows need no optimizer state
     config = json.loads((second / "config.json").read_text())["steps"]
     assert config["memory"]["continued"] and config["memory"]["earlier_calls"] == 1
@@ -206,6 +227,36 @@ def test_learning_in_two_calls_keeps_the_first_calls_rows(tiny_model_dir, tmp_pa
     assert main(["inspect", "--model", str(second / "model")]) == 0
     shown = capsys.readouterr().out
     assert "2 learn call(s)" in shown and "a.jsonl" in shown and "b.jsonl" in shown
+
+
+def test_what_a_call_did_not_learn_stays_learnable(tiny_model_dir, tmp_path):
+    """Only the reads of facts answered right are kept: a fact the first call failed on can be
+    learned by the next (the tiny random model learns nothing in one pass)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    data = write_facts(tmp_path / "a.jsonl")
+    common = ["--n-keys", "16", "--related", "0", "--batch-size", "2"]
+    assert main(["learn", "--model", str(tiny_model_dir), "--data", data, "--out", str(first), "--epochs", "1",
+                 *common]) == 0
+    call = json.loads((first / "model" / "ledger.json").read_text())["calls"][0]
+    assert call["learned"]["right"] == 0 and call["rows_kept"] == 0
+    assert main(["learn", "--model", str(first / "model"), "--data", data, "--out", str(second), "--epochs", "1",
+                 *common]) == 0
+    metrics = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["updated_rows"] > 0
+
+
+def test_a_broken_ledger_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    from tiny import cli_error
+
+    run = tmp_path / "run"
+    assert main(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl"), "--n-keys",
+                 "16", "--related", "0", "--epochs", "1", "--out", str(run)]) == 0
+    ledger = run / "model" / "ledger.safetensors"
+    ledger.write_bytes(ledger.read_bytes()[:100])
+    capsys.readouterr()
+    cli_error(["inspect", "--model", str(run / "model")], capsys, "unreadable learn history")
+    ledger.unlink()
+    cli_error(["inspect", "--model", str(run / "model")], capsys, "unreadable learn history")
 
 
 def test_continuing_without_freezing_restores_the_optimizer_state(tiny_model_dir, tmp_path):

@@ -146,6 +146,7 @@ def load_memory(model: nn.Module, path: str | Path) -> nn.Module:
     if missing or unexpected:
         raise MemtuneError(f"memory checkpoint {str(path)!r} does not match its config: missing {missing}, unexpected {unexpected}")
     bank.ledger = Ledger.load(path)
+    bank.ledger.check(config.n_slots, path)
     return model
 
 

@@ -43,6 +43,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
     tmp.chmod(0o755)  # mkdtemp makes it private
     if path.exists():
+        if not overwrite and any(path.iterdir()):  # another job wrote it while this one ran
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MemtuneError(f"output {str(path)!r} was created by another job while this one ran: "
+                               "choose another --out or pass --overwrite")
         shutil.rmtree(path)
     os.replace(tmp, path)
 

@@ -80,22 +80,37 @@ class Ledger:
 
     @classmethod
     def load(cls, folder: str | Path) -> Ledger:
-        """The ledger of checkpoint `folder`; empty when it has none (a fresh retrofit)."""
+        """The ledger of checkpoint `folder`; empty when it has none (a fresh retrofit). Raises
+        MemtuneError when only one of its two files is there or they do not agree."""
         folder = Path(folder)
-        if not (folder / JOURNAL_NAME).is_file():
+        journal, rows = folder / JOURNAL_NAME, folder / ROWS_NAME
+        if not journal.is_file() and not rows.is_file():
             return cls()
+        unreadable = f"{str(folder)!r}: unreadable learn history ({JOURNAL_NAME} + {ROWS_NAME})"
         try:
-            calls = json.loads((folder / JOURNAL_NAME).read_text())["calls"]
-            tensors = load_file(folder / ROWS_NAME)
-        except (OSError, ValueError, KeyError) as e:
-            raise MemtuneError(f"{str(folder)!r}: unreadable learn history ({JOURNAL_NAME}/{ROWS_NAME}): {e}") from None
+            calls = json.loads(journal.read_text())["calls"]
+            tensors = load_file(rows)
+        except Exception as e:  # missing file, bad JSON, truncated safetensors
+            raise MemtuneError(f"{unreadable}: {type(e).__name__}: {e}") from None
+        if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+            raise MemtuneError(f"{unreadable}: 'calls' must be a list of objects")
         ledger = cls(calls=calls, learned=[{} for _ in calls])
         for name, t in tensors.items():
             parts = name.split(".")
-            if parts[0] == "frozen":
-                ledger.frozen[int(parts[1].removeprefix("table"))] = t
-            elif parts[0].startswith("call"):
-                ledger.learned[int(parts[0].removeprefix("call")) - 1][int(parts[1].removeprefix("table"))] = t
-            elif parts[0] == "adam":
-                ledger.optimizer[name.removeprefix("adam.")] = t
+            try:
+                if parts[0] == "frozen":
+                    ledger.frozen[int(parts[1].removeprefix("table"))] = t
+                elif parts[0].startswith("call"):
+                    ledger.learned[int(parts[0].removeprefix("call")) - 1][int(parts[1].removeprefix("table"))] = t
+                elif parts[0] == "adam":
+                    ledger.optimizer[name.removeprefix("adam.")] = t
+            except (IndexError, ValueError):
+                raise MemtuneError(f"{unreadable}: {name!r} does not match the {len(calls)} calls listed") from None
         return ledger
+
+    def check(self, n_slots: int, where: str | Path) -> None:
+        """Every row id fits a value table of `n_slots` rows (the ledger belongs to this memory)."""
+        for t, rows in [*self.frozen.items(), *((t, r) for c in self.learned for t, r in c.items())]:
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_slots):
+                raise MemtuneError(f"{str(where)!r}: its learn history names rows outside the memory's "
+                                   f"{n_slots} slots: it belongs to another memory")

@@ -124,12 +124,15 @@ class SparseMemoryFinetuning:
         for k, t in self.table_of.items():
             self.kept[t] = _union(self.kept.get(t), stats.df[k].nonzero().flatten())
 
-    def record_call(self, entry: dict) -> dict:
+    def record_call(self, entry: dict, freeze_updated: bool = True) -> dict:
         """Add this call to the memory's ledger (`memtune.ledger`): the rows it updated, and as
-        frozen for later calls those rows and the `keep_reads` rows. The sparse optimizer state
-        is kept only when learned rows were not frozen (`freeze_learned=False`): only then can
-        a later call move them again. Returns the journal entry."""
-        frozen = {t: _union(self.touched.get(t), self.kept.get(t)) for t in {*self.touched, *self.kept}}
+        frozen for later calls the `keep_reads` rows and (`freeze_updated`) the rows it updated.
+        A caller that kept what its learned data reads passes `freeze_updated=False`, so rows
+        updated only for data it did not learn stay free for a later call. The sparse optimizer
+        state is kept only when learned rows were not frozen (`freeze_learned=False`): only then
+        can a later call move them again. Returns the journal entry."""
+        updated = self.touched if freeze_updated else {}
+        frozen = {t: _union(updated.get(t), self.kept.get(t)) for t in {*updated, *self.kept}}
         state = {} if self.freeze_learned else whole_optimizer_state(  # sharded tables: gathered, as one process's
             self.optimizer.state_tensors([v.weight for v in self.bank.values]), self.bank.values)
         entry = {**entry, "rows_kept": sum(int(r.numel()) for r in self.kept.values()),

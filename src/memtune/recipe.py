@@ -157,15 +157,21 @@ _STOPWORDS = frozenset("the and for was were with from into which what who whom 
 
 
 def subject_words(questions: list[str]) -> set[str]:
-    """Words that say what a question is about rather than its form: in fewer than
-    max(2, n/5) of the n `questions` (case-folded; 3+ letters; not a stopword). "Vermont" and
-    "francium" are subjects of a set of state and element questions; "capital" is form."""
+    """Words that say what a question is about rather than its form (case-folded; 3+ letters;
+    not a stopword): a name or number (capitalised after the first word, or digits) in at most
+    half of the n `questions`, or any word in at most 2 of them when n ≥ 5 — one relation of a
+    set is asked 3 times or more, one subject rarely. "Vermont" and "francium" are subjects of a
+    set of state and element questions; "capital" is form."""
     df: dict[str, int] = {}
+    names: set[str] = set()
     for q in questions:
+        words = re.findall(r"[\w']+", q)
+        names |= {_normal(w) for w in words[1:] if w[:1].isupper() or w.isdigit()}
         for w in set(_normal(q).split()):
             df[w] = df.get(w, 0) + 1
-    limit = max(2, len(questions) / 5)
-    return {w for w, n in df.items() if n < limit and len(w) >= 3 and w not in _STOPWORDS}
+    n = len(questions)
+    return {w for w, k in df.items() if len(w) >= 3 and w not in _STOPWORDS
+            and ((w in names and k <= max(1, n / 2)) or (n >= 5 and k <= 2))}
 
 
 @torch.no_grad()
@@ -296,10 +302,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
 
     config = config or LearnConfig()
     recipe = recipe or RecipeConfig()
-    if not data:
-        raise MemtuneError("no data to learn: the data is empty")
+    data = _check_data(data)
     facts = isinstance(data[0], QA)
     smf = config.method == "smf"
+    if getattr(model, "peft_config", None) is not None:
+        raise MemtuneError(f"the model is a LoRA adapter over its base: --method {config.method} learns a base model "
+                           "or a memory checkpoint (merge the adapter into the base first)")
     if not smf:
         if get_memory_bank(model) is not None:
             raise MemtuneError(f"--method {config.method} trains a base model: pass a model without memory layers")
@@ -425,14 +433,34 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if learned is not None:
         report["learned"] = {"right": sum(learned), "items": len(learned)}
     if smf:
-        if config.protect_learned:  # what the data reads now, at every position, stays
-            method.keep_reads(background_stats(model, examples, pad, len(examples), config.batch_size, "all",
+        # what the learned data reads now, at every position, stays (what was not learned may be
+        # learned by a later call, so its slots stay free)
+        kept = examples if learned is None else [e for e, ok in zip(examples, learned) if ok]
+        if config.protect_learned and kept:
+            method.keep_reads(background_stats(model, kept, pad, len(kept), config.batch_size, "all",
                                                progress=False))
         report["call"] = method.record_call({
             "data": source, "items": len(data), "kind": report["kind"], "steps": len(history),
             "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "seconds": round(time.perf_counter() - start, 1)})
+            "seconds": round(time.perf_counter() - start, 1)}, freeze_updated=not config.protect_learned)
     return LearnResult(model, method, history, report, len(examples), learned)
+
+
+def _check_data(data) -> list:
+    """`data` as a non-empty list of QA, or of Document; MemtuneError otherwise."""
+    data = list(data) if not isinstance(data, (str, bytes)) else None
+    if not data:
+        raise MemtuneError("no data to learn: expected a non-empty list of memtune.data.QA or Document")
+    kind = QA if isinstance(data[0], QA) else Document
+    for i, item in enumerate(data):
+        if not isinstance(item, kind):
+            raise MemtuneError(f"data[{i}] is a {type(item).__name__}: expected every item to be a {kind.__name__} "
+                               "(QA for facts, Document for text; not both)")
+        if kind is QA and not (str(item.question).strip() and str(item.answer).strip()):
+            raise MemtuneError(f"data[{i}] ({item.question!r} -> {item.answer!r}): question and answer must not be empty")
+        if kind is Document and not str(item.text).strip():
+            raise MemtuneError(f"data[{i}] is an empty document")
+    return data
 
 
 def _needs_background() -> tuple[str, ...]:
