@@ -155,7 +155,7 @@ def test_protect_learned_freezes_what_each_chunk_read(config, tmp_path):
     out = tmp_path / "out"
     assert main(["experiment", write_config(tmp_path, config), "--out", str(out), "--no-report"]) == 0
     open_, kept = (json.loads((out / name / "results.json").read_text()) for name in ("smf", "smf-kept"))
-    assert open_["protected_rows"] == 0 and kept["protected_rows"] > 0
+    assert open_["kept_rows"] == 0 and kept["kept_rows"] > 0
 
 
 def test_calibration_is_made_once_and_reused(config, tmp_path, monkeypatch):

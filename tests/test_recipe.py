@@ -179,6 +179,14 @@ def test_python_entry_point_refuses_bad_data(tokenizer, data, message):
         learn(tiny_model(), tokenizer, data)
 
 
+def test_cli_refuses_slot_options_for_dense_methods(tiny_model_dir, tmp_path, capsys):
+    from tiny import cli_error
+
+    cli_error(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl"), "--method", "full",
+               "--top-t", "5", "--out", str(tmp_path / "run")], capsys, "--top-t is for SMF")
+    assert not (tmp_path / "run").exists()
+
+
 def test_dense_methods_refuse_slot_options(tokenizer, tmp_path):
     (tmp_path / "k.txt").write_text("Who?\n")
     with pytest.raises(MemtuneError, match="keep is for SMF"):

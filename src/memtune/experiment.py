@@ -815,6 +815,7 @@ class Experiment:
             if smf:  # the table is trainable, but only the rows ever selected changed
                 results["touched_rows"] = sum(v.numel() for v in method.touched.values())
                 results["protected_rows"] = sum(v.numel() for v in method.protected.values())
+                results["kept_rows"] = sum(v.numel() for v in method.kept.values())  # protect_learned
                 results["updated_parameters"] = results["touched_rows"] * method.bank.values[0].weight.shape[1]
             if c.save_models:
                 method.save(model, tokenizer, tmp / "model")

@@ -14,7 +14,7 @@ from pathlib import Path
 from memtune import distributed
 from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa
 from memtune.errors import MemtuneError
-from memtune.io import check_output_free, write_json
+from memtune.io import check_output_free, remove_stale_temporaries, write_json
 from memtune.recipe import RecipeConfig
 from memtune.stats import background_stats  # noqa: F401 (re-exported: experiments, benchmarks)
 from memtune.train import JsonlWriter, LearnConfig, peak_rss_mb
@@ -103,6 +103,7 @@ def run_learn(run: LearnRun) -> dict:
 
     cfg = run.config
     check_output_free(run.out, run.overwrite)
+    remove_stale_temporaries(Path(run.out).absolute().parent)  # left by a killed run
     kind, items = load_items(run.data, run.format, run.limit)
     model, tokenizer = load_model(run.model, device=distributed.local_device())
     if kind == "qa":  # an answer that --max-length would cut fails now, before minutes of setup
@@ -113,7 +114,7 @@ def run_learn(run: LearnRun) -> dict:
     with distributed.main_process_dir(run.out, overwrite=run.overwrite) as tmp:
         writer = JsonlWriter(tmp / "metrics.jsonl")
         try:
-            result = learn(model, tokenizer, items, cfg, run.recipe, source=run.data, on_step=writer,
+            result = learn(model, tokenizer, items, cfg, run.recipe, source=portable_name(run.data), on_step=writer,
                            progress=run.progress)
         finally:
             writer.close()

@@ -120,7 +120,6 @@ class SparseMemoryFinetuning:
     def keep_reads(self, stats: Background) -> None:
         """`protect_reads`, and record the rows in the checkpoint's ledger as frozen for later
         learn calls: what learned data reads (e.g. a chunk of a stream, once learned) stays."""
-        self.protect_reads(stats)
         for k, t in self.table_of.items():
             self.kept[t] = _union(self.kept.get(t), stats.df[k].nonzero().flatten())
 
@@ -140,8 +139,8 @@ class SparseMemoryFinetuning:
         return self.bank.ledger.record(entry, self.touched, frozen, state)
 
     def begin(self) -> None:
-        learned = self.touched if self.freeze_learned else {}
-        self.frozen = {t: _union(self.protected.get(t), learned.get(t)) for t in {*self.protected, *learned}}
+        parts = [self.protected, self.kept, self.touched if self.freeze_learned else {}]
+        self.frozen = {t: torch.unique(torch.cat([p[t] for p in parts if t in p])) for t in set().union(*parts)}
 
     def set_lr(self, lr: float) -> None:
         self.optimizer.lr = lr
