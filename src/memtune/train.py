@@ -45,7 +45,8 @@ class LearnConfig:
     )
     batch_size: int = field(default=10, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    epochs: int = field(default=30, metadata={"help": "passes over the data (with --until-learned: at most)"})
+    epochs: int = field(default=50, metadata={
+        "help": "passes over the data (with --until-learned: at most; element facts needed 34, BENCHMARKS.md)"})
     until_learned: bool = field(
         default=True,
         metadata={"help": "facts: before each pass, ask the model every question (greedy, as the probes do) and "
