@@ -86,6 +86,7 @@ class SparseMemoryFinetuning:
         self.touched: dict[int, Tensor] = {}  # table -> rows ever updated (sorted)
         self.protected: dict[int, Tensor] = {}  # table -> rows the protect statistics read (sorted)
         self.kept: dict[int, Tensor] = {}  # table -> rows frozen by `keep_reads` (for the ledger)
+        self.earlier: dict[int, Tensor] = {}  # table -> rows earlier learn calls froze (the ledger's)
         self.frozen: dict[int, Tensor] = {}  # table -> rows that may not be updated (sorted)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -101,10 +102,8 @@ class SparseMemoryFinetuning:
                          for k in bank.layers}
         if self.protect is not None:
             self.protect_reads(self.protect)
-        ledger = bank.ledger  # what earlier learn calls on this memory changed
-        for t, rows in ledger.frozen.items():
-            if self.freeze_learned:
-                self.protected[t] = _union(self.protected.get(t), rows)
+        ledger = bank.ledger  # what earlier learn calls on this memory froze
+        self.earlier = dict(ledger.frozen) if self.freeze_learned else {}
         if not self.freeze_learned and ledger.optimizer:
             self.optimizer.load_state_tensors([v.weight for v in bank.values],
                                               local_optimizer_state(ledger.optimizer, bank.values))  # sharded: our columns
@@ -139,7 +138,7 @@ class SparseMemoryFinetuning:
         return self.bank.ledger.record(entry, self.touched, frozen, state)
 
     def begin(self) -> None:
-        parts = [self.protected, self.kept, self.touched if self.freeze_learned else {}]
+        parts = [self.protected, self.kept, self.earlier, self.touched if self.freeze_learned else {}]
         self.frozen = {t: torch.unique(torch.cat([p[t] for p in parts if t in p])) for t in set().union(*parts)}
 
     def set_lr(self, lr: float) -> None:
