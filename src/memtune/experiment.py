@@ -664,7 +664,7 @@ class Experiment:
         from memtune.recipe import own_answer_examples
 
         c = self.config
-        _, examples = own_answer_examples(model, tokenizer, questions, c.probes.max_new_tokens, self.progress)
+        examples = own_answer_examples(model, tokenizer, questions, c.probes.max_new_tokens, self.progress)
         return background_stats(model, examples, tokenizer.pad_token_id, len(examples),
                                 c.background.batch_size if c.background else 8, progress=self.progress)
 

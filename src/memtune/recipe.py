@@ -37,6 +37,7 @@ from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Document
 from memtune.errors import MemtuneError
 from memtune.prompts import encode_text
+from memtune.rankers import NEEDS_BACKGROUND
 from memtune.stats import background_stats
 from memtune.targets import check_target, fact_examples, mask_predicted, own_statements
 from memtune.train import LearnConfig, make_method, train
@@ -95,10 +96,10 @@ class RecipeConfig:
             raise MemtuneError(f"keep={self.keep!r} does not exist: expected a file of questions")
         if not isinstance(self.n_keys, int) or self.n_keys < 2:
             raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
-        for name in ("related", "max_new_tokens"):
+        for name, least, kind in (("related", 0, "non-negative"), ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < (name == "max_new_tokens"):
-                raise MemtuneError(f"{name}={value!r} is invalid: expected a {'positive' if name != 'related' else 'non-negative'} integer")
+            if not isinstance(value, int) or value < least:
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,14 +225,14 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
 
 
 def own_answer_examples(model: nn.Module, tokenizer, questions: list[str], max_new_tokens: int = 24,
-                        progress: bool = True) -> tuple[list[str], list[Example]]:
-    """The model's greedy answers to `questions` and the examples question -> own answer (loss,
-    and so counted positions, on every answer token)."""
+                        progress: bool = True) -> list[Example]:
+    """Examples question -> the model's own greedy answer (loss, and so counted positions, on
+    every answer token); questions it answers with nothing are left out."""
     from memtune.probes.qa import answer_questions
 
     answers = answer_questions(model, tokenizer, questions, max_new_tokens=max_new_tokens, progress=progress)
     kept = [(q, a) for q, a in zip(questions, answers) if a]
-    return answers, encode_qa(tokenizer, kept) if kept else []
+    return encode_qa(tokenizer, kept) if kept else []
 
 
 def example_questions(items: list[QA], augment: int = 0) -> list[QA]:
@@ -358,7 +359,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
     guard_examples: list[Example] = []
     if guarded:
-        _, guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
+        guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
 
     # -- training targets (the base model's own words: before anything is learned in this call)
     if facts:
@@ -407,7 +408,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         if guard_examples and AUTO in (recipe.background, recipe.protect):
             guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
                                            progress=progress)
-        if recipe.background == AUTO and config.ranker in _needs_background():
+        if recipe.background == AUTO and config.ranker in NEEDS_BACKGROUND:
             background = background_stats(model, examples, pad, len(examples), config.batch_size, progress=progress)
             if guard_stats is not None:
                 background = background + guard_stats
@@ -461,9 +462,3 @@ def _check_data(data) -> list:
         if kind is Document and not str(item.text).strip():
             raise MemtuneError(f"data[{i}] is an empty document")
     return data
-
-
-def _needs_background() -> tuple[str, ...]:
-    from memtune.rankers import NEEDS_BACKGROUND
-
-    return tuple(NEEDS_BACKGROUND)
