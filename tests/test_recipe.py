@@ -114,25 +114,48 @@ def _examples(n: int) -> list[Example]:
 
 
 def test_until_learned_trains_only_what_is_not_answered_yet(tokenizer):
-    """The check runs before each pass; examples it finds learned leave the training set, and
-    training stops when none is left."""
+    """Before each pass the check asks the examples still wrong; those it finds learned leave the
+    training set. When none is left it asks the others again, and one an update undid is trained
+    again; training stops only when all are right at once."""
     from memtune.retrofit import retrofit
 
     model = retrofit(tiny_model(), tiny_memory_config())
     examples = _examples(4)
-    calls = []
+    # the model's answers before each check: pass 1 nothing; pass 2: 0, 1; pass 3: 0, 2, 3 (the
+    # training of pass 2 undid 1); then all
+    truth = [[False] * 4, [True, True, False, False], [True, False, True, True], [True] * 4]
+    calls, passes = [], [0]  # passes[0]: training passes so far (the epoch of the last step)
 
-    def check(m):  # pass 1: nothing learned; pass 2: examples 0, 1; then all
-        calls.append(len(calls))
-        return [[False] * 4, [True, True, False, False], [True] * 4][min(len(calls) - 1, 2)]
+    def check(m, indices):
+        calls.append(list(indices))
+        return [truth[min(passes[0], 3)][i] for i in indices]
 
     cfg = LearnConfig(ranker="count", top_t=8, epochs=10, batch_size=2)
-    _, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False, learned=check)
-    assert len(calls) == 3 and [h["examples"] for h in history] == [2, 2, 2]
-    assert [h["epoch"] for h in history] == [1, 1, 2]
+    _, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False, learned=check,
+                       on_step=lambda r: passes.__setitem__(0, r["epoch"]))
+    assert calls == [[0, 1, 2, 3], [0, 1, 2, 3], [2, 3], [0, 1], [1], [0, 2, 3]]
+    assert [h["examples"] for h in history] == [2, 2, 2, 1]
+    assert [h["epoch"] for h in history] == [1, 1, 2, 3]
     cfg = LearnConfig(ranker="count", top_t=8, epochs=3, batch_size=2, until_learned=False)
+    n = len(calls)
     _, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False, learned=check)
-    assert len(history) == 6 and len(calls) == 3  # no check without until_learned
+    assert len(history) == 6 and len(calls) == n  # no check without until_learned
+
+
+def test_until_learned_at_the_cap_leaves_a_fresh_answer_for_every_example(tokenizer):
+    from memtune.retrofit import retrofit
+
+    model = retrofit(tiny_model(), tiny_memory_config())
+    calls = []
+
+    def check(m, indices):
+        calls.append(list(indices))
+        return [i == 0 for i in indices]  # example 0 right from the start, 1 never
+
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=2, batch_size=2)
+    _, history = train(model, tokenizer, _examples(2), cfg, make_method(cfg, None), progress=False, learned=check)
+    assert [h["examples"] for h in history] == [1, 1]
+    assert calls == [[0, 1], [1], [1], [0]]  # after the last pass: the one still wrong, then the other
 
 
 def test_answer_check_scores_greedy_answers_like_the_probe(tokenizer):

@@ -243,7 +243,8 @@ def example_questions(items: list[QA], augment: int = 0) -> list[QA]:
 
 class AnswerCheck:
     """Which items the model answers right: greedy answers scored as the QA probe scores them
-    (`memtune.probes.qa.is_correct`). Called with a model, returns one bool per item.
+    (`memtune.probes.qa.is_correct`). Called with a model (and optionally the indices of the
+    items to ask), returns one bool per item asked; `right` holds the latest answer per item.
 
     With `examples` (one per item, trained with `loss="diverge"`), the examples of the items
     still answered wrong get their loss again from where the model's words leave the target
@@ -257,15 +258,20 @@ class AnswerCheck:
         if (examples is None) != (targets is None):
             raise ValueError("examples and targets (their labels with the loss on the whole target) go together")
         self.examples, self.targets = examples, targets
+        self.right: list[bool | None] = [None] * len(items)
 
-    def __call__(self, model: nn.Module) -> list[bool]:
+    def __call__(self, model: nn.Module, indices: list[int] | None = None) -> list[bool]:
         from memtune.probes.qa import answer_questions, is_correct
 
-        answers = answer_questions(model, self.tokenizer, [q.question for q in self.items],
+        indices = list(range(len(self.items))) if indices is None else list(indices)
+        asked = [self.items[i] for i in indices]
+        answers = answer_questions(model, self.tokenizer, [q.question for q in asked],
                                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
-        right = [is_correct(a, q.answers) for a, q in zip(answers, self.items)]
+        right = [is_correct(a, q.answers) for a, q in zip(answers, asked)]
+        for i, ok in zip(indices, right):
+            self.right[i] = ok
         if self.examples is not None:
-            wrong = [i for i, ok in enumerate(right) if not ok]
+            wrong = [i for i, ok in zip(indices, right) if not ok]
             for i in wrong:
                 self.examples[i].labels = list(self.targets[i])
             if wrong:
@@ -430,7 +436,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
                            learned=check)
     report["train_s"] = round(time.perf_counter() - t, 1)
-    learned = check(model) if check is not None else None
+    learned = None
+    if check is not None:  # until learned, train's last check saw the final model
+        learned = check.right if config.until_learned else check(model)
     if learned is not None:
         report["learned"] = {"right": sum(learned), "items": len(learned)}
     if smf:

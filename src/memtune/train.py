@@ -156,15 +156,18 @@ def train(
     method,
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
-    learned: Callable[[nn.Module], list[bool]] | None = None,
+    learned: Callable[[nn.Module, list[int]], list[bool]] | None = None,
 ) -> tuple[nn.Module, list[dict]]:
     """Run the method over `examples` for `config.epochs` (or `max_steps`); returns the
     (possibly wrapped) model and the per-step metrics. Called again with the returned model,
     training continues (optimizer state kept), as for the next chunk of a stream.
 
-    With `config.until_learned` and a `learned` check (model -> one bool per example, e.g.
-    `AnswerCheck`), each pass trains only the examples the check finds not yet learned, and
-    training stops when there are none; `epochs` is then a cap."""
+    With `config.until_learned` and a `learned` check ((model, indices) -> one bool per
+    example index asked, e.g. `AnswerCheck`), each pass trains only the examples not yet
+    learned: before a pass the check asks those still wrong; when none is left it asks the others
+    again (later updates can undo an earlier answer) and training stops only when every example
+    is answered right at once; `epochs` is then a cap. At the end the check's last answer for
+    every example is from the final model."""
     if not examples:
         raise MemtuneError("no training examples: the data is empty")
     torch.manual_seed(config.seed)
@@ -189,7 +192,7 @@ def train(
     try:
         while step < total and epoch < config.epochs:
             if check is not None:  # only what the model does not answer right yet (rank 0's view)
-                active = distributed.from_main([i for i, done in enumerate(check(model)) if not done])
+                active = _still_wrong(check, model, active, len(examples))
                 bar.set_postfix(left=len(active), refresh=False)
                 if not active:
                     break
@@ -232,8 +235,8 @@ def train(
                     on_step(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", left=len(active))
-        if check is not None and step < total and epoch == config.epochs:  # did the last pass finish it?
-            active = distributed.from_main([i for i, done in enumerate(check(model)) if not done])
+        if check is not None and active and (step >= total or epoch == config.epochs):  # the last pass's effect
+            active = _still_wrong(check, model, active, len(examples), everyone=True)
         if check is not None:
             log.info("trained %d passes, %d steps: %d of %d examples answered right (until learned, cap %d passes)",
                      epoch, step, len(examples) - len(active), len(examples), config.epochs)
@@ -241,6 +244,17 @@ def train(
         bar.close()
         model.eval()
     return model, history
+
+
+def _still_wrong(check, model: nn.Module, active: list[int], n: int, everyone: bool = False) -> list[int]:
+    """The examples of `active` the check finds wrong, and, when none is (or `everyone`), those
+    of the other n - |active| it finds wrong now: an update since they were right can undo them.
+    Rank 0's view, on every rank."""
+    wrong = distributed.from_main([i for i, ok in zip(active, check(model, active)) if not ok])
+    if (everyone or not wrong) and len(active) < n:
+        others = sorted(set(range(n)) - set(active))
+        wrong += distributed.from_main([i for i, ok in zip(others, check(model, others)) if not ok])
+    return sorted(wrong)
 
 
 class JsonlWriter:

@@ -1,0 +1,129 @@
+"""`memtune learn` with its defaults against `memtune learn --method full`, side by side in one
+run: the same facts in the same calls, each call a `memtune learn` command exactly as a user
+types it (the second continues the first's checkpoint), then learned facts, their paraphrases,
+the domain's known facts and held-out perplexity for the base model and both results.
+
+    python benchmarks/bench_learn_vs_full.py --domain runs/domains/elements --facts 200 --calls 2 \
+        --out runs/learn-vs-full/elements
+
+A domain folder is the output of `memtune facts` (learn.jsonl: facts the model gets wrong,
+known.jsonl: facts it answers right by a margin). The only option either command gets besides
+`--model/--data/--out` is `--threads` (and `--method full`): defaults only. Wall time is per
+command, model loading included. Prints a Markdown table and writes `summary.json`. Run
+again with the same --out, it reuses the calls that finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: int) -> tuple[str, list[float]]:
+    """Run one `memtune learn` per part, each continuing the previous; returns the final model
+    and the wall seconds per call."""
+    seconds = []
+    for i, data in enumerate(parts, 1):
+        run = out / method / f"call{i}"
+        done = out / method / f"call{i}.seconds"
+        if done.exists() and (run / "model").is_dir():  # finished in an earlier run of this script
+            seconds.append(float(done.read_text()))
+            model = str(run / "model")
+            continue
+        cmd = [sys.executable, "-m", "memtune", "learn", "--model", model, "--data", str(data), "--out", str(run),
+               "--threads", str(threads), "--overwrite", *(["--method", method] if method != "smf" else [])]
+        print("$", " ".join(cmd[2:]), flush=True)
+        t = time.perf_counter()
+        with open(out / f"{method}-call{i}.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
+        seconds.append(round(time.perf_counter() - t, 1))
+        done.write_text(f"{seconds[-1]}\n")
+        print(f"  {seconds[-1]} s", flush=True)
+        model = str(run / "model")
+    return model, seconds
+
+
+def evaluate(name: str, items, parts, known, texts, max_new_tokens: int) -> dict:
+    from memtune.models import load_model
+    from memtune.probes import perplexity, qa_accuracy
+
+    model, tok = load_model(name)
+    learned = qa_accuracy(model, tok, items, max_new_tokens=max_new_tokens, progress=False, predictions=True)
+    right = {(p["id"], p["question"]) for p in learned["predictions"] if p["correct"] and not p.get("paraphrase")}
+    kept = qa_accuracy(model, tok, known, max_new_tokens=max_new_tokens, paraphrases=False, progress=False)
+    return {"learned": learned["contains"], "paraphrases": (learned["paraphrases"] or {}).get("contains"),
+            "per_call": [sum((q.id, q.question) in right for q in part) / len(part) for part in parts],
+            "known": kept["contains"], "known_right": round(kept["contains"] * len(known)),
+            "perplexity": perplexity(model, tok, texts, progress=False)["perplexity"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--domain", required=True)
+    p.add_argument("--facts", type=int, default=200)
+    p.add_argument("--calls", type=int, default=2)
+    p.add_argument("--known", type=int, default=None, help="known facts asked (default: all)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", default="smf,full")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    import torch
+
+    from memtune.data import load_qa, save_jsonl
+    from memtune.data.prose import prose_documents
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    items, known = load_qa(f"{args.domain}/learn.jsonl"), load_qa(f"{args.domain}/known.jsonl")
+    rng = random.Random(args.seed)
+    rng.shuffle(items)
+    items, known = items[: args.facts], known[: args.known]
+    chunks = [items[round(i * len(items) / args.calls): round((i + 1) * len(items) / args.calls)]
+              for i in range(args.calls)]
+    parts = []
+    for i, chunk in enumerate(chunks, 1):  # only what a user's file would hold
+        parts.append(out / f"facts{i}.jsonl")
+        save_jsonl([{"question": q.question, "answer": q.answer} for q in chunk], parts[-1])
+    texts = [d.text for d in prose_documents("heldout")]
+
+    summary = {"domain": args.domain, "facts": len(items), "calls": args.calls, "known": len(known),
+               "model": args.model, "threads": args.threads, "methods": {}}
+    finals = {}
+    for method in args.methods.split(","):
+        finals[method], seconds = learn_calls(method, parts, out, args.model, args.threads)
+        summary["methods"][method] = {"seconds": seconds, "total_s": round(sum(seconds), 1)}
+    for name, model in [("base", args.model), *finals.items()]:
+        print(f"evaluating {name}", flush=True)
+        result = evaluate(model, items, chunks, known, texts, 24)
+        summary["methods"].setdefault(name, {}).update(result)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    base = summary["methods"]["base"]
+    print(f"\n{summary['facts']} facts in {args.calls} calls, {len(known)} known; {args.domain}\n")
+    print("| | learned | per call | paraphrases | known kept | known lost | perplexity Δ | wall time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, r in summary["methods"].items():
+        lost = base["known_right"] - r["known_right"]
+        ppl = 100 * (r["perplexity"] / base["perplexity"] - 1)
+        print(f"| {name} | {100 * r['learned']:.1f} % | {' / '.join(f'{100 * x:.0f}' for x in r['per_call'])} | "
+              f"{100 * (r['paraphrases'] or 0):.1f} % | {100 * r['known']:.1f} % | {lost} | {ppl:+.2f} % | "
+              f"{r.get('total_s', '–')} s |")
+    if "smf" in finals and "full" in finals:
+        ratio = summary["methods"]["smf"]["total_s"] / summary["methods"]["full"]["total_s"]
+        summary["time_ratio_smf_over_full"] = round(ratio, 2)
+        print(f"\nwall time, smf / full: {ratio:.2f}x")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
