@@ -41,7 +41,7 @@ def main() -> None:
     from memtune.data import load_qa
     from memtune.experiment import StreamConfig, fact_examples
     from memtune.learn import background_stats
-    from memtune.methods import SparseMemoryFinetuning
+    from memtune.methods import SMFConfig, SparseMemoryFinetuning
     from memtune.models import load_base_model
     from memtune.retrofit import memory_ffns, retrofit
     from memtune.stats import StepUsage
@@ -92,7 +92,7 @@ def main() -> None:
         if calibration != "none":
             calibrate_queries(model, first_batches(background, pad, 100, 8)[1], calibration, progress=False)
         stats = background_stats(model, background, pad, 100, 8, progress=False)
-        smf = SparseMemoryFinetuning("tfidf", args.top_t, "sgd", 1.0, stats)
+        smf = SparseMemoryFinetuning(SMFConfig("tfidf", args.top_t, "sgd", 1.0), stats)
         selected = {k: torch.zeros(bank.config.n_slots, dtype=torch.bool) for k in bank.layers}
         bank.set_record(True)
         with torch.no_grad():

@@ -23,7 +23,7 @@ def run_one(kind: str, n_keys: int, args: argparse.Namespace) -> dict:
     from memtune.batches import collate, encode_documents, n_loss_tokens, token_loss_sum
     from memtune.config import MemoryConfig
     from memtune.data import load_documents
-    from memtune.methods import FullFinetuning, SparseMemoryFinetuning
+    from memtune.methods import FullFinetuning, SMFConfig, SparseMemoryFinetuning
     from memtune.models import load_base_model
     from memtune.retrofit import retrofit
     from memtune.stats import StepUsage
@@ -37,7 +37,7 @@ def run_one(kind: str, n_keys: int, args: argparse.Namespace) -> dict:
     if kind == "smf":
         retrofit(model, MemoryConfig(layers=[int(x) for x in args.layers.split(",")], n_keys=n_keys,
                                      heads=4, knn=32, k_dim=256, value_dtype=args.value_dtype))
-        method = SparseMemoryFinetuning("count", args.top_t, "adam", 0.1, background=None)
+        method = SparseMemoryFinetuning(SMFConfig("count", args.top_t, "adam", 0.1))
     else:
         method = FullFinetuning(2e-5)
     model = method.prepare(model)

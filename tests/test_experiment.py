@@ -319,7 +319,9 @@ def _localise(raw: dict, tmp_path: Path, model: str) -> dict:
     p["max_new_tokens"], p["max_length"] = 4, 32
     for m in raw["methods"]:
         m.update(epochs=1, max_steps=1, batch_size=2)
-        if isinstance(m.get("top_t"), int) or m.get("top_t") is None:
+        if m.get("method", "smf") != "smf":
+            pass
+        elif isinstance(m.get("top_t"), int) or m.get("top_t") is None:
             m["top_t"] = 8
         else:
             m["top_t"] = [4 * (i + 1) for i in range(len(m["top_t"]))]
@@ -360,7 +362,8 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c["background"].update(calibrate="pca"), "background.calibrate='pca' is invalid"),
         (lambda c: c["stream"].update(chunks=50), "more than the 6 items"),
         (lambda c: c["methods"][0].update(protect="yes"), "protect='yes' is invalid"),
-        (lambda c: c["methods"][1].update(protect_learned=True), "protect_learned=true is for SMF"),
+        (lambda c: c["methods"][1].update(protect_learned=True), "methods[1]: --protect-learned is for SMF"),
+        (lambda c: c["methods"][0].update(lora_rank=4), "methods[0]: --lora-rank is for LoRA: method 'smf'"),
     ],
 )
 def test_bad_config_fails_in_one_line_before_any_output(config, tmp_path, capsys, change, message):

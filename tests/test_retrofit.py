@@ -117,7 +117,7 @@ def test_parameter_counts_split_memory_and_base():
 
 
 def test_bfloat16_value_table_trains_and_keeps_parallel_mode_exact():
-    from memtune.methods import SparseMemoryFinetuning
+    from memtune.methods import SMFConfig, SparseMemoryFinetuning
     from memtune.stats import StepUsage
 
     model = tiny_model()
@@ -129,7 +129,7 @@ def test_bfloat16_value_table_trains_and_keeps_parallel_mode_exact():
     assert table.dtype == torch.bfloat16 and model.memory.layers["0"].query.weight.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(model(ids).logits, base)
-    method = SparseMemoryFinetuning("count", top_t=8, optimizer="adam", lr=0.1, background=None)
+    method = SparseMemoryFinetuning(SMFConfig("count", top_t=8, optimizer="adam", lr=0.1))
     model = method.prepare(model)
     usage = StepUsage(model.memory)
     model(ids, labels=ids).loss.backward()

@@ -5,7 +5,7 @@ import torch
 
 from memtune.batches import collate, encode_qa
 from memtune.errors import MemtuneError
-from memtune.methods import SparseMemoryFinetuning
+from memtune.methods import SMFConfig, SparseMemoryFinetuning
 from memtune.retrofit import retrofit
 from memtune.sparse_optim import SparseAdam, SparseSGD
 from memtune.stats import Background, StepUsage, compute_background
@@ -110,7 +110,7 @@ def _one_step(model, method, tokenizer, pairs):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_one_step_changes_exactly_the_selected_rows(tokenizer, optimizer):
     model = memory_model()
-    method = SparseMemoryFinetuning("count", top_t=6, optimizer=optimizer, lr=0.5, background=None)
+    method = SparseMemoryFinetuning(SMFConfig("count", top_t=6, optimizer=optimizer, lr=0.5))
     model = method.prepare(model)
     before = snapshot(model)
     selected = _one_step(model, method, tokenizer, PAIRS)
@@ -124,7 +124,7 @@ def test_one_step_changes_exactly_the_selected_rows(tokenizer, optimizer):
 
 def test_adam_never_moves_a_row_outside_the_current_selection(tokenizer):
     model = memory_model()
-    method = SparseMemoryFinetuning("count", top_t=4, optimizer="adam", lr=0.5, background=None)
+    method = SparseMemoryFinetuning(SMFConfig("count", top_t=4, optimizer="adam", lr=0.5))
     model = method.prepare(model)
     s1 = _one_step(model, method, tokenizer, PAIRS[:2])
     mid = model.memory.values[0].weight.detach().clone()
@@ -165,7 +165,7 @@ def test_same_seed_gives_bitwise_identical_results(tokenizer, ranker):
     def run():
         model = memory_model()
         cfg = LearnConfig(ranker=ranker, top_t=8, epochs=2, batch_size=2, seed=7)
-        method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None, cfg.seed)
+        method = SparseMemoryFinetuning(cfg.smf())
         model, history = train(model, tokenizer, encode_qa(tokenizer, PAIRS), cfg, method, progress=False)
         return model.memory.values[0].weight.detach().clone(), [h["loss"] for h in history]
 
@@ -177,14 +177,14 @@ def test_same_seed_gives_bitwise_identical_results(tokenizer, ranker):
 def test_smf_learns_the_training_data(tokenizer):
     model = memory_model(init_range=0.5)  # logits large enough to express a confident answer
     cfg = LearnConfig(ranker="count", top_t=64, epochs=40, batch_size=4, lr=0.3)
-    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None)
+    method = SparseMemoryFinetuning(cfg.smf())
     _, history = train(model, tokenizer, encode_qa(tokenizer, PAIRS), cfg, method, progress=False)
     assert history[-1]["loss"] < 0.85 * history[0]["loss"]
 
 
 def test_tfidf_without_background_is_an_error():
     with pytest.raises(MemtuneError, match="needs background statistics"):
-        SparseMemoryFinetuning("tfidf", 10, "adam", 0.1, background=None)
+        SparseMemoryFinetuning(SMFConfig("tfidf", 10, "adam", 0.1))
 
 
 def test_fingerprint_follows_the_lookup_only():
@@ -205,7 +205,7 @@ def test_fingerprint_follows_the_lookup_only():
 def test_freeze_learned_keeps_earlier_rows_when_learning_later_data(tokenizer, freeze):
     model = memory_model()
     cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2, freeze_learned=freeze)
-    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None, freeze_learned=freeze)
+    method = SparseMemoryFinetuning(SMFConfig(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, freeze_learned=freeze))
     model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
     first = [t.weight.detach().clone() for t in model.memory.values]
     first_rows = {t: rows.clone() for t, rows in method.touched.items()}
@@ -220,7 +220,7 @@ def test_freeze_learned_keeps_earlier_rows_when_learning_later_data(tokenizer, f
 def test_protect_reads_keeps_every_row_earlier_data_reads(tokenizer):
     model = memory_model()
     cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2)
-    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None)
+    method = SparseMemoryFinetuning(cfg.smf())
     first = encode_qa(tokenizer, PAIRS[:2])
     model, _ = train(model, tokenizer, first, cfg, method, progress=False)
     reads = compute_background(model, iter([collate(first, tokenizer.pad_token_id, "all")]), progress=False)
@@ -238,7 +238,7 @@ def test_protected_slots_are_never_updated(tokenizer):
     protect_batch = collate(encode_qa(tokenizer, PAIRS[:2]), tokenizer.pad_token_id, "loss")
     protect = compute_background(model, iter([protect_batch]), progress=False)
     cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2)
-    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None, protect=protect)
+    method = SparseMemoryFinetuning(cfg.smf(), protect=protect)
     before = model.memory.values[0].weight.detach().clone()
     model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS), cfg, method, progress=False)
     protected = torch.unique(torch.cat([protect.df[k].nonzero().flatten() for k in model.memory.layers]))
@@ -250,7 +250,7 @@ def test_protected_slots_are_never_updated(tokenizer):
 def test_linear_schedule_decays_the_rate_each_step_uses_and_restarts_per_chunk(tokenizer):
     model = memory_model()
     cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=1, lr=0.5, schedule="linear")
-    method = SparseMemoryFinetuning(cfg.ranker, cfg.top_t, cfg.optimizer, cfg.lr, None)
+    method = SparseMemoryFinetuning(cfg.smf())
     used = []
     step = method.optimizer.step
     method.optimizer.step = lambda table, rows: used.append(method.optimizer.lr) or step(table, rows)
@@ -260,3 +260,35 @@ def test_linear_schedule_decays_the_rate_each_step_uses_and_restarts_per_chunk(t
         assert [r["lr"] for r in history] == pytest.approx(expected)
     n_tables = len(model.memory.values)
     assert used == pytest.approx([lr for lr in expected for _ in range(n_tables)] * 2)
+
+
+def test_smf_config_is_the_one_object_the_method_takes():
+    from memtune.errors import MemtuneError
+    from memtune.train import LearnConfig
+
+    cfg = LearnConfig(ranker="count", top_t=7, optimizer="sgd", count_positions="all", freeze_learned=False, seed=3)
+    smf = cfg.smf()
+    assert smf == SMFConfig("count", 7, "sgd", cfg.lr, "all", False, True, 3)
+    method = SparseMemoryFinetuning(smf)
+    assert method.config is smf and method.freeze_learned is False
+    for bad, message in [({"ranker": "bm25"}, "ranker"), ({"top_t": 0}, "top_t=0"), ({"optimizer": "lion"}, "optimizer='lion'"),
+                         ({"lr": -1.0}, "lr=-1.0"), ({"count_positions": "some"}, "count_positions='some'")]:
+        with pytest.raises(MemtuneError, match=message):
+            SMFConfig(**bad)
+        with pytest.raises(MemtuneError, match=message):
+            LearnConfig(**bad)
+    assert LearnConfig(method="full", top_t=0).lr == 2e-5  # not SMF's to check (the CLI refuses it: check_options)
+
+
+def test_options_that_do_nothing_for_a_method_are_refused():
+    from memtune.errors import MemtuneError
+    from memtune.train import check_options
+
+    check_options("smf", {"top_t": 5, "lr": 1.0})
+    check_options("lora", {"lora_rank": 4, "epochs": 2})
+    with pytest.raises(MemtuneError, match="^--top-t is for SMF: method 'full' does not use it$"):
+        check_options("full", {"top_t": 5, "lr": 1.0})
+    with pytest.raises(MemtuneError, match="^--lora-alpha is for LoRA: method 'smf'"):
+        check_options("smf", {"lora_alpha": 8})
+    with pytest.raises(MemtuneError, match="^--related is for SMF"):
+        check_options("lora", {"related": 0}, ("related",))

@@ -47,7 +47,7 @@ from memtune.errors import MemtuneError
 from memtune.io import atomic_dir, remove_stale_temporaries, write_json
 from memtune.rankers import NEEDS_BACKGROUND
 from memtune.targets import mask_predicted, mask_prefix  # noqa: F401 (re-exported)
-from memtune.train import JsonlWriter, LearnConfig, make_method, peak_rss_mb, reset_peak_rss, train
+from memtune.train import JsonlWriter, LearnConfig, check_options, make_method, peak_rss_mb, reset_peak_rss, train
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +234,10 @@ def expand_methods(methods: list[dict]) -> list[Run]:
         entry = dict(entry)
         base_name = str(entry.pop("name", entry.get("method", "smf")))
         protect = _flag(entry, "protect", True, i)
-        for key in ("protect_learned", "freeze_learned"):
-            if entry.get(key) and entry.get("method", "smf") != "smf":
-                raise MemtuneError(f"methods[{i}].{key}=true is for SMF: method {entry['method']!r} "
-                                   "updates every parameter it trains")
+        try:
+            check_options(str(entry.get("method", "smf")), entry)
+        except MemtuneError as e:
+            raise MemtuneError(f"methods[{i}]: {e}") from None
         entry = {**EXPERIMENT_DEFAULTS, **entry}
         swept = {k: v for k, v in entry.items() if isinstance(v, list)}
         for values in itertools.product(*swept.values()):

@@ -8,6 +8,7 @@ gradients are in, and saves what it learned in its own format.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -15,12 +16,13 @@ import torch
 from torch import Tensor, nn
 
 from memtune import distributed
+from memtune.batches import COUNT_POSITIONS
 from memtune.errors import MemtuneError
 from memtune.ledger import union as _union
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
 from memtune.retrofit import get_memory_bank, require_memory_bank
 from memtune.sharding import local_optimizer_state, whole_optimizer_state
-from memtune.sparse_optim import make_sparse_optimizer
+from memtune.sparse_optim import OPTIMIZERS, make_sparse_optimizer
 from memtune.stats import Background, StepUsage
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,49 @@ class Method(Protocol):
     def save(self, model: nn.Module, tokenizer, path: Path) -> None: ...
 
 
+@dataclass(frozen=True)
+class SMFConfig:
+    """Sparse memory finetuning, whole: how each step ranks the slots its counted positions read
+    and updates the top-T value rows (Lin et al., Sparse Memory Finetuning, eq. 1-2 for tfidf),
+    and which rows stay frozen. `memtune.train.LearnConfig.smf()` makes one from learn options.
+
+    - ranker: a name in `memtune.rankers.RANKERS` (tfidf and kl need background statistics);
+    - top_t: value rows updated per memory layer and step;
+    - optimizer, lr: `memtune.sparse_optim` (adam: per-row state; sgd), learning rate;
+    - count_positions: reads that count: at positions predicting loss tokens ("loss"), or "all";
+    - freeze_learned: rows updated for earlier data (earlier `train` calls, earlier learn calls in
+      the memory's ledger) are never updated again;
+    - protect_learned: once data is learned, every row its text reads is frozen for later data
+      (the caller measures the reads: `SparseMemoryFinetuning.keep_reads`);
+    - seed: the random ranker's generator.
+
+    Raises MemtuneError for a value outside these."""
+
+    ranker: str = "tfidf"
+    top_t: int = 1000
+    optimizer: str = "adam"
+    lr: float = DEFAULT_LR[("smf", "adam")]
+    count_positions: str = "loss"
+    freeze_learned: bool = False
+    protect_learned: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_ranker(self.ranker)
+        if self.optimizer not in OPTIMIZERS:
+            raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
+        if not isinstance(self.top_t, int) or self.top_t <= 0:
+            raise MemtuneError(f"top_t={self.top_t!r} is invalid: expected a positive integer")
+        if not self.lr > 0:
+            raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
+        if self.count_positions not in COUNT_POSITIONS:
+            raise MemtuneError(f"count_positions={self.count_positions!r} is invalid: expected one of "
+                               f"{', '.join(COUNT_POSITIONS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def _count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -67,21 +112,17 @@ class SparseMemoryFinetuning:
     name = "smf"
     model: nn.Module | None = None
 
-    def __init__(self, ranker: str, top_t: int, optimizer: str, lr: float,
-                 background: Background | None, seed: int = 0, freeze_learned: bool = False,
+    def __init__(self, config: SMFConfig | None = None, background: Background | None = None,
                  protect: Background | None = None):
-        self.ranker_name = ranker
-        self.ranker = get_ranker(ranker)
-        if ranker in NEEDS_BACKGROUND and background is None:
-            raise MemtuneError(f"ranker={ranker!r} needs background statistics: pass --background DIR "
+        self.config = config = config or SMFConfig()
+        self.ranker = get_ranker(config.ranker)
+        if config.ranker in NEEDS_BACKGROUND and background is None:
+            raise MemtuneError(f"ranker={config.ranker!r} needs background statistics: pass --background DIR "
                                "(from `memtune background`) or use --ranker count|random")
-        if top_t <= 0:
-            raise MemtuneError(f"top_t={top_t} is invalid: expected a positive integer")
-        self.top_t = top_t
-        self.optimizer = make_sparse_optimizer(optimizer, lr)
+        self.optimizer = make_sparse_optimizer(config.optimizer, config.lr)
         self.background = background
-        self.generator = torch.Generator().manual_seed(seed)
-        self.freeze_learned = freeze_learned
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.freeze_learned = config.freeze_learned
         self.protect = protect
         self.touched: dict[int, Tensor] = {}  # table -> rows ever updated (sorted)
         self.protected: dict[int, Tensor] = {}  # table -> rows the protect statistics read (sorted)
@@ -160,7 +201,7 @@ class SparseMemoryFinetuning:
             if self.background is not None:
                 kwargs |= {"df": self.background.df[layer][slots], "n_background": self.background.n_batches,
                            "df_total": self.background.df_total(layer)}
-            selected[layer] = select_top(slots, self.ranker(**kwargs), self.top_t)
+            selected[layer] = select_top(slots, self.ranker(**kwargs), self.config.top_t)
         return selected
 
     def step(self, usage: StepUsage | None) -> dict:

@@ -40,7 +40,7 @@ from memtune.prompts import encode_text
 from memtune.rankers import NEEDS_BACKGROUND
 from memtune.stats import background_stats
 from memtune.targets import check_target, fact_examples, mask_predicted, own_statements
-from memtune.train import LearnConfig, make_method, train
+from memtune.train import LearnConfig, check_options, make_method, train
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ AUTO, NONE = "auto", "none"
 # Where the recipe puts memory layers, as fractions of the model's depth: 8, 16, 24 of
 # SmolLM2-135M's 30 layers (the headline's); for 24-layer Qwen2.5-0.5B 6, 13, 19.
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
+# RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
+RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate")
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -318,11 +320,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if not smf:
         if get_memory_bank(model) is not None:
             raise MemtuneError(f"--method {config.method} trains a base model: pass a model without memory layers")
-        slot_options = [n for n in ("background", "protect") if getattr(recipe, n) not in (AUTO, NONE)]
-        slot_options += ["keep"] if recipe.keep is not None else []
-        if slot_options:
-            raise MemtuneError(f"{slot_options[0]} is for SMF: method {config.method!r} updates every parameter "
-                               "it trains")
+        default = RecipeConfig()
+        check_options(config.method, [k for k in RECIPE_SMF_ONLY if getattr(recipe, k) != getattr(default, k)],
+                      RECIPE_SMF_ONLY)
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()

@@ -15,11 +15,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from memtune import distributed
-from memtune.batches import COUNT_POSITIONS, Example, collate, n_loss_tokens, token_loss_sum
+from memtune.batches import Example, collate, n_loss_tokens, token_loss_sum
 from memtune.errors import MemtuneError
-from memtune.methods import DEFAULT_LR, METHODS, FullFinetuning, LoRA, SparseMemoryFinetuning
-from memtune.rankers import RANKERS, get_ranker
-from memtune.sparse_optim import OPTIMIZERS
+from memtune.methods import DEFAULT_LR, METHODS, FullFinetuning, LoRA, SMFConfig, SparseMemoryFinetuning
+from memtune.rankers import RANKERS
 from memtune.stats import Background, StepUsage
 
 log = logging.getLogger(__name__)
@@ -77,15 +76,9 @@ class LearnConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise MemtuneError(f"method={self.method!r} is invalid: expected one of {', '.join(METHODS)}")
-        if self.method == "smf" and self.optimizer not in OPTIMIZERS:
-            raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
-        if self.method == "smf":
-            get_ranker(self.ranker)
         if self.schedule not in SCHEDULES:
             raise MemtuneError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
-        if self.count_positions not in COUNT_POSITIONS:
-            raise MemtuneError(f"count_positions={self.count_positions!r} is invalid: expected one of {', '.join(COUNT_POSITIONS)}")
-        for name in ("top_t", "batch_size", "grad_accum", "epochs", "max_length", "lora_rank"):
+        for name in ("batch_size", "grad_accum", "epochs", "max_length", "lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
@@ -93,22 +86,41 @@ class LearnConfig:
             raise MemtuneError(f"max_steps={self.max_steps} is invalid: expected a positive integer")
         if self.lr is not None and not self.lr > 0:
             raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
-        if self.lr is None:
-            key = (self.method, self.optimizer if self.method == "smf" else "adamw")
-            self.lr = DEFAULT_LR[key]
-        if self.method != "smf":  # SMF's freezing has nothing to act on in a dense method
+        if self.lr is None:  # (an unknown SMF optimizer has none: SMFConfig says so)
+            self.lr = DEFAULT_LR.get((self.method, self.optimizer if self.method == "smf" else "adamw"))
+        if self.method == "smf":
+            self.smf()  # checks the SMF options (ranker, top-T, optimizer, counted positions)
+        else:  # SMF's freezing has nothing to act on in a dense method
             self.freeze_learned = self.protect_learned = False
+
+    def smf(self) -> SMFConfig:
+        """The SMF options, as the one object the method takes."""
+        return SMFConfig(self.ranker, self.top_t, self.optimizer, self.lr, self.count_positions,
+                         self.freeze_learned, self.protect_learned, self.seed)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Options that act on memory slots (SMF) or on adapters (LoRA): another method refuses them.
+SMF_ONLY = ("ranker", "top_t", "optimizer", "count_positions", "freeze_learned", "protect_learned")
+LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+
+
+def check_options(method: str, given, smf_only: tuple[str, ...] = SMF_ONLY) -> None:
+    """Refuse an option the user gave (`given`: names, as LearnConfig fields) that does nothing
+    for `method`: one-line MemtuneError naming the first (as a command-line flag)."""
+    unused = sorted(k for k in given if (method != "smf" and k in smf_only) or (method != "lora" and k in LORA_ONLY))
+    if unused:
+        kind = "SMF" if unused[0] in smf_only else "LoRA"
+        raise MemtuneError(f"--{unused[0].replace('_', '-')} is for {kind}: method {method!r} does not use it")
 
 
 def make_method(config: LearnConfig, background: Background | None, protect: Background | None = None):
     """The method `config` names; SMF ranks against `background` and never updates the slots
     `protect` read."""
     if config.method == "smf":
-        return SparseMemoryFinetuning(config.ranker, config.top_t, config.optimizer, config.lr, background,
-                                      config.seed, config.freeze_learned, protect)
+        return SparseMemoryFinetuning(config.smf(), background, protect)
     if protect is not None:
         raise MemtuneError(f"protect statistics are for SMF: method {config.method!r} updates every parameter it trains")
     if config.method == "full":

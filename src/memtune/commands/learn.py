@@ -12,17 +12,12 @@ from memtune.commands import (
     dataclass_kwargs,
     positive_int,
 )
-from memtune.errors import MemtuneError
-from memtune.recipe import RecipeConfig
-from memtune.train import LearnConfig
+from memtune.recipe import RECIPE_SMF_ONLY, RecipeConfig
+from memtune.train import SMF_ONLY, LearnConfig, check_options
 
 DATA_HELP = ("a .jsonl file of {question, answer} or {text}, a .txt file, a Hugging Face dataset name, "
              "or a built-in source: countries, prose, prose:background")
 
-
-# options that act on memory slots: refused for full finetuning and LoRA
-SMF_ONLY = ("ranker", "top_t", "optimizer", "count_positions", "freeze_learned", "protect_learned", "n_keys",
-            "shard_values", "related", "background", "protect", "keep", "calibrate")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,10 +58,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from memtune.learn import LearnRun, run_learn
 
     given = {**dataclass_kwargs(LearnConfig, args), **dataclass_kwargs(RecipeConfig, args)}
-    method = given.get("method", "smf")
-    slot_only = sorted(k for k in given if k in SMF_ONLY) if method != "smf" else []
-    if slot_only:
-        raise MemtuneError(f"--{slot_only[0].replace('_', '-')} is for SMF: method {method!r} has no memory slots")
+    check_options(given.get("method", "smf"), given, SMF_ONLY + RECIPE_SMF_ONLY)
     config = LearnConfig(**dataclass_kwargs(LearnConfig, args))
     recipe = RecipeConfig(**dataclass_kwargs(RecipeConfig, args))
     run_learn(LearnRun(model=args.model, data=args.data, out=args.out, config=config, recipe=recipe,
