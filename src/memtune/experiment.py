@@ -657,17 +657,6 @@ class Experiment:
             held_out |= {q.question for q in load_qa(c.probes.known.source, **c.probes.known.kwargs())}
         return [q.question for q in load_qa(src.source, **src.kwargs()) if q.question not in held_out]
 
-    def own_answer_stats(self, model: nn.Module, tokenizer, questions: list[str]):
-        """Slot reads of `model` answering `questions` in its own (greedy) words, every answer
-        token counted."""
-        from memtune.learn import background_stats
-        from memtune.recipe import own_answer_examples
-
-        c = self.config
-        examples = own_answer_examples(model, tokenizer, questions, c.probes.max_new_tokens, self.progress)
-        return background_stats(model, examples, tokenizer.pad_token_id, len(examples),
-                                c.background.batch_size if c.background else 8, progress=self.progress)
-
     def protected(self, model: nn.Module, tokenizer):
         """Slot reads of the model answering the `protect` questions (`protect_questions`) in its
         own words: made once and kept in `out/protect`. `model` must answer as the base model
@@ -683,7 +672,10 @@ class Experiment:
         questions = self.protect_questions(src)
         if not questions:
             raise MemtuneError(f"protect={src.source!r} holds no questions besides the probed and streamed ones")
-        stats = self.own_answer_stats(model, tokenizer, questions)
+        from memtune.recipe import own_answer_stats
+
+        stats = own_answer_stats(model, tokenizer, questions, self.config.probes.max_new_tokens,
+                                 self.config.background.batch_size if self.config.background else 8, self.progress)
         stats.meta |= {"source": src.source, "questions": len(questions)}
         stats.save(path, overwrite=True)
         self._protect = stats
@@ -758,8 +750,6 @@ class Experiment:
         return model, tokenizer, make_method(cfg, background, frozen)
 
     def run_one(self, run: Run, stream: Stream, base: dict) -> dict:
-        from memtune.learn import background_stats
-
         c, cfg = self.config, run.learn
         smf = cfg.method == "smf"
         model, tokenizer, method = self.start(cfg, run.protect)
@@ -783,8 +773,7 @@ class Experiment:
                     model, history = train(model, tokenizer, examples, cfg, method, on_step=log_step,
                                            progress=self.progress)
                     if cfg.protect_learned:  # what the chunk's data reads now, at every position
-                        method.keep_reads(background_stats(model, examples, tokenizer.pad_token_id, len(examples),
-                                                              cfg.batch_size, count_positions="all", progress=False))
+                        method.keep_learned(model, examples, tokenizer.pad_token_id, cfg.batch_size)
                     train_time += time.perf_counter() - t
                     steps += len(history)
                     record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen}

@@ -163,6 +163,15 @@ class SparseMemoryFinetuning:
         for k, t in self.table_of.items():
             self.kept[t] = _union(self.kept.get(t), stats.df[k].nonzero().flatten())
 
+    def keep_learned(self, model: nn.Module, examples: list, pad_id: int, batch_size: int = 8) -> None:
+        """`keep_reads` of what `examples` (learned data) read now, at every position of their
+        text: with `protect_learned`, after each chunk of a stream and each learn call."""
+        from memtune.stats import background_stats
+
+        if examples:
+            self.keep_reads(background_stats(model, examples, pad_id, len(examples), batch_size, "all",
+                                             progress=False))
+
     def record_call(self, entry: dict, freeze_updated: bool = True) -> dict:
         """Add this call to the memory's ledger (`memtune.ledger`): the rows it updated, and as
         frozen for later calls the `keep_reads` rows and (`freeze_updated`) the rows it updated.

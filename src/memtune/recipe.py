@@ -237,6 +237,17 @@ def own_answer_examples(model: nn.Module, tokenizer, questions: list[str], max_n
     return encode_qa(tokenizer, kept) if kept else []
 
 
+def own_answer_stats(model: nn.Module, tokenizer, questions: list[str], max_new_tokens: int = 24,
+                     batch_size: int = 8, progress: bool = True):
+    """Slot reads (`memtune.stats.Background`, one batch per `batch_size` examples) of `model`
+    answering `questions` in its own greedy words, every answer token counted: what the model
+    must keep, as `protect` statistics. MemtuneError when it answers none of them."""
+    examples = own_answer_examples(model, tokenizer, questions, max_new_tokens, progress)
+    if not examples:
+        raise MemtuneError(f"the model answered none of the {len(questions)} questions to keep")
+    return background_stats(model, examples, tokenizer.pad_token_id, len(examples), batch_size, progress=progress)
+
+
 def example_questions(items: list[QA], augment: int = 0) -> list[QA]:
     """One QA per example of `fact_examples(items, augment=...)`, in the same order: what the
     until-learned check asks."""
@@ -444,10 +455,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if smf:
         # what the learned data reads now, at every position, stays (what was not learned may be
         # learned by a later call, so its slots stay free)
-        kept = examples if learned is None else [e for e, ok in zip(examples, learned) if ok]
-        if config.protect_learned and kept:
-            method.keep_reads(background_stats(model, kept, pad, len(kept), config.batch_size, "all",
-                                               progress=False))
+        if config.protect_learned:
+            method.keep_learned(model, examples if learned is None else [e for e, ok in zip(examples, learned) if ok],
+                                pad, config.batch_size)
         report["call"] = method.record_call({
             "data": source, "items": len(data), "kind": report["kind"], "steps": len(history),
             "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
