@@ -40,7 +40,7 @@ def main() -> None:
     from memtune.config import MemoryConfig
     from memtune.data import load_qa
     from memtune.experiment import StreamConfig, fact_examples
-    from memtune.learn import background_stats
+    from memtune.stats import background_stats
     from memtune.methods import SMFConfig, SparseMemoryFinetuning
     from memtune.models import load_base_model
     from memtune.retrofit import memory_ffns, retrofit

@@ -39,7 +39,7 @@ def main() -> None:
 
     from memtune.data import load_qa
     from memtune.experiment import Experiment, Source, load_config, load_stream, training_examples
-    from memtune.learn import background_stats
+    from memtune.stats import background_stats
 
     cfg, _ = load_config(args.config)
     if cfg.protect is None:

@@ -44,10 +44,10 @@ from memtune.batches import IGNORE, Example, encode_documents, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Choice, Document
 from memtune.errors import MemtuneError
-from memtune.io import atomic_dir, remove_stale_temporaries, write_json
+from memtune.io import RESULTS, remove_stale_temporaries, run_folder, write_json
 from memtune.rankers import NEEDS_BACKGROUND
 from memtune.targets import mask_predicted, mask_prefix  # noqa: F401 (re-exported)
-from memtune.train import JsonlWriter, LearnConfig, check_options, make_method, peak_rss_mb, reset_peak_rss, train
+from memtune.train import LearnConfig, check_options, make_method, peak_rss_mb, reset_peak_rss, train
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ STREAM_KINDS = ("facts", "documents", "task")
 # A method entry learns each chunk for its `epochs`, nothing frozen between chunks, unless it says
 # otherwise: the recorded runs were made so (`memtune learn` defaults to the recipe instead).
 EXPERIMENT_DEFAULTS = {"until_learned": False, "freeze_learned": False, "protect_learned": False}
-RESULTS = "results.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,7 +628,7 @@ class Experiment:
 
     def background(self, model: nn.Module, stream_cfg: StreamConfig, tokenizer):
         """Slot statistics of the background data, computed once and kept in `out/background`."""
-        from memtune.learn import background_stats
+        from memtune.stats import background_stats
         from memtune.stats import Background
 
         path = self.out / "background"
@@ -755,44 +754,39 @@ class Experiment:
         model, tokenizer, method = self.start(cfg, run.protect)
         prober = self.prober
         reference = None if smf or cfg.method == "lora" else self.reference()
-        with atomic_dir(self.out / run.name, overwrite=True) as tmp:
-            write_json(tmp / "config.json", {"run": run.name, "sweep": run.sweep, "learn": cfg.to_dict(),
-                                             "experiment": c.to_dict()})
-            writer = JsonlWriter(tmp / "metrics.jsonl")
+        with run_folder(self.out / run.name, overwrite=True) as folder:
+            folder.write_config({"run": run.name, "sweep": run.sweep, "learn": cfg.to_dict(), "experiment": c.to_dict()})
             reset_peak_rss()
             train_time, immediate, seen, steps, record = 0.0, [], 0, 0, {}
-            try:
-                for k, chunk in enumerate(stream.chunks):
-                    examples = training_examples(chunk, stream.kind, c.stream, tokenizer, model)
-                    seen += len(chunk.train)
+            for k, chunk in enumerate(stream.chunks):
+                examples = training_examples(chunk, stream.kind, c.stream, tokenizer, model)
+                seen += len(chunk.train)
 
-                    def log_step(r: dict, k=k) -> None:
-                        writer({"event": "step", "chunk": k + 1, **r})
+                def log_step(r: dict, k=k) -> None:
+                    folder.log({"event": "step", "chunk": k + 1, **r})
 
-                    t = time.perf_counter()
-                    model, history = train(model, tokenizer, examples, cfg, method, on_step=log_step,
-                                           progress=self.progress)
-                    if cfg.protect_learned:  # what the chunk's data reads now, at every position
-                        method.keep_learned(model, examples, tokenizer.pad_token_id, cfg.batch_size)
-                    train_time += time.perf_counter() - t
-                    steps += len(history)
-                    record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen}
-                    if (k + 1) % c.probes.every == 0 or k + 1 == len(stream.chunks):
-                        learning, by_chunk = prober.retention(model, stream.chunks[: k + 1])
-                        now = by_chunk[-1] if by_chunk else None  # the chunk just learned, in the same pass
-                        record |= {"learning": learning, "learning_by_chunk": by_chunk,
-                                   **prober.forgetting(model, reference)}
-                    else:
-                        now = prober.learning(model, [chunk]) if stream.kind != "task" else None
-                    immediate.append(now)
-                    record |= {"immediate": now, "train_time_s": round(train_time, 1)}
-                    writer(record)
-                    log.info("%s chunk %d/%d: %s", run.name, k + 1, len(stream.chunks), _brief(record))
-                final = {k: v for k, v in record.items() if k not in ("event", "chunk", "chunks", "immediate")}
-                if c.probes.paraphrases and stream.kind != "task":
-                    final["paraphrases"] = prober.paraphrases(model)
-            finally:
-                writer.close()
+                t = time.perf_counter()
+                model, history = train(model, tokenizer, examples, cfg, method, on_step=log_step,
+                                       progress=self.progress)
+                if cfg.protect_learned:  # what the chunk's data reads now, at every position
+                    method.keep_learned(model, examples, tokenizer.pad_token_id, cfg.batch_size)
+                train_time += time.perf_counter() - t
+                steps += len(history)
+                record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen}
+                if (k + 1) % c.probes.every == 0 or k + 1 == len(stream.chunks):
+                    learning, by_chunk = prober.retention(model, stream.chunks[: k + 1])
+                    now = by_chunk[-1] if by_chunk else None  # the chunk just learned, in the same pass
+                    record |= {"learning": learning, "learning_by_chunk": by_chunk,
+                               **prober.forgetting(model, reference)}
+                else:
+                    now = prober.learning(model, [chunk]) if stream.kind != "task" else None
+                immediate.append(now)
+                record |= {"immediate": now, "train_time_s": round(train_time, 1)}
+                folder.log(record)
+                log.info("%s chunk %d/%d: %s", run.name, k + 1, len(stream.chunks), _brief(record))
+            final = {k: v for k, v in record.items() if k not in ("event", "chunk", "chunks", "immediate")}
+            if c.probes.paraphrases and stream.kind != "task":
+                final["paraphrases"] = prober.paraphrases(model)
             scored = [x for x in immediate if x is not None]
             results = {
                 "run": run.name, "method": cfg.method, "sweep": run.sweep, "stream": stream.kind,
@@ -807,8 +801,8 @@ class Experiment:
                 results["kept_rows"] = sum(v.numel() for v in method.kept.values())  # protect_learned
                 results["updated_parameters"] = results["touched_rows"] * method.bank.values[0].weight.shape[1]
             if c.save_models:
-                method.save(model, tokenizer, tmp / "model")
-            write_json(tmp / RESULTS, results)
+                method.save(model, tokenizer, folder.path / "model")
+            folder.write_results(results)
         log.info("%s done: %s", run.name, _brief(results))
         return results
 

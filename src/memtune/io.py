@@ -105,3 +105,46 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
+
+
+class RunFolder:
+    """A run's folder while it is written: `config.json` (what was asked), `metrics.jsonl` (one
+    JSON record per step, flushed, so a crash keeps what was logged), `results.json` (written
+    last: a folder with it holds a finished run) and whatever the run saves beside them."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._metrics = None
+
+    def log(self, record: dict) -> None:
+        if self._metrics is None:
+            self._metrics = open(self.path / METRICS, "a")  # noqa: SIM115 (closed by close())
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+
+    def write_config(self, config: dict) -> None:
+        write_json(self.path / CONFIG, config)
+
+    def write_results(self, results: dict) -> None:
+        write_json(self.path / RESULTS, results)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+
+
+@contextlib.contextmanager
+def run_folder(path: str | Path, overwrite: bool = False, folder=atomic_dir) -> Iterator[RunFolder]:
+    """A `RunFolder` in a temporary path that becomes `path` only if the block succeeds
+    (`folder`: `atomic_dir`, or `memtune.distributed.main_process_dir` under torchrun). Raises
+    MemtuneError when `path` exists and not `overwrite`."""
+    with folder(path, overwrite=overwrite) as tmp:
+        run = RunFolder(tmp)
+        try:
+            yield run
+        finally:
+            run.close()
+

@@ -14,10 +14,10 @@ from pathlib import Path
 from memtune import distributed
 from memtune.batches import DATA_KINDS, Example, encode_documents, encode_qa
 from memtune.errors import MemtuneError
-from memtune.io import check_output_free, remove_stale_temporaries, write_json
+from memtune.io import check_output_free, remove_stale_temporaries, run_folder
 from memtune.recipe import RecipeConfig
-from memtune.stats import background_stats  # noqa: F401 (re-exported: experiments, benchmarks)
-from memtune.train import JsonlWriter, LearnConfig, peak_rss_mb
+from memtune.stats import background_stats
+from memtune.train import LearnConfig, peak_rss_mb
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +111,15 @@ def run_learn(run: LearnRun) -> dict:
     recipe = {k: portable_name(v) if k in ("background", "protect", "keep") and isinstance(v, str) else v
               for k, v in run.recipe.to_dict().items()}  # folders reload from any working directory
     # Under torchrun only rank 0 writes run.out; the other ranks' tmp is thrown away.
-    with distributed.main_process_dir(run.out, overwrite=run.overwrite) as tmp:
-        writer = JsonlWriter(tmp / "metrics.jsonl")
-        try:
-            result = learn(model, tokenizer, items, cfg, run.recipe, source=portable_name(run.data), on_step=writer,
-                           progress=run.progress)
-        finally:
-            writer.close()
+    with run_folder(run.out, run.overwrite, distributed.main_process_dir) as folder:
+        result = learn(model, tokenizer, items, cfg, run.recipe, source=portable_name(run.data), on_step=folder.log,
+                       progress=run.progress)
         history, steps = result.history, result.recipe
-        write_json(tmp / "config.json", {"model": portable_name(run.model), "data": portable_name(run.data),
+        folder.write_config({"model": portable_name(run.model), "data": portable_name(run.data),
                                          "format": kind, "limit": run.limit,
                                          "learn": cfg.to_dict(), "recipe": recipe, "steps": steps})
         if distributed.is_main() or distributed.holds_shards(result.model):  # a sharded table is gathered by all ranks
-            result.method.save(result.model, tokenizer, tmp / "model")
+            result.method.save(result.model, tokenizer, folder.path / "model")
         results = {
             "method": cfg.method, "items": len(items), "examples": result.examples, "steps": len(history),
             "learned": steps.get("learned"),
@@ -135,7 +131,7 @@ def run_learn(run: LearnRun) -> dict:
             **({"touched_rows": history[-1]["touched_rows"]} if history and "touched_rows" in history[-1] else {}),
             **provenance(),
         }
-        write_json(tmp / "results.json", results)
+        folder.write_results(results)
     right = steps.get("learned") or {}
     log.info("learned %d items in %d steps (setup %.0f s, training %.0f s)%s; run saved to %s", len(items),
              len(history), steps["setup_s"], steps["train_s"],

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memtune.errors import MemtuneError
-from memtune.experiment import RESULTS
-from memtune.io import atomic_dir
+from memtune.io import RESULTS, atomic_dir
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,14 @@ from tqdm.auto import tqdm
 from memtune import distributed
 from memtune.batches import Example, collate, n_loss_tokens, token_loss_sum
 from memtune.errors import MemtuneError
-from memtune.methods import DEFAULT_LR, METHODS, FullFinetuning, LoRA, SMFConfig, SparseMemoryFinetuning
+from memtune.methods import (
+    DEFAULT_LR,
+    METHODS,
+    FullFinetuning,
+    LoRA,
+    SMFConfig,
+    SparseMemoryFinetuning,
+)
 from memtune.rankers import RANKERS
 from memtune.stats import Background, StepUsage
 
