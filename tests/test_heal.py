@@ -11,6 +11,7 @@ from memtune.cli import main
 from memtune.data import load_documents
 from memtune.errors import MemtuneError
 from memtune.heal import (
+    Heal,
     HealConfig,
     MemoryOptimizer,
     _log_report,
@@ -22,6 +23,7 @@ from memtune.heal import (
 )
 from memtune.models import load_model
 from memtune.retrofit import is_memory_param, retrofit
+from memtune.train import train
 from tiny import cli_error, tiny_memory_config, tiny_model
 
 RETROFIT = ["--layers", "1", "--n-keys", "16", "--heads", "2", "--knn", "4", "--k-dim", "8"]
@@ -135,6 +137,37 @@ def test_only_memory_parameters_change(tokenizer, docs):
     rows = (before["memory.values.0.weight"] != after["memory.values.0.weight"]).any(dim=1).sum().item()
     assert 0 < rows <= history[0]["value_rows"] < model.memory.config.n_slots
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_heal_runs_through_the_one_training_loop(tokenizer, docs, monkeypatch):
+    import memtune.heal
+
+    methods, modes = [], []
+
+    def spy_train(model, tokenizer, examples, config, method, *args):
+        methods.append(method)
+        return train(model, tokenizer, examples, config, method, *args)
+
+    def spy_loss(self, model, batch):
+        modes.append(model.training)
+        return heal_losses(model, batch, self.config)
+
+    monkeypatch.setattr(memtune.heal, "train", spy_train)
+    monkeypatch.setattr(Heal, "loss", spy_loss)
+    model = memory_model("replace").train()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not is_memory_param(n)}
+    history = heal(model, tokenizer, docs, HealConfig(**SMALL, epochs=4, lr=1e-2, value_lr=1e-2), progress=False)
+    assert len(methods) == 1 and isinstance(methods[0], Heal)
+    assert modes == [False] * len(history) == [False] * 24  # eval mode: the targets see no dropout
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+    assert {"lm_loss", "distill_loss", "value_rows", "value_lr", "lr", "step_time_s"} <= set(history[0])
+
+
+def test_heal_stops_at_max_minutes(tokenizer, docs):
+    history = heal(memory_model("replace"), tokenizer, docs, HealConfig(**SMALL, epochs=5, max_minutes=1e-9),
+                   progress=False)
+    assert len(history) == 1  # the first step always runs
 
 
 def test_value_gradient_is_sparse(tokenizer, docs):

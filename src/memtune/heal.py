@@ -14,8 +14,9 @@ Objectives, weighted and summed:
 Only memory parameters train; the base stays frozen and bitwise identical. A value table's
 gradient is sparse (just the rows read), so its rows are updated by `SparseAdam`, whose state
 exists only for rows ever read; the dense memory parameters by AdamW, the lookup (query, keys)
-at its own, low, learning rate. A recovery report compares held-out perplexity of the original,
-the retrofitted model before healing, and after.
+at its own, low, learning rate. Healing is a method (`Heal`) of the one training loop,
+`memtune.train.train`. A recovery report compares held-out perplexity of the original, the
+retrofitted model before healing, and after.
 """
 
 from __future__ import annotations
@@ -24,19 +25,19 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from memtune.batches import Example, collate, n_loss_tokens, token_loss_sum
+from memtune.batches import Example, n_loss_tokens, token_loss_sum
 from memtune.errors import MemtuneError
 from memtune.memory import MemoryBank
 from memtune.retrofit import MemoryFFN, bypass_memory, freeze_base, memory_ffns, memory_parameters, require_memory_bank
 from memtune.sparse_optim import SparseAdam
-from memtune.train import SCHEDULES, cost_fields, peak_rss_mb
+from memtune.stats import StepUsage
+from memtune.train import SCHEDULES, peak_rss_mb, train
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class HealConfig:
     min_recovery: float = field(
         default=0.8, metadata={"help": "warn when healing recovers less than this fraction of the lost perplexity"}
     )
+    # The training loop's other settings (`memtune.train.LoopConfig`), fixed for healing: one
+    # batch per step, every example every pass, and no slot counting (every row read is updated).
+    grad_accum: ClassVar[int] = 1
+    until_learned: ClassVar[bool] = False
+    count_positions: ClassVar[str] = "all"
 
     def __post_init__(self) -> None:
         for name in ("lm_weight", "distill_weight", "local_weight", "weight_decay"):
@@ -251,6 +257,46 @@ def heal_losses(model: nn.Module, batch: dict[str, Tensor], config: HealConfig) 
     return out
 
 
+class Heal:
+    """Healing as a method of the one training loop: the memory parameters train (base frozen)
+    by `MemoryOptimizer` on the objectives of `heal_losses`, in eval mode, since the original's
+    distributions (the targets) must not depend on dropout."""
+
+    name = "heal"
+    train_mode = False
+    model: nn.Module | None = None
+
+    def __init__(self, config: HealConfig):
+        self.config = config
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        c = self.config
+        require_memory_bank(model)
+        freeze_base(model)
+        self.optimizer = MemoryOptimizer(model, c.lr, c.value_lr, c.weight_decay, c.lookup_lr)
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.model = model
+        return model
+
+    def begin(self) -> None:
+        pass
+
+    def set_lr(self, lr: float) -> None:
+        """`lr`: the scheduled `config.lr`; every learning rate keeps its ratio to it."""
+        self.optimizer.scale_lr(lr / self.config.lr)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return heal_losses(model, batch, self.config)
+
+    def step(self, usage: StepUsage | None) -> dict:
+        return {"value_rows": self.optimizer.step(), "value_lr": self.optimizer.values.lr}
+
+    def save(self, model: nn.Module, tokenizer, path: Path) -> None:
+        from memtune.checkpoint import save_memory
+
+        save_memory(model, path, overwrite=True)
+
+
 def heal(
     model: nn.Module,
     tokenizer,
@@ -264,50 +310,7 @@ def heal(
     Runs `config.epochs` passes, or fewer when `max_steps` or `max_minutes` is reached."""
     if not examples:
         raise MemtuneError("no healing examples: the data is empty")
-    require_memory_bank(model)
-    freeze_base(model)
-    optimizer = MemoryOptimizer(model, config.lr, config.value_lr, config.weight_decay, config.lookup_lr)
-    # Eval mode: the original's distributions (the targets) must not depend on dropout.
-    model.eval()
-    generator = torch.Generator().manual_seed(config.seed)
-    steps_per_epoch = -(-len(examples) // config.batch_size)
-    total = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-    deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
-    history: list[dict] = []
-    bar = tqdm(total=total, desc="heal", disable=not progress)
-    start = time.perf_counter()
-    step = 0
-    try:
-        while step < total:
-            order = torch.randperm(len(examples), generator=generator).tolist()
-            for s in range(0, len(order), config.batch_size):
-                if step >= total or (step and deadline is not None and time.perf_counter() >= deadline):
-                    total = step
-                    break
-                t0 = time.perf_counter()
-                if config.schedule == "linear":
-                    done = step / total
-                    if deadline is not None:
-                        done = max(done, (t0 - start) / (60 * config.max_minutes))
-                    optimizer.scale_lr(max(0.0, 1.0 - done))
-                batch = collate([examples[i] for i in order[s : s + config.batch_size]], tokenizer.pad_token_id, "all")
-                losses = heal_losses(model, batch, config)
-                losses["loss"].backward()
-                rows = optimizer.step()
-                step += 1
-                record = {"step": step, "epoch": round(step / steps_per_epoch, 4),
-                          **{k: v.item() for k, v in losses.items()},
-                          "value_rows": rows, "value_lr": optimizer.values.lr,
-                          **cost_fields(t0, start, int(batch["attention_mask"].sum()))}
-                history.append(record)
-                if on_step is not None:
-                    on_step(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}")
-    finally:
-        bar.close()
+    _, history = train(model, tokenizer, examples, config, Heal(config), on_step, progress)
     return history
 
 

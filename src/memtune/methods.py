@@ -33,7 +33,11 @@ DEFAULT_LR = {("smf", "adam"): 2.0, ("smf", "sgd"): 1e7, ("full", "adamw"): 2e-5
 
 class Method(Protocol):
     """`prepare` once, then `step` per optimizer step; `model` is what `prepare` returned, so
-    training can resume on it (another chunk of a stream) with the optimizer state kept."""
+    training can resume on it (another chunk of a stream) with the optimizer state kept.
+
+    Optional: `loss(model, batch) -> dict[str, Tensor]`, the method's own objective on one
+    micro-batch (scalars, "loss" the one backpropagated; the default is the next-token loss),
+    and `train_mode = False` to train in eval mode (healing: `memtune.heal.Heal`)."""
 
     name: str
     model: nn.Module | None

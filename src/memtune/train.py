@@ -1,4 +1,4 @@
-"""The one training loop, shared by every method (SMF, full finetuning, LoRA)."""
+"""The one training loop, shared by every method (SMF, full finetuning, LoRA, healing)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -58,6 +58,9 @@ class LearnConfig:
         metadata={"help": "facts: before each pass, ask the model every question (greedy, as the probes do) and "
                   "train only those it still answers wrong; stop when none is left"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "stop training after this many minutes (the linear schedule then ends at "
+                                "the earlier of the last step and this)"})
     max_length: int = field(default=256, metadata={"help": "tokens per example (longer documents are split)"})
     count_positions: Literal["loss", "all"] = field(
         default="loss", metadata={"help": "SMF: slot reads that count: at positions predicting loss tokens, or all tokens"}
@@ -91,6 +94,8 @@ class LearnConfig:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
         if self.max_steps is not None and self.max_steps <= 0:
             raise MemtuneError(f"max_steps={self.max_steps} is invalid: expected a positive integer")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise MemtuneError(f"max_minutes={self.max_minutes} is invalid: expected a positive number")
         if self.lr is not None and not self.lr > 0:
             raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
         if self.lr is None:  # (an unknown SMF optimizer has none: SMFConfig says so)
@@ -121,6 +126,21 @@ def check_options(method: str, given, smf_only: tuple[str, ...] = SMF_ONLY) -> N
     if unused:
         kind = "SMF" if unused[0] in smf_only else "LoRA"
         raise MemtuneError(f"--{unused[0].replace('_', '-')} is for {kind}: method {method!r} does not use it")
+
+
+class LoopConfig(Protocol):
+    """The settings `train` reads: a `LearnConfig`, or healing's `HealConfig`."""
+
+    lr: float  # the rate the schedule scales; `method.set_lr` gets it
+    batch_size: int
+    grad_accum: int
+    epochs: int
+    max_steps: int | None
+    max_minutes: float | None
+    schedule: str
+    seed: int
+    count_positions: str
+    until_learned: bool
 
 
 def make_method(config: LearnConfig, background: Background | None, protect: Background | None = None):
@@ -171,7 +191,7 @@ def train(
     model: nn.Module,
     tokenizer,
     examples: list[Example],
-    config: LearnConfig,
+    config: LoopConfig,
     method,
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
@@ -186,7 +206,12 @@ def train(
     learned: before a pass the check asks those still wrong; when none is left it asks the others
     again (later updates can undo an earlier answer) and training stops only when every example
     is answered right at once; `epochs` is then a cap. At the end the check's last answer for
-    every example is from the final model."""
+    every example is from the final model.
+
+    The method's `loss(model, batch)`, when it has one, is the objective: a dict of scalars,
+    each a mean over its micro-batch; "loss" is backpropagated (micro-batches weighted by their
+    examples) and every entry is logged. Without it, the summed next-token loss over the step's
+    loss tokens. A method with `train_mode = False` trains in eval mode (no dropout)."""
     if not examples:
         raise MemtuneError("no training examples: the data is empty")
     torch.manual_seed(config.seed)
@@ -195,6 +220,7 @@ def train(
     method.begin()
     forward_model = distributed.data_parallel(model)  # DDP for dense methods under torchrun
     bank = getattr(method, "bank", None)
+    method_loss = getattr(method, "loss", None)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(config.seed)
     per_step = config.batch_size * config.grad_accum
@@ -203,6 +229,7 @@ def train(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
     check = learned if config.until_learned else None
+    budget = None if config.max_minutes is None else 60 * config.max_minutes  # seconds
     history: list[dict] = []
     bar = tqdm(total=total, desc=f"learn ({method.name})", disable=not (progress and distributed.is_main()))
     step = epoch = 0
@@ -215,14 +242,19 @@ def train(
                 bar.set_postfix(left=len(active), refresh=False)
                 if not active:
                     break
-            model.train()
+            model.train(getattr(method, "train_mode", True))
             epoch += 1
             order = [active[i] for i in torch.randperm(len(active), generator=generator).tolist()]
             for s in range(0, len(order), per_step):
+                t0 = time.perf_counter()
+                if step and budget is not None and t0 - start >= budget:
+                    total = step
                 if step >= total:
                     break
-                t0 = time.perf_counter()
-                lr = config.lr * (1.0 - step / total if config.schedule == "linear" else 1.0)
+                lr = config.lr
+                if config.schedule == "linear":  # to 0 at the last step, or at the time budget if earlier
+                    done = step / total if budget is None else max(step / total, (t0 - start) / budget)
+                    lr = config.lr * max(0.0, 1.0 - done)
                 method.set_lr(lr)
                 chunk = [examples[i] for i in order[s : s + per_step]]
                 # Under torchrun this rank's share of the step (see memtune.distributed); a share
@@ -233,21 +265,33 @@ def train(
                 n_tokens = int(distributed.sum_over_ranks(sum(n_loss_tokens(b["labels"]) * w for b, w in micro))[0])
                 usage = StepUsage(bank) if bank is not None else None
                 loss_sum = real_tokens = 0.0
+                logged: dict[str, float] = {}  # the method's losses, weighted over micro-batches
                 for i, (b, w) in enumerate(micro):
                     with distributed.sync_gradients(forward_model, last=i == len(micro) - 1):
-                        out = forward_model(input_ids=b["input_ids"].to(device),
-                                            attention_mask=b["attention_mask"].to(device), use_cache=False)
-                        loss = token_loss_sum(out.logits, b["labels"].to(device)) * w
-                        (loss / max(n_tokens, 1)).backward()
-                    loss_sum += loss.item()
+                        if method_loss is None:
+                            out = forward_model(input_ids=b["input_ids"].to(device),
+                                                attention_mask=b["attention_mask"].to(device), use_cache=False)
+                            loss = token_loss_sum(out.logits, b["labels"].to(device)) * w
+                            (loss / max(n_tokens, 1)).backward()
+                            loss_sum += loss.item()
+                        else:
+                            share = w * len(b["input_ids"]) / len(chunk)  # of the step's examples, all ranks
+                            losses = method_loss(forward_model, b)
+                            (losses["loss"] * share).backward()
+                            for k, v in losses.items():
+                                logged[k] = logged.get(k, 0.0) + v.item() * share
                     real_tokens += w * int(b["attention_mask"].sum())
                     if usage is not None:
                         usage.add(b["count_mask"] & bool(w))
                 loss_sum, real_tokens = distributed.sum_over_ranks(loss_sum, real_tokens)
                 real_tokens = int(real_tokens)
+                if method_loss is None:
+                    logged = {"loss": loss_sum / max(n_tokens, 1)}
+                else:
+                    logged = dict(zip(logged, distributed.sum_over_ranks(*logged.values())))
                 info = method.step(usage)
                 step += 1
-                record = {"step": step, "epoch": epoch, "examples": len(chunk), "loss": loss_sum / max(n_tokens, 1),
+                record = {"step": step, "epoch": epoch, "examples": len(chunk), "loss": logged.pop("loss"), **logged,
                           "loss_tokens": n_tokens, "lr": lr, **cost_fields(t0, start, real_tokens), **info}
                 history.append(record)
                 if on_step is not None:
