@@ -34,7 +34,14 @@ from torch import Tensor, nn
 from memtune.batches import Example, n_loss_tokens, token_loss_sum
 from memtune.errors import MemtuneError
 from memtune.memory import MemoryBank
-from memtune.retrofit import MemoryFFN, bypass_memory, freeze_base, memory_ffns, memory_parameters, require_memory_bank
+from memtune.retrofit import (
+    MemoryFFN,
+    bypass_memory,
+    freeze_base,
+    memory_ffns,
+    memory_parameters,
+    require_memory_bank,
+)
 from memtune.sparse_optim import SparseAdam
 from memtune.stats import StepUsage
 from memtune.train import SCHEDULES, peak_rss_mb, train
@@ -354,11 +361,9 @@ def run_heal(run: HealRun) -> dict:
     report). Returns the results."""
     from memtune.checkpoint import save_memory
     from memtune.data import load_documents
-    from memtune.io import atomic_dir, write_json
-    from memtune.io import check_output_free
+    from memtune.io import check_output_free, run_folder
     from memtune.learn import load_examples, provenance
     from memtune.models import load_model, portable_name
-    from memtune.train import JsonlWriter
 
     cfg = run.config
     check_output_free(run.out, run.overwrite)
@@ -368,21 +373,18 @@ def run_heal(run: HealRun) -> dict:
     texts = [d.text for d in load_documents(cfg.eval_data, limit=cfg.eval_limit)]
     if not texts:
         raise MemtuneError(f"eval_data={cfg.eval_data!r} holds no documents")
-    with atomic_dir(run.out, overwrite=run.overwrite) as tmp:
-        write_json(tmp / "config.json", {"model": portable_name(run.model), "data": portable_name(run.data), "format": kind, "limit": run.limit,
-                                         "memory": require_memory_bank(model).config.to_dict(), "heal": cfg.to_dict()})
+    with run_folder(run.out, run.overwrite) as folder:
+        folder.write_config({"model": portable_name(run.model), "data": portable_name(run.data), "format": kind,
+                             "limit": run.limit, "memory": require_memory_bank(model).config.to_dict(),
+                             "heal": cfg.to_dict()})
         ppl_base = held_out_perplexity(model, tokenizer, texts, cfg, bypass=True, progress=run.progress)
         ppl_before = held_out_perplexity(model, tokenizer, texts, cfg, progress=run.progress)
         log.info("held-out perplexity on %s: original %.3f, retrofitted %.3f", cfg.eval_data, ppl_base, ppl_before)
-        writer = JsonlWriter(tmp / "metrics.jsonl")
         start = time.perf_counter()
-        try:
-            history = heal(model, tokenizer, examples, cfg, on_step=writer, progress=run.progress)
-        finally:
-            writer.close()
+        history = heal(model, tokenizer, examples, cfg, on_step=folder.log, progress=run.progress)
         train_time = time.perf_counter() - start
         ppl_after = held_out_perplexity(model, tokenizer, texts, cfg, progress=run.progress)
-        save_memory(model, tmp / "model", overwrite=True, extra={"healed_from": portable_name(run.model)})
+        save_memory(model, folder.path / "model", overwrite=True, extra={"healed_from": portable_name(run.model)})
         fraction = recovered_fraction(ppl_base, ppl_before, ppl_after)
         results = {
             "examples": len(examples), "steps": len(history),
@@ -394,7 +396,7 @@ def run_heal(run: HealRun) -> dict:
             "mean_step_time_s": round(sum(h["step_time_s"] for h in history) / len(history), 4),
             "peak_rss_mb": round(peak_rss_mb(), 1), **provenance(),
         }
-        write_json(tmp / "results.json", results)
+        folder.write_results(results)
     _log_report(results, run.out)
     return results
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -318,17 +317,3 @@ def _still_wrong(check, model: nn.Module, active: list[int], n: int, everyone: b
         others = sorted(set(range(n)) - set(active))
         wrong += distributed.from_main([i for i, ok in zip(others, check(model, others)) if not ok])
     return sorted(wrong)
-
-
-class JsonlWriter:
-    """Appends one JSON object per line, flushed, so a crash keeps what was logged."""
-
-    def __init__(self, path):
-        self.file = open(path, "a")
-
-    def __call__(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
