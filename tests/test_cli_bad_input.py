@@ -96,11 +96,14 @@ TABLE = [
     (["background", "--model", "{w}/mem", "--batches", "0"], "--batches: '0' is invalid"),
     (["background", "--model", "{w}/tiny", "--data", "{w}/qa.jsonl"], "has no memory layers"),
     (["heal", "--model", "{w}/tiny", "--data", "{w}/qa.jsonl"], "has no memory layers"),
+    (["slots", "--model", "{w}/tiny", "--data", "{w}/qa.jsonl"], "has no memory layers"),
+    (["slots", "--model", "{w}/mem", "--data", "{w}/empty.jsonl"], "is empty"),
+    (["slots", "--model", "{w}/mem", "--data", "{w}/qa.jsonl", "--known", "{w}/missing.jsonl"], "does not exist"),
     (["experiment", "{w}/missing.yaml"], "does not exist"),
     (["experiment", "{w}/bad.yaml"], "missing key"),
     (["report", "{w}/missing_run"], "does not exist"),
 ]
-NEEDS_OUT = {"learn", "retrofit", "facts", "background", "heal"}
+NEEDS_OUT = {"learn", "retrofit", "facts", "background", "heal", "slots"}
 
 
 @pytest.mark.parametrize("args, message", TABLE, ids=[f"{a[0]}:{m[:30]}" for a, m in TABLE])

@@ -11,7 +11,7 @@ import warnings
 from memtune.errors import MemtuneError
 
 # Modules under memtune.commands that register subcommands, in the order of the pipeline.
-COMMAND_MODULES = ("model", "heal", "learn", "evaluate", "experiment")
+COMMAND_MODULES = ("model", "heal", "learn", "evaluate", "slots", "experiment")
 
 
 class Parser(argparse.ArgumentParser):
