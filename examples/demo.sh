@@ -42,4 +42,4 @@ for side in before after; do
   $M eval --model "$model" --probe qa --data "$OUT/known.jsonl" --predictions --out "$OUT/$side.known.json" --threads "$THREADS" > /dev/null
 done
 $PY examples/compare.py "$OUT/before" "$OUT/after" --calls 2 | tee "$OUT/summary.md"
-$M inspect --model "$OUT/call2/model" | tail -n 4
+$M inspect --model "$OUT/call2/model" | sed -n '/^learned/,$p'
