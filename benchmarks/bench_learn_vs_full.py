@@ -49,17 +49,17 @@ def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: 
     return model, seconds
 
 
-def evaluate(name: str, items, parts, known, texts, max_new_tokens: int) -> dict:
+def evaluate(name: str, parts, known, texts, max_new_tokens: int) -> dict:
     from memtune.models import load_model
-    from memtune.probes import perplexity, qa_accuracy
+    from memtune.probes import ProbeConfig, Prober, perplexity
 
     model, tok = load_model(name)
-    learned = qa_accuracy(model, tok, items, max_new_tokens=max_new_tokens, progress=False, predictions=True)
-    right = {(p["id"], p["question"]) for p in learned["predictions"] if p["correct"] and not p.get("paraphrase")}
-    kept = qa_accuracy(model, tok, known, max_new_tokens=max_new_tokens, paraphrases=False, progress=False)
-    return {"learned": learned["contains"], "paraphrases": (learned["paraphrases"] or {}).get("contains"),
-            "per_call": [sum((q.id, q.question) in right for q in part) / len(part) for part in parts],
-            "known": kept["contains"], "known_right": round(kept["contains"] * len(known)),
+    prober = Prober(ProbeConfig(max_new_tokens=max_new_tokens), tok)
+    learned, per_call = prober.retention(model, parts)
+    kept = prober.accuracy(model, known) or 0.0  # none asked: none kept
+    return {"learned": learned, "per_call": per_call,
+            "paraphrases": prober.paraphrases(model, [q for part in parts for q in part]),
+            "known": kept, "known_right": round(kept * len(known)),
             "perplexity": perplexity(model, tok, texts, progress=False)["perplexity"]}
 
 
@@ -104,7 +104,7 @@ def main() -> None:
         summary["methods"][method] = {"seconds": seconds, "total_s": round(sum(seconds), 1)}
     for name, model in [("base", args.model), *finals.items()]:
         print(f"evaluating {name}", flush=True)
-        result = evaluate(model, items, chunks, known, texts, 24)
+        result = evaluate(model, chunks, known, texts, 24)
         summary["methods"].setdefault(name, {}).update(result)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -43,8 +43,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from memtune.experiment import Experiment, ExperimentConfig, Prober, load_config, load_stream, training_examples
-    from memtune.probes import qa_accuracy
+    from memtune.experiment import Experiment, ExperimentConfig, load_config, load_stream, training_examples
+    from memtune.probes import Prober, qa_accuracy
     from memtune.probes.qa import answers_with_margins
     from memtune.train import train
 
@@ -75,14 +75,14 @@ def main() -> None:
         learn = dataclasses.replace(run.learn, **change)
         model, tok, method = exp.start(learn)  # a fresh model each time; background made once
         if robust is None:
-            prober = Prober(cfg.probes, stream, tok, cfg.stream.augment)
+            prober = Prober(cfg.probes, tok, stream.eval_choices, cfg.stream.augment)
             margins = answers_with_margins(model, tok, prober.known, cfg.probes.max_new_tokens, progress=False)
             robust = [m >= args.margin for _, m in margins]
             examples = training_examples(chunk, stream.kind, cfg.stream, tok, model)
         start = time.perf_counter()
         model, history = train(model, tok, examples, learn, method, progress=False)
         minutes = (time.perf_counter() - start) / 60
-        learned = prober.learning(model, [chunk])
+        learned = prober.learning(model, [chunk.questions])
         known = qa_accuracy(model, tok, prober.known, max_new_tokens=cfg.probes.max_new_tokens,
                             batch_size=cfg.probes.batch_size, paraphrases=False, predictions=True, progress=False)
         right = [p["correct"] for p in known["predictions"]]

@@ -174,26 +174,6 @@ def test_calibration_is_made_once_and_reused(config, tmp_path, monkeypatch):
     assert all((out / name / "results.json").is_file() for name in ("tfidf", "kl"))
 
 
-def test_retention_scores_each_chunk_in_one_pass(monkeypatch):
-    from memtune.data import QA
-    from memtune.experiment import Chunk, ProbeConfig, Prober, Stream
-    from memtune.probes import qa as qa_module
-
-    asked = []
-
-    def answer(model, tokenizer, questions, **kwargs):  # right on Zorbia 0, 1 and 3 only
-        asked.append(list(questions))
-        return [f"It is Quen{q.split()[-1][:-1]}." if q.split()[-1][:-1] in "013" else "No idea." for q in questions]
-
-    monkeypatch.setattr(qa_module, "answer_questions", answer)
-    items = [QA(r["question"], r["answer"], id=r["id"]) for r in facts(6)]
-    chunks = [Chunk(items[:2], items[:2]), Chunk(items[2:6], items[2:6]), Chunk([], [])]
-    prober = Prober(ProbeConfig(), Stream("facts", chunks), tokenizer=None, augment=0)
-    assert prober.retention(None, chunks) == (0.5, [1.0, 0.25, None])
-    assert len(asked) == 1 and len(asked[0]) == 6
-    assert prober.learning(None, chunks[1:2]) == 0.25
-
-
 def test_resume_skips_finished_runs_and_interrupt_loses_only_the_current(config, tmp_path, monkeypatch):
     out = tmp_path / "out"
     cfg = parse_config(config)

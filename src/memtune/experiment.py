@@ -42,9 +42,10 @@ from torch import nn
 from memtune import targets
 from memtune.batches import IGNORE, Example, encode_documents, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
-from memtune.data import QA, Choice, Document
+from memtune.data import QA, Choice, Document, Source
 from memtune.errors import MemtuneError
 from memtune.io import RESULTS, remove_stale_temporaries, run_folder, write_json
+from memtune.probes.runner import ProbeConfig, Prober
 from memtune.rankers import NEEDS_BACKGROUND
 from memtune.targets import mask_predicted, mask_prefix  # noqa: F401 (re-exported)
 from memtune.train import LearnConfig, check_options, make_method, peak_rss_mb, reset_peak_rss, train
@@ -59,27 +60,6 @@ EXPERIMENT_DEFAULTS = {"until_learned": False, "freeze_learned": False, "protect
 
 # --------------------------------------------------------------------------------------------
 # Configuration
-
-
-@dataclass
-class Source:
-    """A data source: a file or a named source, optionally a hub split or a local copy of it."""
-
-    source: str
-    limit: int | None = None
-    split: str | None = None
-    data_file: str | None = None
-
-    @classmethod
-    def parse(cls, value: Any, where: str) -> Source:
-        if isinstance(value, str):
-            return cls(value)
-        if isinstance(value, dict):
-            return _build(cls, value, where)
-        raise MemtuneError(f"{where}={value!r} is invalid: expected a source name or a mapping with 'source'")
-
-    def kwargs(self) -> dict:
-        return {"limit": self.limit, "split": self.split, "data_file": self.data_file}
 
 
 @dataclass
@@ -120,26 +100,6 @@ class StreamConfig:
             _positive("stream.size", self.size)
         if not isinstance(self.augment, int) or self.augment < 0:
             raise MemtuneError(f"stream.augment={self.augment!r} is invalid: expected an integer >= 0")
-
-
-@dataclass
-class ProbeConfig:
-    """What is measured, and how often (`every` k chunks; the last chunk always)."""
-
-    every: int = 1
-    known: Source | None = None  # QA the model answers right before learning (forgetting)
-    text: Source | None = None  # held-out text: perplexity and drift from the base model
-    qa: list[Source] = field(default_factory=list)  # further QA forgetting probes (F1, contains)
-    choices: list[Source] = field(default_factory=list)  # multiple-choice forgetting probes
-    answers: list[Source] = field(default_factory=list)  # answer-loss forgetting probes
-    paraphrases: bool = True  # learned facts asked in other words, at the end
-    max_new_tokens: int = 24
-    batch_size: int = 32
-    max_length: int = 256  # perplexity / drift windows
-
-    def __post_init__(self) -> None:
-        for name in ("every", "max_new_tokens", "batch_size", "max_length"):
-            _positive(f"probes.{name}", getattr(self, name))
 
 
 @dataclass
@@ -224,6 +184,15 @@ def _build(cls: type, values: dict, where: str):
         raise MemtuneError(f"{where}: {e}") from None
 
 
+def _parse_source(value: Any, where: str) -> Source:
+    """A source name, or a mapping of `Source` fields."""
+    if isinstance(value, str):
+        return Source(value)
+    if isinstance(value, dict):
+        return _build(Source, value, where)
+    raise MemtuneError(f"{where}={value!r} is invalid: expected a source name or a mapping with 'source'")
+
+
 def expand_methods(methods: list[dict]) -> list[Run]:
     """Method entries -> runs; every list value is swept (the product of all lists)."""
     runs: list[Run] = []
@@ -268,24 +237,24 @@ def parse_config(raw: dict, where: str = "config") -> ExperimentConfig:
     stream = dict(raw["stream"] or {})
     for key in ("data", "eval_data"):
         if stream.get(key) is not None:
-            stream[key] = Source.parse(stream[key], f"stream.{key}")
+            stream[key] = _parse_source(stream[key], f"stream.{key}")
     raw["stream"] = _build(StreamConfig, stream, "stream")
     probes = dict(raw.get("probes") or {})
     for key in ("known", "text"):
         if probes.get(key) is not None:
-            probes[key] = Source.parse(probes[key], f"probes.{key}")
+            probes[key] = _parse_source(probes[key], f"probes.{key}")
     for key in ("qa", "choices", "answers"):
         value = probes.get(key) or []
         value = value if isinstance(value, list) else [value]
-        probes[key] = [Source.parse(v, f"probes.{key}") for v in value]
+        probes[key] = [_parse_source(v, f"probes.{key}") for v in value]
     raw["probes"] = _build(ProbeConfig, probes, "probes")
     if raw.get("background") is not None:
         bg = dict(raw["background"])
         if bg.get("data") is not None:
-            bg["data"] = Source.parse(bg["data"], "background.data")
+            bg["data"] = _parse_source(bg["data"], "background.data")
         raw["background"] = _build(BackgroundConfig, bg, "background")
     if raw.get("protect") is not None:
-        raw["protect"] = Source.parse(raw["protect"], "protect")
+        raw["protect"] = _parse_source(raw["protect"], "protect")
     return _build(ExperimentConfig, raw, where)
 
 
@@ -352,6 +321,11 @@ class Stream:
     @property
     def questions(self) -> list[QA]:
         return [q for c in self.chunks for q in c.questions]
+
+    @property
+    def questions_by_chunk(self) -> list[list[QA]]:
+        """What the probe runner asks back (`memtune.probes.Prober.retention`)."""
+        return [c.questions for c in self.chunks]
 
 
 def _split(items: list, n: int) -> list[list]:
@@ -442,95 +416,6 @@ def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer,
                                     cfg.max_length, f"the right choice of {item.question[:60]!r}")
         out.append(Example(ids, [IGNORE] * start + ids[start:]))
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Probes
-
-
-class Prober:
-    """Runs the configured probes on a model; loads each probe's data once."""
-
-    def __init__(self, cfg: ProbeConfig, stream: Stream, tokenizer, augment: int):
-        from memtune.data import load_choices, load_documents, load_qa
-
-        self.cfg, self.stream, self.tokenizer, self.augment = cfg, stream, tokenizer, augment
-        self.known = load_qa(cfg.known.source, **cfg.known.kwargs()) if cfg.known else []
-        self.text = load_documents(cfg.text.source, **cfg.text.kwargs()) if cfg.text else []
-        self.qa = {s.source: load_qa(s.source, **s.kwargs()) for s in cfg.qa}
-        self.choices = {s.source: load_choices(s.source, **s.kwargs()) for s in cfg.choices}
-        self.answers = {s.source: load_qa(s.source, **s.kwargs()) for s in cfg.answers}
-
-    def accuracy(self, model, items: list[QA]) -> float | None:
-        from memtune.probes import qa_accuracy
-
-        if not items:
-            return None
-        return qa_accuracy(model, self.tokenizer, items, max_new_tokens=self.cfg.max_new_tokens,
-                           batch_size=self.cfg.batch_size, paraphrases=False, progress=False)["contains"]
-
-    def learning(self, model, chunks: list[Chunk]) -> float | None:
-        """Accuracy on what `chunks` taught: their questions, or the task's held-out items."""
-        return self.retention(model, chunks)[0]
-
-    def retention(self, model, chunks: list[Chunk]) -> tuple[float | None, list[float | None] | None]:
-        """`learning`, and the accuracy on each chunk's questions (None for a task stream): how
-        much of each chunk is kept as later ones are learned. One pass over the questions."""
-        if self.stream.kind == "task":
-            from memtune.probes import choice_accuracy
-
-            r = choice_accuracy(model, self.tokenizer, self.stream.eval_choices,
-                                batch_size=max(1, self.cfg.batch_size // 4), progress=False)
-            return r["accuracy"], None
-        from memtune.probes import qa_accuracy
-
-        items = [q for c in chunks for q in c.questions]
-        if not items:
-            return None, None
-        r = qa_accuracy(model, self.tokenizer, items, max_new_tokens=self.cfg.max_new_tokens,
-                        batch_size=self.cfg.batch_size, paraphrases=False, predictions=True, progress=False)
-        correct = iter(p["correct"] for p in r["predictions"])
-        by_chunk = [sum(next(correct) for _ in c.questions) / len(c.questions) if c.questions else None
-                    for c in chunks]
-        return r["contains"], by_chunk
-
-    def paraphrases(self, model) -> float | None:
-        """Learned questions asked in the words not trained on (after `augment` were)."""
-        items = [dataclasses.replace(q, question=p, paraphrases=[])
-                 for q in self.stream.questions for p in q.paraphrases[self.augment :]]
-        return self.accuracy(model, items)
-
-    def forgetting(self, model, base: nn.Module | None) -> dict:
-        """Known-fact accuracy, held-out perplexity and drift, and the extra probes."""
-        from memtune import probes as P
-
-        c, out = self.cfg, {}
-        if self.known:
-            out["known"] = self.accuracy(model, self.known)
-        if self.text:
-            out["perplexity"] = P.perplexity(model, self.tokenizer, self.text, max_length=c.max_length,
-                                             stride=c.max_length // 2, batch_size=max(1, c.batch_size // 8),
-                                             progress=False)["perplexity"]
-            if base is not None or _has_builtin_base(model):
-                out["drift"] = P.drift(model, self.tokenizer, self.text, base=base, max_length=c.max_length,
-                                       batch_size=max(1, c.batch_size // 8), progress=False)["kl"]
-        for name, items in self.qa.items():
-            r = P.qa_accuracy(model, self.tokenizer, items, max_new_tokens=c.max_new_tokens,
-                              batch_size=c.batch_size, paraphrases=False, progress=False)
-            out[f"qa:{name}"] = {"f1": r["f1"], "contains": r["contains"]}
-        for name, items in self.choices.items():
-            out[f"choice:{name}"] = P.choice_accuracy(model, self.tokenizer, items,
-                                                       batch_size=max(1, c.batch_size // 4), progress=False)["accuracy"]
-        for name, items in self.answers.items():
-            out[f"answer-loss:{name}"] = P.answer_loss(model, self.tokenizer, items,
-                                                                       batch_size=max(1, c.batch_size // 4), progress=False)["loss"]
-        return out
-
-
-def _has_builtin_base(model: nn.Module) -> bool:
-    from memtune.probes.drift import builtin_base
-
-    return builtin_base(model) is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,7 +573,7 @@ class Experiment:
         runs = select_runs(c, only)
         stream = load_stream(c.stream, c.seed)  # every input is checked before anything is written
         model, tokenizer = self.load_base()
-        self.prober = Prober(c.probes, stream, tokenizer, c.stream.augment)
+        self.prober = Prober(c.probes, tokenizer, stream.eval_choices, c.stream.augment)
         self.out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out)  # left by a killed run; not those of a running one
         self._check_same_config()
@@ -728,7 +613,8 @@ class Experiment:
             return json.loads(path.read_text())
         prober = self.prober
         start = time.perf_counter()
-        result = {"learning": prober.learning(model, stream.chunks), "paraphrases": prober.paraphrases(model)
+        result = {"learning": prober.learning(model, stream.questions_by_chunk),
+                  "paraphrases": prober.paraphrases(model, stream.questions)
                   if self.config.probes.paraphrases and stream.kind != "task" else None,
                   **prober.forgetting(model, None), "seconds": round(time.perf_counter() - start, 1)}
         write_json(path, result)
@@ -774,19 +660,19 @@ class Experiment:
                 steps += len(history)
                 record = {"event": "probe", "chunk": k + 1, "chunks": len(stream.chunks), "seen": seen}
                 if (k + 1) % c.probes.every == 0 or k + 1 == len(stream.chunks):
-                    learning, by_chunk = prober.retention(model, stream.chunks[: k + 1])
+                    learning, by_chunk = prober.retention(model, stream.questions_by_chunk[: k + 1])
                     now = by_chunk[-1] if by_chunk else None  # the chunk just learned, in the same pass
                     record |= {"learning": learning, "learning_by_chunk": by_chunk,
                                **prober.forgetting(model, reference)}
                 else:
-                    now = prober.learning(model, [chunk]) if stream.kind != "task" else None
+                    now = prober.learning(model, [chunk.questions]) if stream.kind != "task" else None
                 immediate.append(now)
                 record |= {"immediate": now, "train_time_s": round(train_time, 1)}
                 folder.log(record)
                 log.info("%s chunk %d/%d: %s", run.name, k + 1, len(stream.chunks), _brief(record))
             final = {k: v for k, v in record.items() if k not in ("event", "chunk", "chunks", "immediate")}
             if c.probes.paraphrases and stream.kind != "task":
-                final["paraphrases"] = prober.paraphrases(model)
+                final["paraphrases"] = prober.paraphrases(model, stream.questions)
             scored = [x for x in immediate if x is not None]
             results = {
                 "run": run.name, "method": cfg.method, "sweep": run.sweep, "stream": stream.kind,

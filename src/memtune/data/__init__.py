@@ -76,6 +76,21 @@ class Choice:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class Source:
+    """A source string (see above) with its options: only the first `limit` items, a hub
+    `split`, a local copy of a hub dataset (`data_file`)."""
+
+    source: str
+    limit: int | None = None
+    split: str | None = None
+    data_file: str | None = None
+
+    def kwargs(self) -> dict:
+        """The options of `load_qa`, `load_documents` and `load_choices`."""
+        return {"limit": self.limit, "split": self.split, "data_file": self.data_file}
+
+
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
@@ -153,4 +168,4 @@ def save_jsonl(items: list[QA | Document | Choice] | list[dict], path: str | Pat
     return Path(path)
 
 
-__all__ = ["QA", "Choice", "Document", "load_choices", "load_documents", "load_qa", "save_jsonl"]
+__all__ = ["QA", "Choice", "Document", "Source", "load_choices", "load_documents", "load_qa", "save_jsonl"]

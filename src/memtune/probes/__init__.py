@@ -10,15 +10,17 @@
 ======================  =====================================================================
 
 Every probe takes a loaded model — memory checkpoint, PEFT adapter or full model alike, as
-`memtune.models.load_model` returns them — and returns a JSON-able dict.
+`memtune.models.load_model` returns them — and returns a JSON-able dict. `Prober` runs the
+probes a `ProbeConfig` names, one number each: what a model learned and what it lost.
 """
 
 from memtune.probes.drift import base_view, drift
 from memtune.probes.harness import lm_eval
 from memtune.probes.likelihood import answer_loss, choice_accuracy, perplexity
 from memtune.probes.qa import exact_match, is_correct, normalize_answer, qa_accuracy, token_f1
+from memtune.probes.runner import ProbeConfig, Prober
 
 __all__ = [
     "answer_loss", "base_view", "choice_accuracy", "drift", "exact_match", "is_correct", "lm_eval",
-    "normalize_answer", "perplexity", "qa_accuracy", "token_f1",
+    "normalize_answer", "perplexity", "ProbeConfig", "Prober", "qa_accuracy", "token_f1",
 ]
