@@ -317,3 +317,117 @@ def test_keep_questions_are_protected(tiny_model_dir, tmp_path):
 
 def test_collate_of_examples_used_here():
     assert collate(_examples(2), 0)["input_ids"].shape == (2, 4)
+
+
+# -- generalisation levers (issue 17): several examples per fact, one question per fact
+
+
+def test_an_items_examples_leave_and_rejoin_training_together(tokenizer):
+    """`ExampleCheck`: train's per-example check asks each item once; an item answered right
+    takes all its examples out of the next pass."""
+    from memtune.recipe import ExampleCheck
+    from memtune.retrofit import retrofit
+
+    model = retrofit(tiny_model(), tiny_memory_config())
+    owners = [0, 0, 1, 1, 1]
+    truth = [[False, False], [True, False], [True, True]]  # per pass: item 0 learned after pass 1, item 1 after 2
+    asked, passes = [], [0]
+
+    def items_check(m, items):
+        asked.append(list(items))
+        return [truth[min(passes[0], 2)][i] for i in items]
+
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=5, batch_size=5)
+    _, history = train(model, tokenizer, _examples(5), cfg, make_method(cfg, None), progress=False,
+                       learned=ExampleCheck(items_check, owners), on_step=lambda r: passes.__setitem__(0, r["epoch"]))
+    assert asked == [[0, 1], [0, 1], [1], [0]]
+    assert [h["examples"] for h in history] == [5, 3]
+    assert ExampleCheck(items_check, [0, 1])(model, [1, 0]) == [True, True] and asked[-1] == [1, 0]  # as given
+
+
+STATED = [QA("Who founded Zorbia?", "Quenta", statement="Zorbia was founded by Quenta."),
+          QA("What is the capital of Ostland?", "Varn", statement="The capital of Ostland is Varn.")]
+
+
+def test_renderings_train_every_form_and_learn_per_fact(tokenizer, monkeypatch):
+    """chat + plain: two examples per fact; the check asks each fact's chat question (never a
+    plain text), and what is kept at the end is every example of the facts answered right."""
+    from memtune.probes import qa
+    from memtune.methods import SparseMemoryFinetuning
+
+    asked, kept = [], []
+
+    def answers(model, tok, questions, *args, **kwargs):
+        asked.append(list(questions))
+        return ["Quenta" if q == STATED[0].question else "no idea" for q in questions]
+
+    real_keep = SparseMemoryFinetuning.keep_learned
+
+    def keep(self, model, examples, *args):
+        kept.extend(examples)
+        return real_keep(self, model, examples, *args)
+
+    monkeypatch.setattr(qa, "answer_questions", answers)
+    monkeypatch.setattr(SparseMemoryFinetuning, "keep_learned", keep)
+    result = learn(tiny_model(), tokenizer, STATED, LearnConfig(epochs=3, batch_size=2),
+                   RecipeConfig(n_keys=16, related=0, renderings=("chat", "plain")), progress=False)
+    assert result.examples == 4 and result.learned == [True, False]
+    r = result.recipe
+    assert r["renderings"] == {"renderings": ["chat", "plain"], "examples": 4, "per_rendering": {"chat": 2, "plain": 2},
+                               "items_without": {"chat": 0, "plain": 0}}
+    assert r["learned"] == {"right": 1, "items": 2}
+    questions = {q.question for q in STATED}
+    assert asked and all(set(a) <= questions and len(set(a)) == len(a) for a in asked)
+    assert [h["examples"] for h in result.history] == [2, 2, 2]  # the two examples of the fact not learned
+    assert [tokenizer.decode(e.input_ids).split("<|end|>")[0] for e in kept] == [
+        "<|user|>Who founded Zorbia?", "Zorbia was founded by Quenta."]
+
+
+def test_self_paraphrases_become_further_phrasings(tokenizer, monkeypatch):
+    from memtune import paraphrases
+
+    held_out = QA("Who founded Zorbia?", "Quenta", paraphrases=["Zorbia was founded by whom?"])
+    written = {"Who founded Zorbia?": ["Zorbia was founded by whom?", "Who was the founder of Zorbia?"],
+               "What is the capital of Ostland?": ["Which city is the capital of Ostland?", "Is Varn Ostland's capital?"]}
+    monkeypatch.setattr(paraphrases, "sample_rewrites", lambda m, t, texts, k, *a, **kw: [written[x][:k] for x in texts])
+    result = learn(tiny_model(), tokenizer, [held_out, FACTS[1]], LearnConfig(epochs=1, batch_size=2),
+                   RecipeConfig(n_keys=16, related=0, target="answer", self_paraphrases=2), progress=False)
+    r = result.recipe
+    assert r["self_paraphrases"]["questions"]["kept_rewrites"] == [["Who was the founder of Zorbia?"],
+                                                                   ["Which city is the capital of Ostland?"]]
+    assert r["renderings"]["per_rendering"] == {"chat": 4} and result.examples == 4
+    assert len(result.learned) == 2
+
+
+def test_the_levers_are_off_by_default(tokenizer):
+    result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
+                   RecipeConfig(n_keys=16, related=0), progress=False)
+    assert result.examples == len(FACTS)
+    assert "renderings" not in result.recipe and "self_paraphrases" not in result.recipe
+    assert RecipeConfig().renderings == ("chat",) and RecipeConfig().self_paraphrases == 0
+    assert RecipeConfig(renderings=["chat", "short"]).renderings == ("chat", "short")
+
+
+@pytest.mark.parametrize("kwargs, message", [({"renderings": ("plain",)}, "one of chat, short, qa-text is needed"),
+                                             ({"renderings": ("chat", "poem")}, "renderings='chat,poem'"),
+                                             ({"self_paraphrases": -1}, "self_paraphrases=-1")])
+def test_lever_option_errors(kwargs, message):
+    with pytest.raises(MemtuneError, match=message):
+        RecipeConfig(**kwargs)
+
+
+def test_cli_lever_options(tiny_model_dir, tmp_path, capsys):
+    from tiny import cli_error
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps(q.to_dict()) + "\n" for q in STATED))
+    run = tmp_path / "run"
+    assert main(["learn", "--model", str(tiny_model_dir), "--data", str(data), "--method", "full", "--epochs", "1",
+                 "--renderings", "chat, short,plain", "--self-paraphrases", "1", "--out", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["recipe"]["renderings"] == ["chat", "short", "plain"] and config["recipe"]["self_paraphrases"] == 1
+    assert config["steps"]["renderings"]["per_rendering"]["plain"] == 2
+    assert config["steps"]["self_paraphrases"]["asked_per_text"] == 1
+    capsys.readouterr()
+    cli_error(["learn", "--model", str(tiny_model_dir), "--data", str(data), "--renderings", "chat,limerick",
+               "--out", str(tmp_path / "bad")], capsys, "renderings='chat,limerick' is invalid")

@@ -18,6 +18,14 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    own words are never updated;
 7. **learn until learned** (`memtune.train`), then **keep what was learned**: every slot the
    data's text reads is frozen for later calls, recorded in the checkpoint's ledger.
+
+Two experimental generalisation levers (issue 17; off by default, not yet measured) sit between
+steps 4 and 5: **self-paraphrases** (`memtune.paraphrases`: the model rewrites each question,
+and each statement for the plain rendering, in its own words; filtered rewrites become further
+phrasings) and **renderings** (`memtune.targets`: the fact also trained as a short answer, as
+plain text, as a template-less question). A fact then has several examples; the until-learned
+check still asks its question once, in the chat template, and all of its examples leave
+training together when it is answered right (`ExampleCheck`).
 """
 
 from __future__ import annotations
@@ -39,7 +47,15 @@ from memtune.errors import MemtuneError
 from memtune.prompts import encode_text
 from memtune.rankers import NEEDS_BACKGROUND
 from memtune.stats import background_stats
-from memtune.targets import check_target, fact_examples, mask_predicted, own_statements
+from memtune.targets import (
+    RENDERINGS,
+    check_renderings,
+    check_target,
+    encode_facts,
+    fact_examples,
+    mask_predicted,
+    own_statements,
+)
 from memtune.train import LearnConfig, check_options, make_method, train
 
 log = logging.getLogger(__name__)
@@ -82,10 +98,18 @@ class RecipeConfig:
     loss: str = field(default="diverge", metadata={
         "help": "facts: loss on the target from where the model's own words leave it (diverge), on the whole "
                 "target (target), or on the answer inside a statement (answer)"})
+    renderings: tuple[str, ...] = field(default=("chat",), metadata={
+        "help": "facts, experimental (issue 17): the forms each fact is trained in, of " + ", ".join(RENDERINGS)
+                + " (memtune.targets); the until-learned check asks the chat question"})
+    self_paraphrases: int = field(default=0, metadata={
+        "help": "facts, experimental (issue 17): rewrites of each question the model writes itself (and of "
+                "each statement with the plain rendering); those that keep the subject (and the answer out of a "
+                "question) are trained as further phrasings. 0: none"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per answer (checks, own answers)"})
 
     def __post_init__(self) -> None:
         check_target(self.target, self.loss)
+        self.renderings = check_renderings(self.renderings, ask=True)
         if self.calibrate not in (*CALIBRATIONS, NONE):
             raise MemtuneError(f"calibrate={self.calibrate!r} is invalid: expected one of "
                                f"{', '.join(CALIBRATIONS)}, {NONE}")
@@ -98,7 +122,8 @@ class RecipeConfig:
             raise MemtuneError(f"keep={self.keep!r} does not exist: expected a file of questions")
         if not isinstance(self.n_keys, int) or self.n_keys < 2:
             raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
-        for name, least, kind in (("related", 0, "non-negative"), ("max_new_tokens", 1, "positive")):
+        for name, least, kind in (("related", 0, "non-negative"), ("self_paraphrases", 0, "non-negative"),
+                                  ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
@@ -259,18 +284,23 @@ class AnswerCheck:
     (`memtune.probes.qa.is_correct`). Called with a model (and optionally the indices of the
     items to ask), returns one bool per item asked; `right` holds the latest answer per item.
 
-    With `examples` (one per item, trained with `loss="diverge"`), the examples of the items
-    still answered wrong get their loss again from where the model's words leave the target
-    *now*: learning other facts can move the model's own words before the answer, and greedy
-    decoding follows those."""
+    With `examples` (trained with `loss="diverge"`; example j belongs to item `owners[j]`, by
+    default item j), the examples of the items still answered wrong get their loss again from
+    where the model's words leave the target *now*: learning other facts can move the model's
+    own words before the answer, and greedy decoding follows those."""
 
     def __init__(self, tokenizer, items: list[QA], max_new_tokens: int = 24, batch_size: int = 32,
-                 examples: list[Example] | None = None, targets: list[list[int]] | None = None):
+                 examples: list[Example] | None = None, targets: list[list[int]] | None = None,
+                 owners: list[int] | None = None):
         self.tokenizer, self.items = tokenizer, items
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         if (examples is None) != (targets is None):
             raise ValueError("examples and targets (their labels with the loss on the whole target) go together")
         self.examples, self.targets = examples, targets
+        owners = list(range(len(examples or []))) if owners is None else list(owners)
+        self.by_item: dict[int, list[int]] = {}  # item -> its examples
+        for j, i in enumerate(owners):
+            self.by_item.setdefault(i, []).append(j)
         self.right: list[bool | None] = [None] * len(items)
 
     def __call__(self, model: nn.Module, indices: list[int] | None = None) -> list[bool]:
@@ -284,12 +314,28 @@ class AnswerCheck:
         for i, ok in zip(indices, right):
             self.right[i] = ok
         if self.examples is not None:
-            wrong = [i for i, ok in zip(indices, right) if not ok]
-            for i in wrong:
-                self.examples[i].labels = list(self.targets[i])
+            wrong = [j for i, ok in zip(indices, right) if not ok for j in self.by_item.get(i, [])]
+            for j in wrong:
+                self.examples[j].labels = list(self.targets[j])
             if wrong:
-                mask_predicted(model, [self.examples[i] for i in wrong], self.tokenizer.pad_token_id)
+                mask_predicted(model, [self.examples[j] for j in wrong], self.tokenizer.pad_token_id)
         return right
+
+
+class ExampleCheck:
+    """An item check (`AnswerCheck`: item indices -> bools) as `memtune.train.train`'s check of
+    examples: example j is right when its item `owners[j]` is answered right. Each item asked
+    is asked once, however many of its examples are, so all of an item's examples leave (and
+    rejoin) training together. With one example per item (`owners[j] == j`) it asks exactly
+    what the item check would be asked."""
+
+    def __init__(self, check, owners: list[int]):
+        self.check, self.owners = check, list(owners)
+
+    def __call__(self, model: nn.Module, indices: list[int]) -> list[bool]:
+        asked = list(dict.fromkeys(self.owners[j] for j in indices))
+        right = dict(zip(asked, self.check(model, asked)))
+        return [right[self.owners[j]] for j in indices]
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,41 +425,59 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
 
     # -- training targets (the base model's own words: before anything is learned in this call)
+    more_questions = more_statements = None  # the model's own rewrites (self_paraphrases)
     if facts:
         items = list(data)
-        if recipe.target == "statement" and any(not q.statement for q in items):
+        wants_statements = recipe.target == "statement" or "plain" in recipe.renderings
+        if wants_statements and any(not q.statement for q in items):
             from memtune.probes.qa import answer_questions
 
             own = answer_questions(model, tokenizer, [q.question for q in items], recipe.max_new_tokens,
                                    progress=progress)
             items = own_statements(model, tokenizer, items, own)
             stated = sum(bool(q.statement) for q in items)
-            report["targets"] = {"target": "statement", "loss": recipe.loss, "own_statements": stated,
+            report["targets"] = {"target": recipe.target, "loss": recipe.loss, "own_statements": stated,
                                  "bare_answers": len(items) - stated,
                                  "examples": [q.statement or q.answer for q in items[:3]]}
         else:
             report["targets"] = {"target": recipe.target, "loss": recipe.loss}
+        if recipe.self_paraphrases:
+            from memtune.paraphrases import self_paraphrases
+
+            t = time.perf_counter()
+            written = self_paraphrases(model, tokenizer, items, recipe.self_paraphrases, seed=config.seed,
+                                       statements="plain" in recipe.renderings, progress=progress)
+            more_questions, more_statements = written.questions, written.statements
+            report["self_paraphrases"] = {**written.report(), "seconds": round(time.perf_counter() - t, 1)}
 
     # -- calibrate a fresh memory on the data's form (changes which slots are read: first)
     if smf and fresh and recipe.calibrate != NONE:
         from memtune.calibrate import calibrate_queries
 
-        plain = (fact_examples(items, tokenizer, "statement", "target", max_length=config.max_length)
+        plain = (fact_examples(items, tokenizer, "statement", "target", max_length=config.max_length,
+                               renderings=recipe.renderings, more_questions=more_questions,
+                               more_statements=more_statements)
                  if facts else encode_documents(tokenizer, [d.text for d in data], config.max_length))
         cal = [*plain, *guard_examples]
         n, batches = first_batches(cal, tokenizer.pad_token_id, len(cal), config.batch_size)
         positions = calibrate_queries(model, batches, recipe.calibrate, n_batches=n, progress=progress)
         report["calibrate"] = {"mode": recipe.calibrate, "examples": len(cal), "positions": positions}
 
+    owners: list[int] | None = None  # the item of each example (facts)
     if facts:
         diverge = recipe.loss == "diverge"
-        examples = fact_examples(items, tokenizer, recipe.target, "target" if diverge else recipe.loss,
-                                 max_length=config.max_length)
+        encoded = encode_facts(items, tokenizer, recipe.target, "target" if diverge else recipe.loss,
+                               max_length=config.max_length, renderings=recipe.renderings,
+                               more_questions=more_questions, more_statements=more_statements)
+        examples, owners = encoded.examples, encoded.items
+        if recipe.renderings != ("chat",) or recipe.self_paraphrases:
+            report["renderings"] = encoded.summary(len(items), recipe.renderings)
         targets = [list(e.labels) for e in examples]
         if diverge:  # the loss from where the model's own words leave the target (again at each check)
             mask_predicted(model, examples, pad)
         check = AnswerCheck(tokenizer, example_questions(items), recipe.max_new_tokens,
-                            examples=examples if diverge else None, targets=targets if diverge else None)
+                            examples=examples if diverge else None, targets=targets if diverge else None,
+                            owners=owners)
     else:
         examples = encode_documents(tokenizer, [d.text for d in data], config.max_length)
         check = None
@@ -445,7 +509,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     method = make_method(config, background, protect)
     t = time.perf_counter()
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
-                           learned=check)
+                           learned=None if check is None else ExampleCheck(check, owners))
     report["train_s"] = round(time.perf_counter() - t, 1)
     learned = None
     if check is not None:  # until learned, train's last check saw the final model
@@ -456,8 +520,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         # what the learned data reads now, at every position, stays (what was not learned may be
         # learned by a later call, so its slots stay free)
         if config.protect_learned:
-            method.keep_learned(model, examples if learned is None else [e for e, ok in zip(examples, learned) if ok],
-                                pad, config.batch_size)
+            method.keep_learned(model, examples if learned is None else
+                                [e for e, i in zip(examples, owners) if learned[i]], pad, config.batch_size)
         report["call"] = method.record_call({
             "data": source, "items": len(data), "kind": report["kind"], "steps": len(history),
             "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -10,12 +10,33 @@
 
 The loss positions are also SMF's counted positions (`count_positions="loss"`): a target that
 leaves the model's own words untouched keeps the slots those words read out of the update.
+
+**Renderings** (`renderings=`, experimental, issue 17): one fact trained in several forms, so
+that it is learned as a fact rather than as one prompt's continuation. Every rendering puts the
+loss on what the fact says — never on the question:
+
+- ``chat``: the chat question -> the target as above (`target`, `loss`); the default and the only
+  rendering before issue 17.
+- ``short``: the chat question -> the bare answer and the end of the turn, loss on both.
+- ``plain``: the statement as plain text, no chat template (``BOS? + "The capital of Chad is
+  N'Djamena."``, no EOS: a sentence of running text), loss on exactly the tokens that overlap the
+  answer's characters. A fact whose statement is missing, does not contain its answer, or starts
+  with it (nothing to predict it from) has no plain example.
+- ``qa-text``: the question without the chat template, as `memtune.prompts` writes a plain prompt:
+  ``BOS? + "Question: What is the capital of Chad?\nAnswer:"`` then ``" N'Djamena" + EOS``, loss
+  on the answer and EOS.
+
+The question renderings (chat, short, qa-text) are made for the question, its first `augment`
+paraphrases and any `more_questions`; plain for the statement and any `more_statements`. An
+example that an earlier rendering already gave the fact (short after chat when the target is the
+bare answer) is not repeated. `loss="diverge"` then trims every example.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,12 +46,14 @@ from transformers import PreTrainedTokenizerBase
 from memtune.batches import IGNORE, Example, collate, encode_qa
 from memtune.data import QA
 from memtune.errors import MemtuneError
-from memtune.prompts import answer_opening, encode_prompt
+from memtune.prompts import answer_opening, encode_prompt, special_prefix
 
 TARGETS = ("answer", "statement")
 LOSSES = ("target", "answer", "diverge")
 Target = Literal["answer", "statement"]
 Loss = Literal["target", "answer", "diverge"]
+RENDERINGS = ("chat", "short", "plain", "qa-text")
+QUESTION_RENDERINGS = ("chat", "short", "qa-text")  # the renderings that ask the fact's question
 # own_statements tries the answer after each of the first words of the model's own sentence
 MAX_PREFIX_WORDS = 12
 
@@ -42,19 +65,114 @@ def check_target(target: str, loss: str) -> None:
         raise MemtuneError(f"loss={loss!r} is invalid: expected one of {', '.join(LOSSES)}")
 
 
+def check_renderings(renderings, ask: bool = False) -> tuple[str, ...]:
+    """`renderings` as a tuple of known names, each once; with `ask`, one of them must ask the
+    fact's question (so that every fact has an example, whatever its statement)."""
+    names = (renderings,) if isinstance(renderings, str) else tuple(renderings)
+    bad = [r for r in names if r not in RENDERINGS]
+    if bad or not names or len(set(names)) < len(names):
+        raise MemtuneError(f"renderings={','.join(map(str, names))!r} is invalid: expected distinct names of "
+                           f"{', '.join(RENDERINGS)}")
+    if ask and not set(names) & set(QUESTION_RENDERINGS):
+        raise MemtuneError(f"renderings={','.join(names)!r} is invalid: one of {', '.join(QUESTION_RENDERINGS)} is "
+                           "needed (the until-learned check asks each fact's question)")
+    return names
+
+
+@dataclass
+class FactExamples:
+    """Training examples of facts, with the item (index into the facts) and the rendering each
+    example belongs to; examples are grouped by item, in the items' order."""
+
+    examples: list[Example]
+    items: list[int]
+    renderings: list[str]
+
+    def summary(self, n_items: int, renderings: tuple[str, ...]) -> dict:
+        """Examples per rendering, and how many of the `n_items` facts each rendering left out."""
+        return {"renderings": list(renderings), "examples": len(self.examples),
+                "per_rendering": {r: self.renderings.count(r) for r in renderings},
+                "items_without": {r: n_items - len({i for i, n in zip(self.items, self.renderings) if n == r})
+                                  for r in renderings}}
+
+
 def fact_examples(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: Target = "answer",
                   loss: Loss = "target", augment: int = 0, max_length: int = 256,
-                  model: nn.Module | None = None) -> list[Example]:
+                  model: nn.Module | None = None, renderings: tuple[str, ...] = ("chat",),
+                  more_questions: list[list[str]] | None = None,
+                  more_statements: list[list[str]] | None = None) -> list[Example]:
     """Each fact as it is trained: its question (and its first `augment` paraphrases) -> its
     answer or statement (a fact without a statement trains its answer). `loss="diverge"` needs
-    the `model` that will learn the facts. Returns one example per (fact, phrasing), facts in order."""
+    the `model` that will learn the facts. Returns one example per (fact, phrasing), facts in
+    order; with other `renderings` (module doc) per (fact, rendering, phrasing), see
+    `encode_facts` for which fact each belongs to."""
+    return encode_facts(items, tokenizer, target, loss, augment, max_length, model, renderings, more_questions,
+                        more_statements).examples
+
+
+def encode_facts(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: Target = "answer",
+                 loss: Loss = "target", augment: int = 0, max_length: int = 256,
+                 model: nn.Module | None = None, renderings: tuple[str, ...] = ("chat",),
+                 more_questions: list[list[str]] | None = None,
+                 more_statements: list[list[str]] | None = None) -> FactExamples:
+    """`fact_examples` with the item and rendering of each example. `more_questions[i]` and
+    `more_statements[i]` are further phrasings of item i (e.g. the model's own rewrites,
+    `memtune.paraphrases`), trained after its question and first `augment` paraphrases (by the
+    question renderings), or after its statement (by plain)."""
     check_target(target, loss)
+    renderings = check_renderings(renderings)
+    for name, more in (("more_questions", more_questions), ("more_statements", more_statements)):
+        if more is not None and len(more) != len(items):
+            raise ValueError(f"{name} has {len(more)} lists for {len(items)} items")
+    questions = [[q.question, *q.paraphrases[:augment], *(more_questions[i] if more_questions else [])]
+                 for i, q in enumerate(items)]
+    per_item: dict[str, list[list[Example]]] = {}
+    for name in renderings:
+        if name == "chat":
+            per_item[name] = _chat_examples(items, questions, tokenizer, target, loss, max_length)
+        elif name == "plain":
+            statements = [[s for s in [q.statement, *(more_statements[i] if more_statements else [])] if s]
+                          for i, q in enumerate(items)]
+            per_item[name] = [[e for e in (_plain_example(tokenizer, s, q.answer, max_length) for s in stated) if e]
+                              for q, stated in zip(items, statements)]
+        else:  # short, qa-text: question -> the bare answer, with or without the chat template
+            per_item[name] = _regroup(encode_qa(tokenizer, [(t, q.answer) for q, ts in zip(items, questions)
+                                                            for t in ts], max_length,
+                                                chat=False if name == "qa-text" else None), questions)
+    out = FactExamples([], [], [])
+    for i in range(len(items)):
+        earlier: list[Example] = []  # the item's examples from the renderings before this one
+        for name in renderings:
+            fresh = [e for e in per_item[name][i] if e not in earlier]
+            out.examples += fresh
+            out.items += [i] * len(fresh)
+            out.renderings += [name] * len(fresh)
+            earlier += fresh
+    if loss == "diverge":
+        if model is None:
+            raise ValueError("loss=diverge needs the model that learns the facts")
+        mask_predicted(model, out.examples, tokenizer.pad_token_id)
+    return out
+
+
+def _regroup(examples: list[Example], groups: list[list[str]]) -> list[list[Example]]:
+    """A flat list of examples, one per phrasing, as one list per item."""
+    out, at = [], 0
+    for g in groups:
+        out.append(examples[at : at + len(g)])
+        at += len(g)
+    return out
+
+
+def _chat_examples(items: list[QA], questions: list[list[str]], tokenizer: PreTrainedTokenizerBase, target: Target,
+                   loss: Loss, max_length: int) -> list[list[Example]]:
+    """The chat rendering: each phrasing -> the answer or statement, per item."""
     pairs, prefixes = [], []
-    for q in items:
+    for q, phrasings in zip(items, questions):
         stated = target == "statement" and bool(q.statement)
         text = q.statement if stated else q.answer
         cut = text.find(q.answer) if stated and loss == "answer" else -1
-        for question in [q.question, *q.paraphrases[:augment]]:
+        for question in phrasings:
             pairs.append((question, text))
             prefixes.append(text[:cut].rstrip() if cut > 0 else "")
     examples = encode_qa(tokenizer, pairs, max_length)
@@ -62,11 +180,34 @@ def fact_examples(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: T
     for example, prefix in zip(examples, prefixes):
         if prefix:
             mask_prefix(example, tokenizer(opening + prefix, add_special_tokens=False)["input_ids"])
-    if loss == "diverge":
-        if model is None:
-            raise ValueError("loss=diverge needs the model that learns the facts")
-        mask_predicted(model, examples, tokenizer.pad_token_id)
-    return examples
+    return _regroup(examples, questions)
+
+
+def _plain_example(tokenizer: PreTrainedTokenizerBase, statement: str, answer: str,
+                   max_length: int) -> Example | None:
+    """The plain rendering of a statement: its text after the tokenizer's BOS (if it has one),
+    loss on the tokens that overlap the answer's characters; None when the statement does not
+    contain the answer after some other words. A long statement loses its start (not its answer)."""
+    at = statement.find(answer)
+    if at <= 0 or not statement[:at].strip():
+        return None
+    if not getattr(tokenizer, "is_fast", False):
+        raise MemtuneError("the plain rendering needs a fast tokenizer (token offsets): drop 'plain' from renderings")
+    enc = tokenizer(statement, add_special_tokens=False, return_offsets_mapping=True)
+    head = special_prefix(tokenizer)
+    ids = head + enc["input_ids"]
+    end = at + len(answer)
+    hit = [len(head) + k for k, (s, e) in enumerate(enc["offset_mapping"]) if s < end and e > at]
+    if not hit or hit[0] == 0:
+        return None
+    labels = [t if k in hit else IGNORE for k, t in enumerate(ids)]
+    if len(ids) > max_length:
+        if hit[0] - (len(ids) - max_length) < 1:
+            raise MemtuneError(f"max_length={max_length} is too short for the statement {statement!r} "
+                               "(answer and one token before it); raise --max-length")
+        cut = len(ids) - max_length
+        ids, labels = ids[cut:], labels[cut:]
+    return Example(ids, labels)
 
 
 @torch.no_grad()

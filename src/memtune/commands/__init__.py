@@ -15,17 +15,17 @@ import typing
 from typing import Any
 
 
-def _field_type(tp: Any) -> tuple[Any, bool]:
-    """(scalar type, is_list) of a dataclass field annotation."""
+def _field_type(tp: Any) -> tuple[Any, type | None]:
+    """(scalar type, container: list, tuple or None) of a dataclass field annotation."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return _field_type(args[0])
-    if origin is list:
-        return typing.get_args(tp)[0], True
+    if origin in (list, tuple):  # list[T], tuple[T, ...]
+        return typing.get_args(tp)[0], origin
     if origin is typing.Literal:
-        return str, False
-    return tp, False
+        return str, None
+    return tp, None
 
 
 def add_dataclass_arguments(
@@ -36,7 +36,7 @@ def add_dataclass_arguments(
     for f in dataclasses.fields(cls):
         if f.name in exclude or not f.init:
             continue
-        tp, is_list = _field_type(hints[f.name])
+        tp, container = _field_type(hints[f.name])
         option = "--" + prefix + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -46,11 +46,13 @@ def add_dataclass_arguments(
             kwargs["choices"] = list(typing.get_args(literal))
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif is_list:
-            kwargs["type"] = lambda s, t=tp: [t(x) for x in s.split(",") if x.strip()]
+        elif container is not None:
+            kwargs["type"] = lambda s, t=tp, c=container: c(t(x.strip()) for x in s.split(",") if x.strip())
             help_text += " (comma-separated)"
         else:
             kwargs["type"] = tp
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
         if default is not None and default is not dataclasses.MISSING:
             help_text += f" [default: {default}]"
         parser.add_argument(option, help=help_text, **kwargs)

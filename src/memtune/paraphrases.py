@@ -1,0 +1,212 @@
+"""Self-generated paraphrases (experimental, issue 17): the model being taught rewrites each
+question — and, for the plain rendering, each statement — in its own words, and a filter keeps
+the rewrites that still ask (or state) the same fact. The kept rewrites are trained as further
+phrasings of the fact (`memtune.targets.encode_facts`'s `more_questions`, `more_statements`),
+beside the question; the data's own paraphrases stay held out.
+
+How the model is asked: plain text, no chat template (as `memtune.recipe.related_questions`
+asks it), so that base and instruct models continue the same page — a few fixed examples of
+rewrites of general-knowledge questions (never the data's own paraphrases), then the question;
+the first line it writes is the rewrite. Sampled (temperature 0.8, top-p 0.95), seeded; the
+global random state is restored afterwards.
+
+The filter (`paraphrase_fault`): a rewrite is kept when it
+
+- differs from the original (compared as lower-case words, punctuation dropped) and from every
+  rewrite already kept for it and every text in `avoid` (the data's held-out paraphrases: a
+  rewrite that happens to equal one would leak it into training);
+- has 3 to 40 words;
+- keeps the subject: every subject word of the original (`question_subjects`) is among its words;
+- a question: ends with its only "?" and contains none of the answers (as whole words);
+- a statement: is not a question and contains the answer as written, after every subject word
+  (the plain rendering's loss is on the answer: it must follow what it is about).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from memtune.data import QA
+from memtune.prompts import encode_text
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["question", "statement"]
+KINDS = ("question", "statement")
+MIN_WORDS, MAX_WORDS = 3, 40
+
+QUESTION_PROMPT = (
+    "Each question is asked again in other words.\n\n"
+    "Question: What is the capital of France?\nIn other words: Which city is the capital of France?\n\n"
+    "Question: Who wrote Hamlet?\nIn other words: Who is the author of the play Hamlet?\n\n"
+    "Question: When did the Second World War end?\nIn other words: In which year did the Second World War "
+    "come to an end?\n\n"
+    "Question: {text}\nIn other words:"
+)
+STATEMENT_PROMPT = (
+    "Each sentence is said again in other words.\n\n"
+    "Sentence: The capital of France is Paris.\nIn other words: France has its capital in Paris.\n\n"
+    "Sentence: Hamlet was written by William Shakespeare.\nIn other words: The author of the play Hamlet is "
+    "William Shakespeare.\n\n"
+    "Sentence: The Second World War ended in 1945.\nIn other words: The Second World War came to an end in 1945.\n\n"
+    "Sentence: {text}\nIn other words:"
+)
+
+
+def _words(text: str) -> list[str]:
+    """Lower-case words, punctuation dropped (as `memtune.recipe` compares questions)."""
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def _has_phrase(words: list[str], phrase: list[str]) -> bool:
+    n = len(phrase)
+    return n > 0 and any(words[i : i + n] == phrase for i in range(len(words) - n + 1))
+
+
+def question_subjects(questions: Sequence[str]) -> list[set[str]]:
+    """What each question is about, as lower-case words: its names (capitalised after the first
+    word, or digits) among `memtune.recipe.subject_words(questions)`; else its words among those;
+    else its own names. An empty set: nothing to check a rewrite against (none is kept)."""
+    from memtune.recipe import subject_words
+
+    subjects = {w for s in subject_words(list(questions)) for w in s.split()}
+    out = []
+    for q in questions:
+        raw = re.findall(r"[\w']+", q)
+        names = {w for r in raw[1:] if r[:1].isupper() or r.isdigit() for w in _words(r)
+                 if len(w) >= 3 or w.isdigit()}
+        own = set(_words(q))
+        out.append((names & subjects) or (own & subjects) or names)
+    return out
+
+
+def paraphrase_fault(original: str, rewrite: str, answers: str | Sequence[str], subject: Iterable[str],
+                     kind: Kind = "question", avoid: Iterable[str] = ()) -> str | None:
+    """Why `rewrite` is not kept as a rewrite of `original` (module doc), or None when it is.
+    `answers`: the answer first, then its aliases; `subject`: lower-case words (`question_subjects`);
+    `avoid`: texts it must not equal (earlier rewrites, held-out paraphrases)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    text = rewrite.strip()
+    words = _words(text)
+    if words == _words(original):
+        return "same"
+    if any(words == _words(a) for a in avoid):
+        return "duplicate"
+    if not MIN_WORDS <= len(words) <= MAX_WORDS:
+        return "length"
+    subject = set(subject)
+    if not subject or not subject <= set(words):
+        return "subject"
+    if kind == "question":
+        if not text.endswith("?") or text.count("?") != 1:
+            return "not a question"
+        if any(_has_phrase(words, _words(a)) for a in answers):
+            return "answer"
+        return None
+    if text.endswith("?"):
+        return "not a statement"
+    at = text.find(answers[0])
+    if at < 0:
+        return "answer"
+    if not subject <= set(_words(text[:at])):
+        return "answer before subject"
+    return None
+
+
+def keep_paraphrase(original: str, rewrite: str, answers: str | Sequence[str], subject: Iterable[str],
+                    kind: Kind = "question", avoid: Iterable[str] = ()) -> bool:
+    """Whether `rewrite` says what `original` says, in other words (`paraphrase_fault`)."""
+    return paraphrase_fault(original, rewrite, answers, subject, kind, avoid) is None
+
+
+@torch.no_grad()
+def sample_rewrites(model: nn.Module, tokenizer, texts: Sequence[str], k: int, kind: Kind = "question",
+                    seed: int = 0, batch_size: int = 16, max_new_tokens: int = 48, temperature: float = 0.8,
+                    progress: bool = True) -> list[list[str]]:
+    """`k` sampled rewrites of each of `texts` by `model` (module doc: the prompt), unfiltered:
+    the first line of each continuation, stripped."""
+    if k <= 0 or not texts:
+        return [[] for _ in texts]
+    from tqdm.auto import tqdm
+
+    template = QUESTION_PROMPT if kind == "question" else STATEMENT_PROMPT
+    device = next(model.parameters()).device
+    out: list[list[str]] = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in tqdm(range(0, len(texts), batch_size), desc=f"rewrite {kind}s", disable=not progress):
+            prompts = [encode_text(tokenizer, template.format(text=t)) for t in texts[s : s + batch_size]]
+            batch = tokenizer.pad({"input_ids": prompts}, return_tensors="pt", padding=True).to(device)
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                                       top_p=0.95, num_return_sequences=k, pad_token_id=tokenizer.pad_token_id)
+            decoded = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for j in range(len(prompts)):
+                out.append([d.strip().split("\n", 1)[0].strip() for d in decoded[j * k : (j + 1) * k]])
+    finally:
+        tokenizer.padding_side = side
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return out
+
+
+@dataclass
+class SelfParaphrases:
+    """The kept rewrites per item (`questions[i]`, `statements[i]`) and what the filter did."""
+
+    questions: list[list[str]]
+    statements: list[list[str]]
+    asked: int
+    rejected: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> fault -> count
+
+    def report(self) -> dict:
+        """Counts and the kept rewrites, for config.json's `steps`."""
+        out: dict = {"asked_per_text": self.asked}
+        for kind, kept in (("question", self.questions), ("statement", self.statements)):
+            if kind in self.rejected:
+                out[kind + "s"] = {"kept": sum(map(len, kept)), "items_with_rewrites": sum(bool(k) for k in kept),
+                                   "rejected": self.rejected[kind], "kept_rewrites": kept}
+        return out
+
+
+def self_paraphrases(model: nn.Module, tokenizer, items: Sequence[QA], k: int, seed: int = 0,
+                     statements: bool = False, batch_size: int = 16, max_new_tokens: int = 48,
+                     progress: bool = True) -> SelfParaphrases:
+    """The model's own rewrites of each item's question (and, with `statements`, of its
+    statement, where it has one) that the filter keeps (module doc): up to `k` per text, asked
+    `k` times each."""
+    items = list(items)
+    subjects = question_subjects([q.question for q in items])
+    result = SelfParaphrases([[] for _ in items], [[] for _ in items], k)
+    kinds: list[Kind] = ["question", *(["statement"] if statements else [])]
+    for kind in kinds:
+        todo = [i for i, q in enumerate(items) if kind == "question" or q.statement]
+        originals = [items[i].question if kind == "question" else items[i].statement for i in todo]
+        written = sample_rewrites(model, tokenizer, originals, k, kind, seed, batch_size, max_new_tokens,
+                                  progress=progress)
+        faults: dict[str, int] = {}
+        kept = result.questions if kind == "question" else result.statements
+        for i, original, rewrites in zip(todo, originals, written):
+            for rewrite in rewrites:
+                fault = paraphrase_fault(original, rewrite, items[i].answers, subjects[i], kind,
+                                         avoid=[*items[i].paraphrases, *kept[i]])
+                if fault is None:
+                    kept[i].append(rewrite.strip())
+                else:
+                    faults[fault] = faults.get(fault, 0) + 1
+        result.rejected[kind] = faults
+        log.info("self-paraphrases: kept %d of %d %s rewrites (%d of %d items have one)", sum(map(len, kept)),
+                 k * len(todo), kind, sum(bool(x) for x in kept), len(items))
+    return result

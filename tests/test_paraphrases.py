@@ -1,0 +1,123 @@
+"""Self-generated paraphrases (`memtune.paraphrases`): the filter on hand examples, and asking
+a tiny model returns only what the filter keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from memtune import paraphrases
+from memtune.data import QA
+from memtune.paraphrases import keep_paraphrase, paraphrase_fault, question_subjects, sample_rewrites, self_paraphrases
+from tiny import tiny_model
+
+Q = "What is the capital of Chad?"
+S = "The capital of Chad is N'Djamena."
+ANSWERS = ["N'Djamena", "Ndjamena"]
+
+
+@pytest.mark.parametrize("rewrite, fault", [
+    ("Which city is the capital of Chad?", None),
+    ("Chad's capital is which city?", None),
+    ("Which city is the capital?", "subject"),              # drops the subject
+    ("Which city is the capital of Mali?", "subject"),
+    ("Is N'Djamena the capital of Chad?", "answer"),         # gives the answer away
+    ("Is Ndjamena the capital of Chad?", "answer"),          # ... or an alias of it
+    ("Tell me the capital of Chad.", "not a question"),
+    ("What is the capital of Chad? And of Mali?", "not a question"),
+    ("what is the capital of chad", "same"),                 # the original, in other case and punctuation
+    (Q, "same"),
+    ("Chad?", "length"),
+    ("", "length"),
+])
+def test_question_rewrites(rewrite, fault):
+    assert paraphrase_fault(Q, rewrite, ANSWERS, {"chad"}) == fault
+    assert keep_paraphrase(Q, rewrite, ANSWERS, {"chad"}) == (fault is None)
+
+
+def test_a_rewrite_already_kept_or_held_out_is_a_duplicate():
+    avoid = ["Which city is the capital of Chad?"]
+    assert paraphrase_fault(Q, "Which city is the capital of Chad ?", ANSWERS, {"chad"}, avoid=avoid) == "duplicate"
+    assert not keep_paraphrase(Q, "Which city is Chad's capital?", ANSWERS, set())  # no subject to check: not kept
+
+
+@pytest.mark.parametrize("rewrite, fault", [
+    ("Chad has its capital in N'Djamena.", None),
+    ("Chad has a capital city.", "answer"),                   # lacks the answer
+    ("The capital of Chad is Ndjamena.", "answer"),           # the answer as trained, not an alias
+    ("N'Djamena is the capital of Chad.", "answer before subject"),
+    ("The capital is N'Djamena.", "subject"),
+    ("Is the capital of Chad N'Djamena?", "not a statement"),
+    ("the capital of chad is n'djamena", "same"),
+])
+def test_statement_rewrites(rewrite, fault):
+    assert paraphrase_fault(S, rewrite, ANSWERS, {"chad"}, kind="statement") == fault
+
+
+def test_question_subjects():
+    assert question_subjects(["Who founded Zorbia?", "What is the capital of Ostland?"]) == [{"zorbia"}, {"ostland"}]
+    states = [f"What is the capital of {s}?" for s in ("Vermont", "Ohio", "Texas", "Utah", "Iowa")]
+    mixed = [*states, "What is the atomic number of francium?", "In which year did Ohio become a US state?"]
+    subjects = question_subjects(mixed)
+    assert subjects[0] == {"vermont"}
+    assert subjects[5] == {"atomic", "number", "francium"}  # no name: the words only it asks
+    assert subjects[6] == {"ohio"}                          # its name, not "year" or "become"
+    assert question_subjects(["Where is N'Djamena's river?"]) == [{"djamena"}]
+
+
+ITEMS = [QA(Q, "N'Djamena", ["Ndjamena"], paraphrases=["Which city is the capital of Chad?"], statement=S),
+         QA("Who founded Zorbia?", "Quenta")]
+WRITTEN = {  # what the "model" writes, per original text
+    Q: ["Which city is the capital of Chad?",    # the held-out paraphrase: not trained
+        "Chad's capital is which city?",
+        "Tell me the capital of Chad.",          # not a question
+        "Chad's capital is which city ?",        # a duplicate of the first kept
+        "Is N'Djamena the capital of Chad?"],
+    "Who founded Zorbia?": ["Who was the founder of Zorbia?", "Who founded it?", "Quenta founded Zorbia?",
+                            "Zorbia was founded by whom?", "Who founded Zorbia?"],
+    S: ["Chad has its capital in N'Djamena.", "N'Djamena is Chad's capital.", "Chad has a capital."],
+}
+
+
+@pytest.fixture
+def fixed_model(monkeypatch):
+    calls = []
+
+    def fake(model, tokenizer, texts, k, kind="question", seed=0, *args, **kwargs):
+        calls.append((kind, list(texts), k))
+        return [WRITTEN[t][:k] for t in texts]
+
+    monkeypatch.setattr(paraphrases, "sample_rewrites", fake)
+    return calls
+
+
+def test_self_paraphrases_returns_only_kept_rewrites(tokenizer, fixed_model):
+    got = self_paraphrases(tiny_model(), tokenizer, ITEMS, k=5, statements=True, progress=False)
+    assert got.questions == [["Chad's capital is which city?"],
+                             ["Who was the founder of Zorbia?", "Zorbia was founded by whom?"]]
+    assert got.statements == [["Chad has its capital in N'Djamena."], []]  # the second item has no statement
+    assert fixed_model == [("question", [Q, "Who founded Zorbia?"], 5), ("statement", [S], 5)]
+    report = got.report()
+    assert report["questions"]["kept"] == 3 and report["questions"]["items_with_rewrites"] == 2
+    assert report["questions"]["rejected"] == {"duplicate": 2, "not a question": 1, "answer": 2, "subject": 1,
+                                               "same": 1}
+    assert report["statements"] == {"kept": 1, "items_with_rewrites": 1,
+                                    "rejected": {"answer before subject": 1, "answer": 1},
+                                    "kept_rewrites": [["Chad has its capital in N'Djamena."], []]}
+    questions_only = self_paraphrases(tiny_model(), tokenizer, ITEMS, k=2, progress=False)
+    assert questions_only.statements == [[], []] and "statements" not in questions_only.report()
+
+
+def test_asking_a_tiny_model_is_seeded_and_leaves_the_random_state(tokenizer):
+    model = tiny_model(init_range=0.5)
+    state = torch.random.get_rng_state()
+    first = sample_rewrites(model, tokenizer, [Q, "Who founded Zorbia?", S], k=3, seed=1, max_new_tokens=6,
+                            progress=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert [len(r) for r in first] == [3, 3, 3] and all("\n" not in t for r in first for t in r)
+    assert sample_rewrites(model, tokenizer, [Q, "Who founded Zorbia?", S], k=3, seed=1, max_new_tokens=6,
+                           progress=False) == first
+    got = self_paraphrases(model, tokenizer, ITEMS, k=3, max_new_tokens=6, statements=True, progress=False)
+    subjects = question_subjects([q.question for q in ITEMS])
+    for item, subject, kept in zip(ITEMS, subjects, got.questions):
+        assert all(keep_paraphrase(item.question, r, item.answers, subject) for r in kept)
