@@ -431,3 +431,24 @@ def test_cli_lever_options(tiny_model_dir, tmp_path, capsys):
     capsys.readouterr()
     cli_error(["learn", "--model", str(tiny_model_dir), "--data", str(data), "--renderings", "chat,limerick",
                "--out", str(tmp_path / "bad")], capsys, "renderings='chat,limerick' is invalid")
+
+
+def test_until_learned_asks_the_learned_examples_again_every_few_passes(tokenizer):
+    """An update since an example was right can undo it: every RECHECK_EVERY passes the check
+    asks them all, and one found wrong again is trained again."""
+    from memtune.retrofit import retrofit
+    from memtune.train import RECHECK_EVERY
+
+    model = retrofit(tiny_model(), tiny_memory_config())
+    calls, passes = [], [0]
+
+    def check(m, indices):  # example 0 right from the start but undone by pass RECHECK_EVERY; 1 never right
+        calls.append(list(indices))
+        return [i == 0 and passes[0] < RECHECK_EVERY for i in indices]
+
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=RECHECK_EVERY + 2, batch_size=2)
+    _, history = train(model, tokenizer, _examples(2), cfg, make_method(cfg, None), progress=False, learned=check,
+                       on_step=lambda r: passes.__setitem__(0, r["epoch"]))
+    assert calls[:RECHECK_EVERY + 1] == [[0, 1]] + [[1]] * RECHECK_EVERY
+    assert calls[RECHECK_EVERY + 1] == [0]  # asked again after pass RECHECK_EVERY: wrong now
+    assert [h["examples"] for h in history] == [1] * RECHECK_EVERY + [2, 2]

@@ -29,6 +29,9 @@ from memtune.stats import Background, StepUsage
 
 log = logging.getLogger(__name__)
 
+# until learned: how often (in passes) the check asks the examples already answered right again;
+# 100 element facts lost 10 learned ones to later updates when they were asked only at the end
+RECHECK_EVERY = 5
 SCHEDULES = ("constant", "linear")
 
 
@@ -202,9 +205,10 @@ def train(
 
     With `config.until_learned` and a `learned` check ((model, indices) -> one bool per
     example index asked, e.g. `AnswerCheck`), each pass trains only the examples not yet
-    learned: before a pass the check asks those still wrong; when none is left it asks the others
-    again (later updates can undo an earlier answer) and training stops only when every example
-    is answered right at once; `epochs` is then a cap. At the end the check's last answer for
+    learned: before a pass the check asks those still wrong, and every `RECHECK_EVERY` passes, or
+    when none is left, the others again (later updates can undo an earlier answer: those are
+    trained again); training stops only when every example is answered right at once; `epochs`
+    is then a cap. At the end the check's last answer for
     every example is from the final model.
 
     The method's `loss(model, batch)`, when it has one, is the objective: a dict of scalars,
@@ -237,7 +241,8 @@ def train(
     try:
         while step < total and epoch < config.epochs:
             if check is not None:  # only what the model does not answer right yet (rank 0's view)
-                active = _still_wrong(check, model, active, len(examples))
+                # every RECHECK_EVERY passes all of them: an update since an example was right can undo it
+                active = _still_wrong(check, model, active, len(examples), everyone=epoch % RECHECK_EVERY == 0)
                 bar.set_postfix(left=len(active), refresh=False)
                 if not active:
                     break
