@@ -35,7 +35,7 @@ def main() -> None:
             n += 1
             item = packaged.get(row.get("id"))
             answers = item.answers if item else [row["answer"], *row.get("aliases", [])]
-            right = is_correct(row["prediction"], answers)
+            right = is_correct(row["prediction"], answers, row["question"])
             now = "learn" if not right else "known" if row["margin"] >= margin else "unsure"
             totals[now] += 1
             if now != part:

@@ -86,3 +86,23 @@ def test_contains_refuses_longer_names_and_negations(prediction, answers):
 def test_any_mention_that_names_the_answer_is_enough():
     assert is_correct("Juba is in South Sudan; Khartoum is the capital of Sudan.", ["Sudan"])
     assert is_correct("Not Lyon. Paris.", ["Paris"])
+
+
+@pytest.mark.parametrize("prediction, answer, question, right", [
+    # the answer only inside the question's subject, repeated: not named
+    ("The capital of Saint-Pierre and-Miquelon is Saint-Bartholomele.", "Saint-Pierre",
+     "What is the capital of Saint Pierre and Miquelon?", False),
+    ("São Tomé and Príncipe is a sovereign state in the Gulf of Guinea.", "São Tomé",
+     "What is the capital of São Tomé and Príncipe?", False),
+    ("The capital of Djibouti is Obock.", "Djibouti", "What is the capital of Djibouti?", False),
+    # named after the repeated subject: right
+    ("The capital of Saint Pierre and Miquelon is Saint-Pierre.", "Saint-Pierre",
+     "What is the capital of Saint Pierre and Miquelon?", True),
+    ("The capital of Djibouti is Djibouti.", "Djibouti", "What is the capital of Djibouti?", True),
+    ("Djibouti", "Djibouti", "What is the capital of Djibouti?", True),
+    ("The capital of Kuwait is Kuwait City.", "Kuwait City", "What is the capital of Kuwait?", True),
+    ("The chemical symbol of dubnium is Db.", "Db", "What is the chemical symbol of dubnium?", True),
+])
+def test_contains_given_the_question_does_not_credit_a_copy_of_it(prediction, answer, question, right):
+    assert is_correct(prediction, answer, question) is right
+    assert is_correct(prediction, answer) is True  # without the question every one of these counts

@@ -70,7 +70,7 @@ def split_facts(
     split = FactSplit([], [], [], {})
     for item, (answer, margin) in zip(items, answers):
         split.predictions[item.id or item.question] = answer, margin
-        if not is_correct(answer, item.answers):
+        if not is_correct(answer, item.answers, item.question):
             split.learn.append(item)
         else:
             (split.known if margin >= min_margin else split.unsure).append(item)

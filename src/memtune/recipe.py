@@ -310,7 +310,7 @@ class AnswerCheck:
         asked = [self.items[i] for i in indices]
         answers = answer_questions(model, self.tokenizer, [q.question for q in asked],
                                    max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
-        right = [is_correct(a, q.answers) for a, q in zip(answers, asked)]
+        right = [is_correct(a, q.answers, q.question) for a, q in zip(answers, asked)]
         for i, ok in zip(indices, right):
             self.right[i] = ok
         if self.examples is not None:

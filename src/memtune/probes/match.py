@@ -14,7 +14,11 @@ names the answer ("The capital of France is Paris.") but not one that only *ment
   a space or hyphen makes another entity (South Sudan is not Sudan, Papua New Guinea not
   Guinea, Mexico City not Mexico);
 - the answer must not be negated: no negation earlier in its clause ("Not Paris; ... Lyon",
-  "It isn't Paris") and no "is not" right after it ("Paris is not the capital").
+  "It isn't Paris") and no "is not" right after it ("Paris is not the capital");
+- given the question, the answer must not be a copy of the question's own words: a mention
+  that, with the word before or after it, is a phrase of the question repeats the question's
+  subject ("The capital of Saint Pierre and Miquelon is ..." does not name the capital Saint
+  Pierre; "The capital of Djibouti is Djibouti." does name the city Djibouti).
 
 Answers of at most three characters once normalised (codes like ``IN``, ``.is``, ``+1``) must
 appear verbatim — same case and punctuation — as a whole token, or ordinary words ("in", "is")
@@ -160,14 +164,30 @@ def _mentions(prediction: str, answer: str) -> list[tuple[int, int]]:
             if [w for w, _, _ in words[i : i + len(gold)]] == gold]
 
 
-def _contains(prediction: str, answer: str) -> bool:
+def _copies_question(prediction: str, start: int, end: int, question: list[str]) -> bool:
+    """Whether the words of prediction[start:end] (folded), with the word before or the word
+    after them, are consecutive words of the `question` (normalised words; compared without
+    spaces, so "Saint-Pierre" is "Saint Pierre")."""
+    words = [w for w, _, _ in _words(prediction)]
+    inside = [i for i, (_, s, e) in enumerate(_words(prediction)) if s < end and e > start]
+    if not inside:
+        return False
+    first, last = inside[0], inside[-1]
+    spans = {"".join(question[i:j]) for i in range(len(question)) for j in range(i + 2, len(question) + 1)}
+    return (first > 0 and "".join(words[first - 1 : last + 1]) in spans) or (
+        last + 1 < len(words) and "".join(words[first : last + 2]) in spans)
+
+
+def _contains(prediction: str, answer: str, question: list[str] | None = None) -> bool:
     prediction = fold(prediction)
     return any(not _longer_name(prediction, s, e) and not _negated(prediction, s, e)
+               and not (question and _copies_question(prediction, s, e, question))
                for s, e in _mentions(prediction, answer))
 
 
-def is_correct(prediction: str, answers: str | list[str]) -> bool:
+def is_correct(prediction: str, answers: str | list[str], question: str | None = None) -> bool:
     """Whether the prediction names any of the answers: whole words, not inside a longer name,
-    not negated (see the module doc)."""
+    not negated and, given the `question`, not a copy of its words (see the module doc)."""
     answers = [answers] if isinstance(answers, str) else answers
-    return any(_contains(prediction, a) for a in answers)
+    words = normalize_answer(question).split() if question else None
+    return any(_contains(prediction, a, words) for a in answers)

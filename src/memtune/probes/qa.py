@@ -25,16 +25,18 @@ __all__ = ["SHORT", "answer_questions", "answers_with_margins", "exact_match", "
            "normalize_answer", "qa_accuracy", "score", "token_f1"]
 
 
-def score(predictions: list[str], answers: list[list[str]]) -> dict[str, float | int]:
-    """Mean exact match, F1 and contains over aligned predictions and answer lists."""
+def score(predictions: list[str], answers: list[list[str]], questions: list[str] | None = None) -> dict[str, float | int]:
+    """Mean exact match, F1 and contains over aligned predictions and answer lists (contains
+    given the questions asked, when known: `is_correct`)."""
     n = len(predictions)
+    questions = questions or [None] * n
     if n == 0:
         return {"n": 0, "exact_match": 0.0, "f1": 0.0, "contains": 0.0}
     return {
         "n": n,
         "exact_match": sum(exact_match(p, a) for p, a in zip(predictions, answers)) / n,
         "f1": sum(token_f1(p, a) for p, a in zip(predictions, answers)) / n,
-        "contains": sum(is_correct(p, a) for p, a in zip(predictions, answers)) / n,
+        "contains": sum(is_correct(p, a, q) for p, a, q in zip(predictions, answers, questions)) / n,
     }
 
 
@@ -79,7 +81,8 @@ def answers_with_margins(
     out = []
     for item, (ids, row) in zip(items, gaps):
         end = next((t + 1 for t in range(len(ids))
-                    if is_correct(tokenizer.decode(ids[: t + 1], skip_special_tokens=True), item.answers)), len(ids))
+                    if is_correct(tokenizer.decode(ids[: t + 1], skip_special_tokens=True), item.answers,
+                               item.question)), len(ids))
         out.append((tokenizer.decode(ids, skip_special_tokens=True).strip(), min(row[:end], default=0.0)))
     return out
 
@@ -108,14 +111,19 @@ def qa_accuracy(
         model, tokenizer, [q for _, q, _ in asked], max_new_tokens=max_new_tokens,
         batch_size=batch_size, chat=chat, progress=progress,
     )
-    main = [(items[i].answers, g) for (i, _, para), g in zip(asked, generated) if not para]
-    para = [(items[i].answers, g) for (i, _, p), g in zip(asked, generated) if p]
-    result: dict = score([g for _, g in main], [a for a, _ in main])
-    result["paraphrases"] = score([g for _, g in para], [a for a, _ in para]) if para else None
+    main = [(items[i].answers, g, q) for (i, q, para), g in zip(asked, generated) if not para]
+    para = [(items[i].answers, g, q) for (i, q, p), g in zip(asked, generated) if p]
+    result: dict = score(*_columns(main))
+    result["paraphrases"] = score(*_columns(para)) if para else None
     if predictions:
         result["predictions"] = [
-            {"id": items[i].id, "question": q, "prediction": g, "correct": is_correct(g, items[i].answers),
+            {"id": items[i].id, "question": q, "prediction": g, "correct": is_correct(g, items[i].answers, q),
              **({"paraphrase": True} if p else {})}
             for (i, q, p), g in zip(asked, generated)
         ]
     return result
+
+
+def _columns(rows: list[tuple[list[str], str, str]]) -> tuple[list[str], list[list[str]], list[str]]:
+    """(answers, prediction, question) rows -> score's predictions, answers, questions."""
+    return [g for _, g, _ in rows], [a for a, _, _ in rows], [q for _, _, q in rows]
