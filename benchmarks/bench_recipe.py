@@ -40,7 +40,7 @@ def main() -> None:
 
     from memtune.commands import setup_logging
     from memtune.data import load_qa, save_jsonl
-    from memtune.learn import LearnRun, run_learn
+    from memtune.runs import LearnRun, run_learn
     from memtune.models import load_model
     from memtune.probes import qa_accuracy
     from memtune.recipe import RecipeConfig

@@ -21,6 +21,9 @@ mkdir -p "$OUT"
 
 echo "== 1/4 which capitals does the base model know?"
 [ -f "$OUT/facts/summary.json" ] || $M facts --model smollm2-135m --data countries:capital --out "$OUT/facts" --threads "$THREADS"
+if [ "$(wc -l < "$OUT/facts/learn.jsonl")" -lt "$((2 * N_FACTS))" ]; then
+  echo "the model gets fewer than $((2 * N_FACTS)) capitals wrong: set N_FACTS lower" >&2; exit 2
+fi
 head -n "$((2 * N_FACTS))" "$OUT/facts/learn.jsonl" > "$OUT/learn.jsonl"
 head -n 20 "$OUT/facts/known.jsonl" > "$OUT/known.jsonl"
 # what a user has: questions and answers only (no statements, no paraphrases), in two files
@@ -41,5 +44,5 @@ for side in before after; do
   $M eval --model "$model" --probe qa --data "$OUT/learn.jsonl" --predictions --out "$OUT/$side.learned.json" --threads "$THREADS" > /dev/null
   $M eval --model "$model" --probe qa --data "$OUT/known.jsonl" --predictions --out "$OUT/$side.known.json" --threads "$THREADS" > /dev/null
 done
-$PY examples/compare.py "$OUT/before" "$OUT/after" --calls 2 | tee "$OUT/summary.md"
+$PY examples/compare.py "$OUT/before" "$OUT/after" --parts "$N_FACTS,$N_FACTS" | tee "$OUT/summary.md"
 $M inspect --model "$OUT/call2/model" | sed -n '/^learned/,$p'

@@ -202,14 +202,18 @@ def expand_methods(methods: list[dict]) -> list[Run]:
         entry = dict(entry)
         base_name = str(entry.pop("name", entry.get("method", "smf")))
         protect = _flag(entry, "protect", True, i)
-        try:
-            check_options(str(entry.get("method", "smf")), entry)
-        except MemtuneError as e:
-            raise MemtuneError(f"methods[{i}]: {e}") from None
+        if entry.get("until_learned"):
+            raise MemtuneError(f"methods[{i}].until_learned=true is for `memtune learn`: an experiment trains each "
+                               "chunk for its epochs (and probes every chunk)")
+        given = dict(entry)
         entry = {**EXPERIMENT_DEFAULTS, **entry}
         swept = {k: v for k, v in entry.items() if isinstance(v, list)}
         for values in itertools.product(*swept.values()):
             choice = dict(zip(swept, values))
+            try:  # each run's own method (a swept method list has several)
+                check_options(str({**given, **choice}.get("method", "smf")), given)
+            except MemtuneError as e:
+                raise MemtuneError(f"methods[{i}]: {e}") from None
             name = base_name + "".join(f"-{k}={v}" for k, v in choice.items())
             learn = _build(LearnConfig, {**entry, **choice}, f"methods[{i}] ({name})")
             runs.append(Run(name, learn, choice, protect))
@@ -471,7 +475,7 @@ class Experiment:
         fact file, only the facts the statistics' batches can read are formatted (a fact's
         paraphrases together)."""
         from memtune.data import load_documents, load_qa
-        from memtune.learn import detect_kind
+        from memtune.runs import detect_kind
 
         if self._background_examples is not None:
             return self._background_examples

@@ -22,6 +22,7 @@ retrofitted model before healing, and after.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,14 +106,14 @@ class HealConfig:
     def __post_init__(self) -> None:
         for name in ("lm_weight", "distill_weight", "local_weight", "weight_decay"):
             value = getattr(self, name)
-            if not value >= 0:
+            if not 0 <= value < math.inf:
                 raise MemtuneError(f"{name}={value} is invalid: expected a non-negative number")
         if self.lm_weight == 0 and self.distill_weight == 0 and self.local_weight == 0:
             raise MemtuneError("lm_weight, distill_weight and local_weight are all 0: nothing to train; "
                                "give at least one a positive weight")
         for name in ("lr", "value_lr", "lookup_lr"):
             value = getattr(self, name)
-            if value is not None and not value > 0:
+            if value is not None and not 0 < value < math.inf:
                 raise MemtuneError(f"{name}={value} is invalid: expected a positive number")
         for name in ("batch_size", "max_length", "epochs", "eval_max_length", "eval_stride"):
             value = getattr(self, name)
@@ -362,7 +363,7 @@ def run_heal(run: HealRun) -> dict:
     from memtune.checkpoint import save_memory
     from memtune.data import load_documents
     from memtune.io import check_output_free, run_folder
-    from memtune.learn import load_examples, provenance
+    from memtune.runs import load_examples, provenance
     from memtune.models import load_model, portable_name
 
     cfg = run.config

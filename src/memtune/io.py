@@ -117,11 +117,9 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._metrics = None
+        self._metrics = open(self.path / METRICS, "a")  # noqa: SIM115 (closed by close()); there even with no step
 
     def log(self, record: dict) -> None:
-        if self._metrics is None:
-            self._metrics = open(self.path / METRICS, "a")  # noqa: SIM115 (closed by close())
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
 
@@ -132,15 +130,16 @@ class RunFolder:
         write_json(self.path / RESULTS, results)
 
     def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
+        self._metrics.close()
 
 
 @contextlib.contextmanager
 def run_folder(path: str | Path, overwrite: bool = False, folder=atomic_dir) -> Iterator[RunFolder]:
     """A `RunFolder` in a temporary path that becomes `path` only if the block succeeds
     (`folder`: `atomic_dir`, or `memtune.distributed.main_process_dir` under torchrun). Raises
-    MemtuneError when `path` exists and not `overwrite`."""
+    MemtuneError when `path` exists and not `overwrite`. First removes what killed runs left
+    beside it (`remove_stale_temporaries`)."""
+    remove_stale_temporaries(Path(path).absolute().parent)
     with folder(path, overwrite=overwrite) as tmp:
         run = RunFolder(tmp)
         try:

@@ -86,9 +86,9 @@ class SMFConfig:
         get_ranker(self.ranker)
         if self.optimizer not in OPTIMIZERS:
             raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
-        if not isinstance(self.top_t, int) or self.top_t <= 0:
+        if not isinstance(self.top_t, int) or isinstance(self.top_t, bool) or self.top_t <= 0:
             raise MemtuneError(f"top_t={self.top_t!r} is invalid: expected a positive integer")
-        if not self.lr > 0:
+        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
             raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
         if self.count_positions not in COUNT_POSITIONS:
             raise MemtuneError(f"count_positions={self.count_positions!r} is invalid: expected one of "

@@ -109,12 +109,13 @@ def paraphrase_fault(original: str, rewrite: str, answers: str | Sequence[str], 
     if kind == "question":
         if not text.endswith("?") or text.count("?") != 1:
             return "not a question"
-        if any(_has_phrase(words, _words(a)) for a in answers):
+        given = _words(original)  # "the capital of Djibouti": the answer is the subject's name
+        if any(_has_phrase(words, _words(a)) and not _has_phrase(given, _words(a)) for a in answers):
             return "answer"
         return None
     if text.endswith("?"):
         return "not a statement"
-    at = text.find(answers[0])
+    at = text.rfind(answers[0])  # the last: a subject named like its answer comes first
     if at < 0:
         return "answer"
     if not subject <= set(_words(text[:at])):

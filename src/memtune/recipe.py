@@ -56,7 +56,7 @@ from memtune.targets import (
     mask_predicted,
     own_statements,
 )
-from memtune.train import LearnConfig, check_options, make_method, train
+from memtune.train import LORA_ONLY, SMF_ONLY, LearnConfig, check_options, make_method, train
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +377,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if not smf:
         if get_memory_bank(model) is not None:
             raise MemtuneError(f"--method {config.method} trains a base model: pass a model without memory layers")
-        default = RecipeConfig()
-        check_options(config.method, [k for k in RECIPE_SMF_ONLY if getattr(recipe, k) != getattr(default, k)],
-                      RECIPE_SMF_ONLY)
+    # options that do nothing for this method: refused, as the command line refuses them (given
+    # here = not the default)
+    default, default_recipe = LearnConfig(method=config.method), RecipeConfig()
+    check_options(config.method, [k for k in (*SMF_ONLY, *LORA_ONLY) if getattr(config, k) != getattr(default, k)]
+                  + [k for k in RECIPE_SMF_ONLY if getattr(recipe, k) != getattr(default_recipe, k)],
+                  SMF_ONLY + RECIPE_SMF_ONLY)
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()
@@ -402,6 +405,13 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             fresh = True
             report["retrofit"] = {k: v for k, v in memory.to_dict().items() if v is not None}
         else:
+            # what shapes a fresh retrofit cannot change a memory: refused unless it says what it has
+            default = RecipeConfig()
+            fresh_only = [k for k in ("n_keys", "shard_values", "calibrate") if getattr(recipe, k) != getattr(default, k)
+                          and getattr(recipe, k) != getattr(bank.config, k, None)]
+            if fresh_only:
+                raise MemtuneError(f"--{fresh_only[0].replace('_', '-')} is for a fresh retrofit: the model already has "
+                                   "its memory (pass the base model to retrofit a new one)")
             report["memory"] = {"continued": True, "earlier_calls": len(bank.ledger.calls),
                                 "frozen_rows": sum(int(r.numel()) for r in bank.ledger.frozen.values())}
             for name in ("background", "protect"):

@@ -111,8 +111,20 @@ def hub_share(reads: Tensor, top: float = 0.01) -> tuple[float, int]:
 def unrelated_pairs(n: int, n_pairs: int, seed: int = 0) -> list[tuple[int, int]]:
     """Up to `n_pairs` pairs (i, j), i < j < n, of different facts: all of them when there are
     no more, else a sample drawn with `random.Random(seed)`."""
-    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    return pairs if len(pairs) <= n_pairs else sorted(random.Random(seed).sample(pairs, n_pairs))
+    total = n * (n - 1) // 2
+    if total <= n_pairs:
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
+    picked = random.Random(seed).sample(range(total), n_pairs)  # a range: never listed
+    return sorted(_pair(k, n) for k in picked)
+
+
+def _pair(k: int, n: int) -> tuple[int, int]:
+    """The k-th pair (i, j), i < j < n, in the order (0, 1), (0, 2), ..., (1, 2), ..."""
+    i = 0
+    while k >= n - 1 - i:
+        k -= n - 1 - i
+        i += 1
+    return i, i + 1 + k
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -171,7 +171,7 @@ def _chat_examples(items: list[QA], questions: list[list[str]], tokenizer: PreTr
     for q, phrasings in zip(items, questions):
         stated = target == "statement" and bool(q.statement)
         text = q.statement if stated else q.answer
-        cut = text.find(q.answer) if stated and loss == "answer" else -1
+        cut = text.rfind(q.answer) if stated and loss == "answer" else -1  # after the subject
         for question in phrasings:
             pairs.append((question, text))
             prefixes.append(text[:cut].rstrip() if cut > 0 else "")
@@ -188,7 +188,7 @@ def _plain_example(tokenizer: PreTrainedTokenizerBase, statement: str, answer: s
     """The plain rendering of a statement: its text after the tokenizer's BOS (if it has one),
     loss on the tokens that overlap the answer's characters; None when the statement does not
     contain the answer after some other words. A long statement loses its start (not its answer)."""
-    at = statement.find(answer)
+    at = statement.rfind(answer)  # the last: a subject named like its answer comes first
     if at <= 0 or not statement[:at].strip():
         return None
     if not getattr(tokenizer, "is_fast", False):

@@ -98,7 +98,7 @@ class LearnConfig:
             raise MemtuneError(f"max_steps={self.max_steps} is invalid: expected a positive integer")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise MemtuneError(f"max_minutes={self.max_minutes} is invalid: expected a positive number")
-        if self.lr is not None and not self.lr > 0:
+        if self.lr is not None and not 0 < self.lr < float("inf"):
             raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
         if self.lr is None:  # (an unknown SMF optimizer has none: SMFConfig says so)
             self.lr = DEFAULT_LR.get((self.method, self.optimizer if self.method == "smf" else "adamw"))
@@ -234,7 +234,8 @@ def train(
     check = learned if config.until_learned else None
     budget = None if config.max_minutes is None else 60 * config.max_minutes  # seconds
     history: list[dict] = []
-    bar = tqdm(total=total, desc=f"learn ({method.name})", disable=not (progress and distributed.is_main()))
+    desc = method.name if method.name == "heal" else f"learn ({method.name})"
+    bar = tqdm(total=total, desc=desc, disable=not (progress and distributed.is_main()))
     step = epoch = 0
     active = list(range(len(examples)))
     start = time.perf_counter()
@@ -301,7 +302,7 @@ def train(
                 if on_step is not None:
                     on_step(record)
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", left=len(active))
+                bar.set_postfix(loss=f"{record['loss']:.3f}", **({"left": len(active)} if check is not None else {}))
         if check is not None and active and (step >= total or epoch == config.epochs):  # the last pass's effect
             active = _still_wrong(check, model, active, len(examples), everyone=True)
         if check is not None:

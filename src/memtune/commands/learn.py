@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_background(args: argparse.Namespace) -> int:
-    from memtune.learn import run_background
+    from memtune.runs import run_background
 
     run_background(args.model, args.data, args.out, n_batches=args.batches, batch_size=args.batch_size,
                    max_length=args.max_length, kind=args.format, count_positions=args.count_positions,
@@ -55,7 +55,7 @@ def cmd_background(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from memtune.learn import LearnRun, run_learn
+    from memtune.runs import LearnRun, run_learn
 
     given = {**dataclass_kwargs(LearnConfig, args), **dataclass_kwargs(RecipeConfig, args)}
     check_options(given.get("method", "smf"), given, SMF_ONLY + RECIPE_SMF_ONLY)

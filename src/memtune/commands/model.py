@@ -92,7 +92,7 @@ def calibrate_on(model, tokenizer, source: str, mode: str, n_batches: int, batch
     """Calibrate the memory queries on the first `n_batches` batches of `source`."""
     from memtune.batches import first_batches
     from memtune.calibrate import calibrate_queries
-    from memtune.learn import load_examples
+    from memtune.runs import load_examples
 
     _, examples = load_examples(source, tokenizer, max_length=128)
     n, batches = first_batches(examples, tokenizer.pad_token_id, n_batches, batch_size)

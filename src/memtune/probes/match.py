@@ -164,18 +164,28 @@ def _mentions(prediction: str, answer: str) -> list[tuple[int, int]]:
             if [w for w, _, _ in words[i : i + len(gold)]] == gold]
 
 
+def _bare(word: str) -> str:
+    """A normalised word without accents: "tomé" and "tome" are one word."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+
+
 def _copies_question(prediction: str, start: int, end: int, question: list[str]) -> bool:
-    """Whether the words of prediction[start:end] (folded), with the word before or the word
-    after them, are consecutive words of the `question` (normalised words; compared without
-    spaces, so "Saint-Pierre" is "Saint Pierre")."""
-    words = [w for w, _, _ in _words(prediction)]
-    inside = [i for i, (_, s, e) in enumerate(_words(prediction)) if s < end and e > start]
+    """Whether prediction[start:end] (folded) with the content word next to it (before or
+    after; function words skipped) are consecutive content words of the `question` (its
+    normalised words): compared without accents and spaces, so "Saint-Pierre" is "Saint Pierre"
+    and "São Tomé & Príncipe" is "Sao Tome and Principe"."""
+    words = _words(prediction)
+    inside = [i for i, (_, s, e) in enumerate(words) if s < end and e > start]
     if not inside:
         return False
-    first, last = inside[0], inside[-1]
-    spans = {"".join(question[i:j]) for i in range(len(question)) for j in range(i + 2, len(question) + 1)}
-    return (first > 0 and "".join(words[first - 1 : last + 1]) in spans) or (
-        last + 1 < len(words) and "".join(words[first : last + 2]) in spans)
+    content = {i: _bare(w) for i, (w, _, _) in enumerate(words) if w not in _FUNCTION_WORDS}
+    mention = "".join(content.get(i, "") for i in inside)
+    before = [content[i] for i in content if i < inside[0]][-1:]
+    after = [content[i] for i in content if i > inside[-1]][:1]
+    q = [_bare(w) for w in question if w not in _FUNCTION_WORDS]
+    spans = {"".join(q[i:j]) for i in range(len(q)) for j in range(i + 1, len(q) + 1)}
+    return any(nb and "".join(nb) + mention in spans for nb in (before,)) or any(
+        nb and mention + "".join(nb) in spans for nb in (after,))
 
 
 def _contains(prediction: str, answer: str, question: list[str] | None = None) -> bool:
