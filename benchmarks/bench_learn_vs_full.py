@@ -49,7 +49,19 @@ def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: 
     return model, seconds
 
 
-def evaluate(name: str, parts, known, texts, max_new_tokens: int) -> dict:
+def finished_calls(method: str, out: Path, calls: int) -> tuple[str | None, list[float]]:
+    """The model of the last call of `method` that finished in an earlier run, and the seconds of
+    each finished call."""
+    model, seconds = None, []
+    for i in range(1, calls + 1):
+        done = out / method / f"call{i}.seconds"
+        if not (done.exists() and (out / method / f"call{i}" / "model").is_dir()):
+            break
+        model, seconds = str(out / method / f"call{i}" / "model"), [*seconds, float(done.read_text())]
+    return model, seconds
+
+
+def evaluate(name: str, parts, known, texts, max_new_tokens: int, paraphrases: bool = True) -> dict:
     from memtune.models import load_model
     from memtune.probes import ProbeConfig, Prober, perplexity
 
@@ -58,7 +70,7 @@ def evaluate(name: str, parts, known, texts, max_new_tokens: int) -> dict:
     learned, per_call = prober.retention(model, parts)
     kept = prober.accuracy(model, known) or 0.0  # none asked: none kept
     return {"learned": learned, "per_call": per_call,
-            "paraphrases": prober.paraphrases(model, [q for part in parts for q in part]),
+            "paraphrases": prober.paraphrases(model, [q for part in parts for q in part]) if paraphrases else None,
             "known": kept, "known_right": round(kept * len(known)),
             "perplexity": perplexity(model, tok, texts, progress=False)["perplexity"]}
 
@@ -74,6 +86,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
+    p.add_argument("--eval-only", action="store_true",
+                   help="learn nothing: evaluate each method's last call that finished in an earlier run")
+    p.add_argument("--no-paraphrases", action="store_true", help="do not ask the learned facts' paraphrases")
+    p.add_argument("--text-docs", type=int, default=None, help="held-out passages for perplexity (default: all)")
     args = p.parse_args()
 
     import torch
@@ -94,17 +110,23 @@ def main() -> None:
     for i, chunk in enumerate(chunks, 1):  # only what a user's file would hold
         parts.append(out / f"facts{i}.jsonl")
         save_jsonl([{"question": q.question, "answer": q.answer} for q in chunk], parts[-1])
-    texts = [d.text for d in prose_documents("heldout")]
+    texts = [d.text for d in prose_documents("heldout")][: args.text_docs]
 
     summary = {"domain": args.domain, "facts": len(items), "calls": args.calls, "known": len(known),
                "model": args.model, "threads": args.threads, "methods": {}}
     finals = {}
     for method in args.methods.split(","):
-        finals[method], seconds = learn_calls(method, parts, out, args.model, args.threads)
-        summary["methods"][method] = {"seconds": seconds, "total_s": round(sum(seconds), 1)}
+        if args.eval_only:
+            model, seconds = finished_calls(method, out, args.calls)
+            if model is None:
+                continue
+            finals[method] = model
+        else:
+            finals[method], seconds = learn_calls(method, parts, out, args.model, args.threads)
+        summary["methods"][method] = {"calls": len(seconds), "seconds": seconds, "total_s": round(sum(seconds), 1)}
     for name, model in [("base", args.model), *finals.items()]:
         print(f"evaluating {name}", flush=True)
-        result = evaluate(model, chunks, known, texts, 24)
+        result = evaluate(model, chunks, known, texts, 24, paraphrases=not args.no_paraphrases)
         summary["methods"].setdefault(name, {}).update(result)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -115,10 +137,12 @@ def main() -> None:
     for name, r in summary["methods"].items():
         lost = base["known_right"] - r["known_right"]
         ppl = 100 * (r["perplexity"] / base["perplexity"] - 1)
+        para = "–" if r["paraphrases"] is None else f"{100 * r['paraphrases']:.1f} %"
         print(f"| {name} | {100 * r['learned']:.1f} % | {' / '.join(f'{100 * x:.0f}' for x in r['per_call'])} | "
-              f"{100 * (r['paraphrases'] or 0):.1f} % | {100 * r['known']:.1f} % | {lost} | {ppl:+.2f} % | "
+              f"{para} | {100 * r['known']:.1f} % | {lost} | {ppl:+.2f} % | "
               f"{r.get('total_s', '–')} s |")
-    if "smf" in finals and "full" in finals:
+    if "smf" in finals and "full" in finals and len(summary["methods"]["smf"]["seconds"]) == len(
+            summary["methods"]["full"]["seconds"]):
         ratio = summary["methods"]["smf"]["total_s"] / summary["methods"]["full"]["total_s"]
         summary["time_ratio_smf_over_full"] = round(ratio, 2)
         print(f"\nwall time, smf / full: {ratio:.2f}x")
