@@ -406,9 +406,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             report["retrofit"] = {k: v for k, v in memory.to_dict().items() if v is not None}
         else:
             # what shapes a fresh retrofit cannot change a memory: refused unless it says what it has
-            default = RecipeConfig()
-            fresh_only = [k for k in ("n_keys", "shard_values", "calibrate") if getattr(recipe, k) != getattr(default, k)
-                          and getattr(recipe, k) != getattr(bank.config, k, None)]
+            fresh_only = [k for k in ("n_keys", "shard_values", "calibrate")
+                          if getattr(recipe, k) != getattr(default_recipe, k) and getattr(recipe, k) != getattr(bank.config, k, None)]
             if fresh_only:
                 raise MemtuneError(f"--{fresh_only[0].replace('_', '-')} is for a fresh retrofit: the model already has "
                                    "its memory (pass the base model to retrofit a new one)")
