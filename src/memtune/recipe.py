@@ -407,7 +407,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         else:
             # what shapes a fresh retrofit cannot change a memory: refused unless it says what it has
             fresh_only = [k for k in ("n_keys", "shard_values", "calibrate")
-                          if getattr(recipe, k) != getattr(default_recipe, k) and getattr(recipe, k) != getattr(bank.config, k, None)]
+                          if getattr(recipe, k) not in (getattr(default_recipe, k), getattr(bank.config, k, None))]
             if fresh_only:
                 raise MemtuneError(f"--{fresh_only[0].replace('_', '-')} is for a fresh retrofit: the model already has "
                                    "its memory (pass the base model to retrofit a new one)")
