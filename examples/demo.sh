@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # memtune demo, offline, on the embedded SmolLM2-135M-Instruct (about 15 minutes on 2 idle CPU
 # cores; on a busy machine THREADS=1 is faster):
-#   1. ask the model every country's capital; split them into facts it gets wrong and right,
+#   1. ask the model 120 countries' capitals; split them into facts it gets wrong and right,
 #   2. `memtune learn` N_FACTS wrong capitals with its defaults: it retrofits a 1M-slot memory
 #      (exactly the base model until it learns), writes questions of the same form itself to
 #      find what it must keep, and learns by sparse memory finetuning until every fact is right,
@@ -20,7 +20,7 @@ PY=".venv/bin/python"
 mkdir -p "$OUT"
 
 echo "== 1/4 which capitals does the base model know?"
-[ -f "$OUT/facts/summary.json" ] || $M facts --model smollm2-135m --data countries:capital --out "$OUT/facts" --threads "$THREADS"
+[ -f "$OUT/facts/summary.json" ] || $M facts --model smollm2-135m --data countries:capital --limit 120 --out "$OUT/facts" --threads "$THREADS"
 if [ "$(wc -l < "$OUT/facts/learn.jsonl")" -lt "$((2 * N_FACTS))" ]; then
   echo "the model gets fewer than $((2 * N_FACTS)) capitals wrong: set N_FACTS lower" >&2; exit 2
 fi

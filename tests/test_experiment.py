@@ -218,6 +218,10 @@ def test_killed_run_leftovers_are_cleaned_and_changed_config_refused(config, tmp
     # adding a method to a finished experiment is allowed and runs only the new one
     results = Experiment(parse_config(config), out, progress=False).run_all()
     assert [r["run"] for r in results] == ["smf", "full"]
+    # a finished run whose options changed under the same name is not silently reused
+    retuned = {**config, "methods": [{**config["methods"][0], "lr": 0.123}, *config["methods"][1:]]}
+    with pytest.raises(MemtuneError, match="smf ran with lr="):
+        Experiment(parse_config(retuned), out, progress=False).run_all()
 
 
 def test_document_and_task_streams(tiny_model_dir, tmp_path):

@@ -589,6 +589,7 @@ class Experiment:
         for i, run in enumerate(runs):
             done = self.out / run.name / RESULTS
             if done.is_file():
+                self._check_same_run(run)
                 log.info("[%d/%d] %s: done already, skipped", i + 1, len(runs), run.name)
                 results.append(json.loads(done.read_text()))
                 continue
@@ -609,6 +610,16 @@ class Experiment:
                     raise MemtuneError(f"{self.out} holds an experiment with a different {changed[0]!r}: "
                                        "use another --out, or the same config to resume")
         write_json(path, mine)
+
+    def _check_same_run(self, run: Run) -> None:
+        """A finished run is reused only if it ran with the options `run` has now."""
+        path = self.out / run.name / "config.json"
+        theirs = json.loads(path.read_text()).get("learn", {}) if path.is_file() else {}
+        mine = json.loads(json.dumps(run.learn.to_dict()))  # as config.json holds it (tuples as lists)
+        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if changed:
+            raise MemtuneError(f"{self.out / run.name} ran with {changed[0]}={theirs.get(changed[0])!r}, the config "
+                               f"now says {mine.get(changed[0])!r}: remove that folder to rerun it, or use another --out")
 
     def base_results(self, model: nn.Module, stream: Stream) -> dict:
         """Every probe on the base model before learning (kept in `out/base.json`)."""
