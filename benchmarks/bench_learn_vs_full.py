@@ -6,6 +6,10 @@ the domain's known facts and held-out perplexity for the base model and both res
     python benchmarks/bench_learn_vs_full.py --domain runs/domains/elements --facts 200 --calls 2 \
         --out runs/learn-vs-full/elements
 
+`--variant NAME ARGS` adds a run whose calls get further `memtune learn` arguments (a lever of
+issue 17, say); the learned facts' paraphrases are never in the files learn sees, so they are
+held out of every augmentation.
+
 A domain folder is the output of `memtune facts` (learn.jsonl: facts the model gets wrong,
 known.jsonl: facts it answers right by a margin). The only option either command gets besides
 `--model/--data/--out` is `--threads` (and `--method full`): defaults only. Wall time is per
@@ -19,15 +23,18 @@ import argparse
 import json
 import os
 import random
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 
-def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: int) -> tuple[str, list[float]]:
-    """Run one `memtune learn` per part, each continuing the previous; returns the final model
-    and the wall seconds per call."""
+def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: int,
+                extra: list[str] = ()) -> tuple[str, list[float]]:
+    """Run one `memtune learn` per part, each continuing the previous, into `out/method`; returns
+    the final model and the wall seconds per call. `method` is smf, full or the name of a
+    variant whose `extra` arguments are added to each command."""
     seconds = []
     for i, data in enumerate(parts, 1):
         run = out / method / f"call{i}"
@@ -37,7 +44,8 @@ def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: 
             model = str(run / "model")
             continue
         cmd = [sys.executable, "-m", "memtune", "learn", "--model", model, "--data", str(data), "--out", str(run),
-               "--threads", str(threads), "--overwrite", *(["--method", method] if method != "smf" else [])]
+               "--threads", str(threads), "--overwrite", *(["--method", method] if method in ("full", "lora") else []),
+               *extra]
         print("$", " ".join(cmd[2:]), flush=True)
         t = time.perf_counter()
         with open(out / f"{method}-call{i}.log", "w") as log:
@@ -83,6 +91,9 @@ def main() -> None:
     p.add_argument("--known", type=int, default=None, help="known facts asked (default: all)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--methods", default="smf,full")
+    p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
+                   help='a further run NAME whose calls add ARGS to `memtune learn`, e.g. '
+                        '--variant smf-renderings "--renderings chat,short,plain,qa-text" (repeatable)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -115,15 +126,19 @@ def main() -> None:
     summary = {"domain": args.domain, "facts": len(items), "calls": args.calls, "known": len(known),
                "model": args.model, "threads": args.threads, "methods": {}}
     finals = {}
-    for method in args.methods.split(","):
+    variants = {name: shlex.split(extra) for name, extra in args.variant}
+    for method in [*filter(None, args.methods.split(",")), *variants]:
         if args.eval_only:
             model, seconds = finished_calls(method, out, args.calls)
             if model is None:
                 continue
             finals[method] = model
         else:
-            finals[method], seconds = learn_calls(method, parts, out, args.model, args.threads)
+            finals[method], seconds = learn_calls(method, parts, out, args.model, args.threads,
+                                                  variants.get(method, []))
         summary["methods"][method] = {"calls": len(seconds), "seconds": seconds, "total_s": round(sum(seconds), 1)}
+        if method in variants:
+            summary["methods"][method]["args"] = " ".join(variants[method])
     for name, model in [("base", args.model), *finals.items()]:
         print(f"evaluating {name}", flush=True)
         result = evaluate(model, chunks, known, texts, 24, paraphrases=not args.no_paraphrases)
