@@ -292,3 +292,31 @@ def test_options_that_do_nothing_for_a_method_are_refused():
         check_options("smf", {"lora_alpha": 8})
     with pytest.raises(MemtuneError, match="^--related is for SMF"):
         check_options("lora", {"related": 0}, ("related",))
+
+
+def test_write_knn_trains_a_superset_of_the_slots_read_and_reads_stay_at_knn(tokenizer):
+    model = memory_model(knn=2)
+    method = SparseMemoryFinetuning(SMFConfig("count", top_t=10_000, optimizer="sgd", lr=1e3, write_knn=6))
+    model = method.prepare(model)
+    batch = collate(encode_qa(tokenizer, PAIRS), tokenizer.pad_token_id, "loss")
+    bank = model.memory
+    with torch.no_grad():
+        reads = {}
+        for mode in (False, True):
+            model.train(mode)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            reads[mode] = {k: layer.last_indices.view(*batch["input_ids"].shape, 2, -1) for k, layer in bank.layers.items()}
+    for k in bank.layers:
+        read, written = reads[False][k], reads[True][k]  # (B, T, heads, knn)
+        assert read.shape[-1] == 2 and written.shape[-1] == 6
+        assert (read.unsqueeze(-1) == written.unsqueeze(-2)).any(-1).all()  # every slot read is written
+    model.train()
+    before = snapshot(model)["memory.values.0.weight"]
+    _one_step(model, method, tokenizer, PAIRS)
+    changed = changed_rows(before, model.memory.values[0].weight.detach())
+    read_rows = torch.unique(torch.cat([r[batch["count_mask"]].flatten() for r in reads[False].values()]))
+    assert changed.numel() > read_rows.numel() and torch.isin(read_rows, changed).all()  # wider than the read
+    with pytest.raises(MemtuneError, match="write_knn=1 is invalid"):
+        SparseMemoryFinetuning(SMFConfig("count", write_knn=1)).prepare(memory_model(knn=2))
+    with pytest.raises(MemtuneError, match="write_knn=0 is invalid"):
+        SMFConfig("count", write_knn=0)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtune.config import MemoryConfig
+from memtune.errors import MemtuneError
 from memtune.ledger import Ledger
 from memtune.product_keys import product_key_topk
 from memtune.sharding import ColumnShard, column_shard, gather_columns, normal_init_, read_sharded, take_columns
@@ -279,13 +280,18 @@ class ProductKeyMemory(nn.Module):
         # slot statistics and sparse finetuning: (B, T, heads * knn).
         self.record = False
         self.last_indices: Tensor | None = None
+        # In training mode, the slots each head reads per token if set (>= knn): SMF's wider write
+        # than read (`SMFConfig.write_knn`); eval mode always reads `config.knn`.
+        self.write_knn: int | None = None
 
     def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, T, d) -> softmax weights (B*T, H*knn) and slot indices (B*T, H*knn)."""
+        """x: (B, T, d) -> softmax weights (B*T, H*knn) and slot indices (B*T, H*knn); in
+        training mode with `write_knn` set, write_knn slots per head instead of knn."""
         c = self.config
+        knn = self.write_knn if self.training and self.write_knn else c.knn
         q = self.query_norm(self.query(x - self.query_center).view(-1, c.heads, c.k_dim))  # (N, H, k_dim)
         q = q.view(-1, c.heads, 2, c.k_dim // 2)  # (N, H, 2, k_dim/2)
-        scores, indices = product_key_topk(q, self.keys, c.knn)  # (N, H, knn)
+        scores, indices = product_key_topk(q, self.keys, knn)  # (N, H, knn)
         weights = scores.float().softmax(dim=-1).to(x.dtype)
         return weights.flatten(1), indices.flatten(1)
 
@@ -330,6 +336,15 @@ class MemoryBank(nn.Module):
         if self.config.share_values:
             return self.values[0]
         return self.values[self.config.layers.index(layer)]
+
+    def set_write_knn(self, knn: int | None) -> None:
+        """Slots each head reads per token in training mode (None: the config's knn); see
+        `ProductKeyMemory.write_knn`. MemtuneError if below knn or above n_keys."""
+        if knn is not None and not self.config.knn <= knn <= self.config.n_keys:
+            raise MemtuneError(f"write_knn={knn} is invalid: expected between the memory's knn "
+                               f"({self.config.knn}) and n_keys ({self.config.n_keys})")
+        for m in self.layers.values():
+            m.write_knn = knn
 
     def set_record(self, on: bool) -> None:
         for m in self.layers.values():

@@ -69,7 +69,11 @@ class SMFConfig:
       the memory's ledger) are never updated again;
     - protect_learned: once data is learned, every row its text reads is frozen for later data
       (the caller measures the reads: `SparseMemoryFinetuning.keep_reads`);
-    - seed: the random ranker's generator.
+    - seed: the random ranker's generator;
+    - write_knn: slots each memory head reads per token while training (so counted, ranked and
+      updated), at least the memory's knn; reading (eval mode) stays at knn. A wider write than
+      read: a rephrased question whose query lands near the trained one's may find the fact
+      (issue 17). None: knn.
 
     Raises MemtuneError for a value outside these."""
 
@@ -81,9 +85,12 @@ class SMFConfig:
     freeze_learned: bool = False
     protect_learned: bool = False
     seed: int = 0
+    write_knn: int | None = None
 
     def __post_init__(self) -> None:
         get_ranker(self.ranker)
+        if self.write_knn is not None and (not isinstance(self.write_knn, int) or self.write_knn <= 0):
+            raise MemtuneError(f"write_knn={self.write_knn!r} is invalid: expected a positive integer")
         if self.optimizer not in OPTIMIZERS:
             raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
         if not isinstance(self.top_t, int) or isinstance(self.top_t, bool) or self.top_t <= 0:
@@ -142,6 +149,7 @@ class SparseMemoryFinetuning:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("memory.values."))
         bank.set_record(True)
+        bank.set_write_knn(self.config.write_knn)
         self.bank = bank
         self.table_of = {k: next(t for t, table in enumerate(bank.values) if bank.table_for(int(k)) is table)
                          for k in bank.layers}
@@ -236,6 +244,7 @@ class SparseMemoryFinetuning:
         from memtune.checkpoint import save_memory
 
         self.bank.set_record(False)
+        self.bank.set_write_knn(None)
         save_memory(model, path, overwrite=True)
 
 
