@@ -22,7 +22,7 @@ from memtune.recipe import (
     read_questions,
     subject_words,
 )
-from memtune.targets import first_sentence, own_statements
+from memtune.targets import first_sentence, own_statements, statement_prefixes
 from memtune.train import LearnConfig, make_method, train
 from tiny import tiny_memory_config, tiny_model, tiny_tokenizer
 
@@ -60,7 +60,8 @@ def test_first_sentence():
 
 
 def test_own_statements_pick_the_prefix_where_the_answer_is_likeliest(tokenizer):
-    """Against a brute-force reference: each candidate scored alone."""
+    """Against a brute-force reference: each candidate the scorer credits, scored alone."""
+    from memtune.probes.match import is_correct
     from memtune.prompts import encode_prompt
 
     model = tiny_model(init_range=0.5)
@@ -72,6 +73,8 @@ def test_own_statements_pick_the_prefix_where_the_answer_is_likeliest(tokenizer)
     scores = {}
     for j in range(len(words) + 1):
         prefix = " ".join(words[:j])
+        if prefix and not is_correct(f"{prefix} Quenta", "Quenta", item.question):
+            continue
         head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
         ids = tokenizer(f"{prefix} Quenta" if prefix else "Quenta", add_special_tokens=False)["input_ids"]
         start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
@@ -83,6 +86,17 @@ def test_own_statements_pick_the_prefix_where_the_answer_is_likeliest(tokenizer)
     assert stated.question == item.question and stated.answer == "Quenta"
     kept = own_statements(model, tokenizer, [QA("q?", "a", statement="Given.")], ["x"])
     assert kept[0].statement == "Given."
+
+
+def test_statement_prefixes_leave_out_statements_that_only_repeat_the_subject():
+    item = QA("What is the capital of Saint Pierre and Miquelon?", "Saint-Pierre")
+    own = "The capital of Saint Pierre and Miquelon is Saint-Barthélemy. It is small."
+    prefixes = statement_prefixes(item, own)
+    assert "The capital of" not in prefixes  # "The capital of Saint-Pierre." answers nothing
+    assert prefixes[0] == "" and "The capital of Saint Pierre and Miquelon is" in prefixes
+    # "Zorbia Quenta", "... by Ost Quenta": the answer inside a longer name is not credited either
+    assert statement_prefixes(QA("Who founded Zorbia?", "Quenta"), "Zorbia was founded by Ost.") == [
+        "", "Zorbia was", "Zorbia was founded", "Zorbia was founded by"]
 
 
 def test_default_memory_config_is_the_measured_shape():

@@ -249,6 +249,19 @@ def first_sentence(text: str) -> str:
     return (text[: m.start()] if m else text).strip()
 
 
+def statement_prefixes(item: QA, own_answer: str) -> list[str]:
+    """The candidate openings of `item`'s statement: the first j words (j ≤ MAX_PREFIX_WORDS) of
+    the first sentence of the model's `own_answer`, "" included, leaving out those after which
+    the answer would not be credited (`memtune.probes.match.is_correct`). "The capital of" +
+    "Saint-Pierre" repeats the question's subject, Saint Pierre and Miquelon, and answers nothing
+    — yet it makes the answer likely, and a model taught it says it."""
+    from memtune.probes.match import is_correct
+
+    words = first_sentence(own_answer).split()
+    prefixes = [" ".join(words[:j]) for j in range(min(len(words), MAX_PREFIX_WORDS) + 1)]
+    return [p for p in prefixes if not p or is_correct(f"{p} {item.answer}", item.answers, item.question)]
+
+
 @torch.no_grad()
 def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[QA],
                    own_answers: list[str], batch_size: int = 16) -> list[QA]:
@@ -256,7 +269,8 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
     words of the model's own answer (`own_answers`, greedy) after which the right answer is most
     likely, then the answer. "The capital of Tajikistan is Herat." → "The capital of Tajikistan
     is Dushanbe."; when no prefix makes the answer likelier than saying it alone, the bare
-    answer. Items that have a statement keep it.
+    answer. Only statements the QA scorer credits are candidates (`statement_prefixes`). Items
+    that have a statement keep it.
 
     Score of a prefix P (its first j words, j ≤ MAX_PREFIX_WORDS): log p(answer | prompt, P),
     summed over the answer's tokens (nats), one teacher-forced pass per candidate, batched."""
@@ -270,9 +284,7 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
     opening = answer_opening(tokenizer)  # what training puts before the answer's words
     candidates: list[tuple[int, str, list[int], int]] = []  # (item, prefix, ids, answer start)
     for i, prompt in zip(todo, prompts):
-        words = first_sentence(own_answers[i]).split()
-        for j in range(min(len(words), MAX_PREFIX_WORDS) + 1):
-            prefix = " ".join(words[:j])
+        for prefix in statement_prefixes(items[i], own_answers[i]):
             text = f"{prefix} {items[i].answer}" if prefix else items[i].answer
             head = tokenizer(opening + prefix, add_special_tokens=False)["input_ids"] if opening + prefix else []
             ids = tokenizer(opening + text, add_special_tokens=False)["input_ids"]
