@@ -244,7 +244,6 @@ class SparseMemoryFinetuning:
         from memtune.checkpoint import save_memory
 
         self.bank.set_record(False)
-        self.bank.set_write_knn(None)
         save_memory(model, path, overwrite=True)
 
 
