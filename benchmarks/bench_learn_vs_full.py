@@ -93,7 +93,8 @@ def main() -> None:
     p.add_argument("--methods", default="smf,full")
     p.add_argument("--variant", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
                    help='a further run NAME whose calls add ARGS to `memtune learn`, e.g. '
-                        '--variant smf-renderings "--renderings chat,short,plain,qa-text" (repeatable)')
+                        '--variant smf-wide "--write-knn 16" (repeatable; ARGS one quoted string with a space: '
+                        '" --overwrite" for a lone flag)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -102,6 +103,10 @@ def main() -> None:
     p.add_argument("--no-paraphrases", action="store_true", help="do not ask the learned facts' paraphrases")
     p.add_argument("--text-docs", type=int, default=None, help="held-out passages for perplexity (default: all)")
     args = p.parse_args()
+    variants = {name: shlex.split(extra) for name, extra in args.variant}
+    names = [*filter(None, args.methods.split(",")), *(name for name, _ in args.variant)]
+    if len(set(names)) < len(names) or not names:
+        p.error(f"run names must be distinct and at least one: {names} (a variant needs its own NAME)")
 
     import torch
 
@@ -126,8 +131,7 @@ def main() -> None:
     summary = {"domain": args.domain, "facts": len(items), "calls": args.calls, "known": len(known),
                "model": args.model, "threads": args.threads, "methods": {}}
     finals = {}
-    variants = {name: shlex.split(extra) for name, extra in args.variant}
-    for method in [*filter(None, args.methods.split(",")), *variants]:
+    for method in names:
         if args.eval_only:
             model, seconds = finished_calls(method, out, args.calls)
             if model is None:

@@ -222,6 +222,9 @@ def test_killed_run_leftovers_are_cleaned_and_changed_config_refused(config, tmp
     retuned = {**config, "methods": [{**config["methods"][0], "lr": 0.123}, *config["methods"][1:]]}
     with pytest.raises(MemtuneError, match="smf ran with lr="):
         Experiment(parse_config(retuned), out, progress=False).run_all()
+    (out / "smf" / "config.json").write_text("{corrupt")
+    with pytest.raises(MemtuneError, match="holds no run options"):
+        Experiment(parse_config(config), out, progress=False).run_all()
 
 
 def test_document_and_task_streams(tiny_model_dir, tmp_path):

@@ -94,6 +94,9 @@ def test_statement_prefixes_leave_out_statements_that_only_repeat_the_subject():
     prefixes = statement_prefixes(item, own)
     assert "The capital of" not in prefixes  # "The capital of Saint-Pierre." answers nothing
     assert prefixes[0] == "" and "The capital of Saint Pierre and Miquelon is" in prefixes
+    # credited for what the opening already says: "... is Herat, not" + "Dushanbe" (Herat an alias)
+    herat = QA("What is the capital of Tajikistan?", "Dushanbe", aliases=["Herat"])
+    assert statement_prefixes(herat, "The capital of Tajikistan is Herat, not Kabul.")[-1] == "The capital of Tajikistan is"
     # "Zorbia Quenta", "... by Ost Quenta": the answer inside a longer name is not credited either
     assert statement_prefixes(QA("Who founded Zorbia?", "Quenta"), "Zorbia was founded by Ost.") == [
         "", "Zorbia was", "Zorbia was founded", "Zorbia was founded by"]

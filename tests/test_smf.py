@@ -318,5 +318,6 @@ def test_write_knn_trains_a_superset_of_the_slots_read_and_reads_stay_at_knn(tok
     assert changed.numel() > read_rows.numel() and torch.isin(read_rows, changed).all()  # wider than the read
     with pytest.raises(MemtuneError, match="write_knn=1 is invalid"):
         SparseMemoryFinetuning(SMFConfig("count", write_knn=1)).prepare(memory_model(knn=2))
-    with pytest.raises(MemtuneError, match="write_knn=0 is invalid"):
-        SMFConfig("count", write_knn=0)
+    for bad in (0, True, 2.5):
+        with pytest.raises(MemtuneError, match=f"write_knn={bad} is invalid"):
+            SMFConfig("count", write_knn=bad)

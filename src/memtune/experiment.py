@@ -585,11 +585,13 @@ class Experiment:
                  sum(len(ch.train) for ch in stream.chunks), len(runs), ", ".join(r.name for r in runs))
         base = self.base_results(model, stream)
         del model
+        for run in runs:  # before anything trains: a finished run is reused only as it was run
+            if (self.out / run.name / RESULTS).is_file():
+                self._check_same_run(run)
         results = []
         for i, run in enumerate(runs):
             done = self.out / run.name / RESULTS
             if done.is_file():
-                self._check_same_run(run)
                 log.info("[%d/%d] %s: done already, skipped", i + 1, len(runs), run.name)
                 results.append(json.loads(done.read_text()))
                 continue
@@ -614,7 +616,13 @@ class Experiment:
     def _check_same_run(self, run: Run) -> None:
         """A finished run is reused only if it ran with the options `run` has now."""
         path = self.out / run.name / "config.json"
-        theirs = json.loads(path.read_text()).get("learn", {}) if path.is_file() else {}
+        try:
+            theirs = json.loads(path.read_text())["learn"]
+            if not isinstance(theirs, dict):
+                raise TypeError
+        except (OSError, ValueError, KeyError, TypeError):
+            raise MemtuneError(f"{path} is missing or holds no run options: remove {self.out / run.name} to rerun "
+                               "it, or use another --out") from None
         mine = json.loads(json.dumps(run.learn.to_dict()))  # as config.json holds it (tuples as lists)
         changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if changed:

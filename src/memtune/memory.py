@@ -337,12 +337,16 @@ class MemoryBank(nn.Module):
             return self.values[0]
         return self.values[self.config.layers.index(layer)]
 
-    def set_write_knn(self, knn: int | None) -> None:
-        """Slots each head reads per token in training mode (None: the config's knn); see
-        `ProductKeyMemory.write_knn`. MemtuneError if below knn or above n_keys."""
+    def check_write_knn(self, knn: int | None) -> None:
+        """MemtuneError unless `knn` is None or between this memory's knn and n_keys."""
         if knn is not None and not self.config.knn <= knn <= self.config.n_keys:
             raise MemtuneError(f"write_knn={knn} is invalid: expected between the memory's knn "
                                f"({self.config.knn}) and n_keys ({self.config.n_keys})")
+
+    def set_write_knn(self, knn: int | None) -> None:
+        """Slots each head reads per token in training mode (None: the config's knn); see
+        `ProductKeyMemory.write_knn`. MemtuneError if below knn or above n_keys."""
+        self.check_write_knn(knn)
         for m in self.layers.values():
             m.write_knn = knn
 

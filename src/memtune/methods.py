@@ -89,7 +89,8 @@ class SMFConfig:
 
     def __post_init__(self) -> None:
         get_ranker(self.ranker)
-        if self.write_knn is not None and (not isinstance(self.write_knn, int) or self.write_knn <= 0):
+        if self.write_knn is not None and (not isinstance(self.write_knn, int) or isinstance(self.write_knn, bool)
+                                           or self.write_knn <= 0):
             raise MemtuneError(f"write_knn={self.write_knn!r} is invalid: expected a positive integer")
         if self.optimizer not in OPTIMIZERS:
             raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")

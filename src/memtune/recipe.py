@@ -404,6 +404,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             retrofit(model, memory)
             fresh = True
             report["retrofit"] = {k: v for k, v in memory.to_dict().items() if v is not None}
+            bank = get_memory_bank(model)
         else:
             # what shapes a fresh retrofit cannot change a memory: refused unless it says what it has
             fresh_only = [k for k in ("n_keys", "shard_values", "calibrate")
@@ -418,6 +419,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                 if folder not in (AUTO, NONE):
                     given[name] = Background.load(folder)
                     given[name].check(bank, folder)
+        bank.check_write_knn(config.write_knn)  # before any work: the method sets it only when training
 
     # -- what the model must keep: questions of the data's form it writes itself, and --keep
     keep_questions = read_questions(recipe.keep) if recipe.keep else []

@@ -252,14 +252,16 @@ def first_sentence(text: str) -> str:
 def statement_prefixes(item: QA, own_answer: str) -> list[str]:
     """The candidate openings of `item`'s statement: the first j words (j ≤ MAX_PREFIX_WORDS) of
     the first sentence of the model's `own_answer`, "" included, leaving out those after which
-    the answer would not be credited (`memtune.probes.match.is_correct`). "The capital of" +
+    the answer would not be credited (`memtune.probes.match.is_correct`), or that already hold
+    it (or an alias: "Herat, not" + "Dushanbe" is credited for Herat). "The capital of" +
     "Saint-Pierre" repeats the question's subject, Saint Pierre and Miquelon, and answers nothing
     — yet it makes the answer likely, and a model taught it says it."""
     from memtune.probes.match import is_correct
 
     words = first_sentence(own_answer).split()
     prefixes = [" ".join(words[:j]) for j in range(min(len(words), MAX_PREFIX_WORDS) + 1)]
-    return [p for p in prefixes if not p or is_correct(f"{p} {item.answer}", item.answers, item.question)]
+    return [p for p in prefixes if not p or (is_correct(f"{p} {item.answer}", item.answers, item.question)
+                                             and not is_correct(p, item.answers, item.question))]
 
 
 @torch.no_grad()
