@@ -35,14 +35,10 @@ def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: 
     """Run one `memtune learn` per part, each continuing the previous, into `out/method`; returns
     the final model and the wall seconds per call. `method` is smf, full or the name of a
     variant whose `extra` arguments are added to each command."""
-    seconds = []
-    for i, data in enumerate(parts, 1):
+    finished, seconds = finished_calls(method, out, len(parts))  # in an earlier run of this script
+    model = finished or model
+    for i, data in enumerate(parts[len(seconds):], len(seconds) + 1):
         run = out / method / f"call{i}"
-        done = out / method / f"call{i}.seconds"
-        if done.exists() and (run / "model").is_dir():  # finished in an earlier run of this script
-            seconds.append(float(done.read_text()))
-            model = str(run / "model")
-            continue
         cmd = [sys.executable, "-m", "memtune", "learn", "--model", model, "--data", str(data), "--out", str(run),
                "--threads", str(threads), "--overwrite", *(["--method", method] if method in ("full", "lora") else []),
                *extra]
@@ -51,7 +47,7 @@ def learn_calls(method: str, parts: list[Path], out: Path, model: str, threads: 
         with open(out / f"{method}-call{i}.log", "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         seconds.append(round(time.perf_counter() - t, 1))
-        done.write_text(f"{seconds[-1]}\n")
+        (out / method / f"call{i}.seconds").write_text(f"{seconds[-1]}\n")
         print(f"  {seconds[-1]} s", flush=True)
         model = str(run / "model")
     return model, seconds

@@ -607,7 +607,7 @@ class Experiment:
             theirs = json.loads(path.read_text())
             if theirs != mine:
                 # Adding (or dropping) methods is fine: each run folder records its own method.
-                changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "methods")
+                changed = [k for k in _changed(mine, theirs) if k != "methods"]
                 if changed:
                     raise MemtuneError(f"{self.out} holds an experiment with a different {changed[0]!r}: "
                                        "use another --out, or the same config to resume")
@@ -617,14 +617,14 @@ class Experiment:
         """A finished run is reused only if it ran with the options `run` has now."""
         path = self.out / run.name / "config.json"
         try:
-            theirs = json.loads(path.read_text())["learn"]
-            if not isinstance(theirs, dict):
-                raise TypeError
-        except (OSError, ValueError, KeyError, TypeError):
+            theirs = json.loads(path.read_text()).get("learn")
+        except (OSError, ValueError, AttributeError):  # missing, not JSON, not an object
+            theirs = None
+        if not isinstance(theirs, dict):
             raise MemtuneError(f"{path} is missing or holds no run options: remove {self.out / run.name} to rerun "
-                               "it, or use another --out") from None
+                               "it, or use another --out")
         mine = json.loads(json.dumps(run.learn.to_dict()))  # as config.json holds it (tuples as lists)
-        changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        changed = _changed(mine, theirs)
         if changed:
             raise MemtuneError(f"{self.out / run.name} ran with {changed[0]}={theirs.get(changed[0])!r}, the config "
                                f"now says {mine.get(changed[0])!r}: remove that folder to rerun it, or use another --out")
@@ -714,6 +714,11 @@ class Experiment:
             folder.write_results(results)
         log.info("%s done: %s", run.name, _brief(results))
         return results
+
+
+def _changed(mine: dict, theirs: dict) -> list[str]:
+    """The keys whose values differ between two option dicts (a key one lacks counts as None), sorted."""
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
 
 
 def _brief(r: dict) -> str:

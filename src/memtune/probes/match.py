@@ -180,12 +180,11 @@ def _copies_question(prediction: str, start: int, end: int, question: list[str])
         return False
     content = {i: _bare(w) for i, (w, _, _) in enumerate(words) if w not in _FUNCTION_WORDS}
     mention = "".join(content.get(i, "") for i in inside)
-    before = [content[i] for i in content if i < inside[0]][-1:]
-    after = [content[i] for i in content if i > inside[-1]][:1]
+    before = "".join([content[i] for i in content if i < inside[0]][-1:])
+    after = "".join([content[i] for i in content if i > inside[-1]][:1])
     q = [_bare(w) for w in question if w not in _FUNCTION_WORDS]
     spans = {"".join(q[i:j]) for i in range(len(q)) for j in range(i + 1, len(q) + 1)}
-    return any(nb and "".join(nb) + mention in spans for nb in (before,)) or any(
-        nb and mention + "".join(nb) in spans for nb in (after,))
+    return bool(before) and before + mention in spans or bool(after) and mention + after in spans
 
 
 def _contains(prediction: str, answer: str, question: list[str] | None = None) -> bool:
