@@ -254,6 +254,13 @@ def _take_shard(module: ValueTable, state: dict, prefix: str, *args) -> None:
         state[prefix + "weight"] = take_columns(full, module.shard)
 
 
+def check_query_noise(sigma) -> None:
+    """MemtuneError unless `sigma` is a number in [0, inf) (and not a bool)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
+        raise MemtuneError(f"query_noise={sigma!r} is invalid: expected a number >= 0 (the noise's std in units "
+                           "of the query's RMS)")
+
+
 class ProductKeyMemory(nn.Module):
     """One memory layer: query -> product-key lookup -> weighted value read -> Memory+ gate.
 
@@ -283,13 +290,20 @@ class ProductKeyMemory(nn.Module):
         # In training mode, the slots each head reads per token if set (>= knn): SMF's wider write
         # than read (`SMFConfig.write_knn`); eval mode always reads `config.knn`.
         self.write_knn: int | None = None
+        # In training mode, the std of Gaussian noise added to each normalised query element
+        # (`SMFConfig.query_noise`); eval mode reads with the exact query.
+        self.query_noise = 0.0
 
     def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, d) -> softmax weights (B*T, H*knn) and slot indices (B*T, H*knn); in
-        training mode with `write_knn` set, write_knn slots per head instead of knn."""
+        training mode with `write_knn` set, write_knn slots per head instead of knn, and with
+        `query_noise` σ > 0, each query element plus N(0, σ²) noise (σ in units of the normalised
+        query's RMS, 1 with `query_norm`)."""
         c = self.config
         knn = self.write_knn if self.training and self.write_knn else c.knn
         q = self.query_norm(self.query(x - self.query_center).view(-1, c.heads, c.k_dim))  # (N, H, k_dim)
+        if self.training and self.query_noise:
+            q = q + self.query_noise * torch.randn_like(q)
         q = q.view(-1, c.heads, 2, c.k_dim // 2)  # (N, H, 2, k_dim/2)
         scores, indices = product_key_topk(q, self.keys, knn)  # (N, H, knn)
         weights = scores.float().softmax(dim=-1).to(x.dtype)
@@ -349,6 +363,14 @@ class MemoryBank(nn.Module):
         self.check_write_knn(knn)
         for m in self.layers.values():
             m.write_knn = knn
+
+    def set_query_noise(self, sigma: float) -> None:
+        """Noise added to each normalised query element in training mode: N(0, sigma²), sigma in
+        units of the query's RMS (see `ProductKeyMemory.lookup`); 0 reads the exact query.
+        MemtuneError unless 0 <= sigma < inf."""
+        check_query_noise(sigma)
+        for m in self.layers.values():
+            m.query_noise = float(sigma)
 
     def set_record(self, on: bool) -> None:
         for m in self.layers.values():

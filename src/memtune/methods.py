@@ -19,6 +19,7 @@ from memtune import distributed
 from memtune.batches import COUNT_POSITIONS
 from memtune.errors import MemtuneError
 from memtune.ledger import union as _union
+from memtune.memory import check_query_noise
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
 from memtune.retrofit import get_memory_bank, require_memory_bank
 from memtune.sharding import local_optimizer_state, whole_optimizer_state
@@ -74,6 +75,11 @@ class SMFConfig:
       updated), at least the memory's knn; reading (eval mode) stays at knn. A wider write than
       read: a rephrased question whose query lands near the trained one's may find the fact
       (issue 17). None: knn.
+    - query_noise: std of Gaussian noise added to each normalised query element while training
+      (units of the query's RMS; reading in eval mode stays exact). Each step then reads, ranks and
+      writes the slots of a query jittered about as far as a rephrasing moves it (σ 0.2-0.3 share
+      as many reads with the exact query as a paraphrase does on SmolLM2-135M, BENCHMARKS.md), so
+      the neighbours a rephrased question reads learn the fact too (issue 17). 0: exact.
 
     Raises MemtuneError for a value outside these."""
 
@@ -86,9 +92,11 @@ class SMFConfig:
     protect_learned: bool = False
     seed: int = 0
     write_knn: int | None = None
+    query_noise: float = 0.0
 
     def __post_init__(self) -> None:
         get_ranker(self.ranker)
+        check_query_noise(self.query_noise)
         if self.write_knn is not None and (not isinstance(self.write_knn, int) or isinstance(self.write_knn, bool)
                                            or self.write_knn <= 0):
             raise MemtuneError(f"write_knn={self.write_knn!r} is invalid: expected a positive integer")
@@ -151,6 +159,7 @@ class SparseMemoryFinetuning:
             p.requires_grad_(name.startswith("memory.values."))
         bank.set_record(True)
         bank.set_write_knn(self.config.write_knn)
+        bank.set_query_noise(self.config.query_noise)
         self.bank = bank
         self.table_of = {k: next(t for t, table in enumerate(bank.values) if bank.table_for(int(k)) is table)
                          for k in bank.layers}

@@ -83,6 +83,9 @@ class LearnConfig:
     write_knn: int | None = field(default=None, metadata={
         "help": "SMF: slots each memory head reads per token while training (counted, ranked, updated), above the "
                 "memory's knn: a wider write than read (reading stays at knn) [default: knn]"})
+    query_noise: float = field(default=0.0, metadata={
+        "help": "SMF: std of Gaussian noise added to each normalised memory query while training (units of the "
+                "query's RMS; reading stays exact): rephrased questions' neighbouring slots learn the fact too"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -113,14 +116,16 @@ class LearnConfig:
     def smf(self) -> SMFConfig:
         """The SMF options, as the one object the method takes."""
         return SMFConfig(self.ranker, self.top_t, self.optimizer, self.lr, self.count_positions,
-                         self.freeze_learned, self.protect_learned, self.seed, self.write_knn)
+                         self.freeze_learned, self.protect_learned, self.seed, self.write_knn,
+                         self.query_noise)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # Options that act on memory slots (SMF) or on adapters (LoRA): another method refuses them.
-SMF_ONLY = ("ranker", "top_t", "optimizer", "count_positions", "freeze_learned", "protect_learned", "write_knn")
+SMF_ONLY = ("ranker", "top_t", "optimizer", "count_positions", "freeze_learned", "protect_learned", "write_knn",
+            "query_noise")
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
