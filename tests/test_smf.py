@@ -321,3 +321,39 @@ def test_write_knn_trains_a_superset_of_the_slots_read_and_reads_stay_at_knn(tok
     for bad in (0, True, 2.5):
         with pytest.raises(MemtuneError, match=f"write_knn={bad} is invalid"):
             SMFConfig("count", write_knn=bad)
+
+
+def test_query_noise_jitters_training_reads_only_and_writes_the_slots_near_the_query(tokenizer):
+    batch = collate(encode_qa(tokenizer, PAIRS), tokenizer.pad_token_id, "loss")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+
+    def reads(model, training):
+        model.train(training)
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask).logits
+        return out, {k: layer.last_indices.clone() for k, layer in model.memory.layers.items()}
+
+    exact = memory_model(knn=2)
+    noisy = memory_model(knn=2)
+    SparseMemoryFinetuning(SMFConfig("count", top_t=10_000, optimizer="sgd", lr=1e3)).prepare(exact)
+    method = SparseMemoryFinetuning(SMFConfig("count", top_t=10_000, optimizer="sgd", lr=1e3, query_noise=1.0))
+    method.prepare(noisy)
+    assert all(layer.query_noise == 1.0 for layer in noisy.memory.layers.values())
+    logits, read = reads(exact, False)
+    logits_noisy, read_noisy = reads(noisy, False)  # eval mode: the exact query
+    assert torch.equal(logits, logits_noisy) and all(torch.equal(read[k], read_noisy[k]) for k in read)
+    assert all(torch.equal(read[k], reads(exact, True)[1][k]) for k in read)  # σ = 0 trains on the exact reads
+    jittered = reads(noisy, True)[1]
+    assert any(not torch.equal(read[k], jittered[k]) for k in read)
+    # What one noisy step writes includes slots the exact query does not read.
+    torch.manual_seed(0)
+    noisy.train()
+    before = snapshot(noisy)["memory.values.0.weight"]
+    _one_step(noisy, method, tokenizer, PAIRS)
+    changed = changed_rows(before, noisy.memory.values[0].weight.detach())
+    count = batch["count_mask"]
+    exact_rows = torch.unique(torch.cat([r[count].flatten() for r in read.values()]))
+    assert changed.numel() > 0 and not torch.isin(changed, exact_rows).all()
+    for bad in (-0.1, float("inf"), True, "0.2"):
+        with pytest.raises(MemtuneError, match="query_noise=.* is invalid"):
+            SMFConfig("count", query_noise=bad)
