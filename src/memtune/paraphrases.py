@@ -6,7 +6,8 @@ beside the question; the data's own paraphrases stay held out.
 
 How the model is asked: plain text, no chat template (as `memtune.recipe.related_questions`
 asks it), so that base and instruct models continue the same page — a few fixed examples of
-rewrites of general-knowledge questions (never the data's own paraphrases), then the question;
+rewrites of general-knowledge questions (never the data's own paraphrases, nor a question of
+the packaged countries' forms: a countries example taught the held-out template), then the question;
 the first line it writes is the rewrite. Sampled (temperature 0.8, top-p 0.95), seeded; the
 global random state is restored afterwards.
 
@@ -44,7 +45,7 @@ MIN_WORDS, MAX_WORDS = 3, 40
 
 QUESTION_PROMPT = (
     "Each question is asked again in other words.\n\n"
-    "Question: What is the capital of France?\nIn other words: Which city is the capital of France?\n\n"
+    "Question: What is the tallest mountain on Earth?\nIn other words: Which mountain on Earth is the highest?\n\n"
     "Question: Who wrote Hamlet?\nIn other words: Who is the author of the play Hamlet?\n\n"
     "Question: When did the Second World War end?\nIn other words: In which year did the Second World War "
     "come to an end?\n\n"
@@ -52,7 +53,8 @@ QUESTION_PROMPT = (
 )
 STATEMENT_PROMPT = (
     "Each sentence is said again in other words.\n\n"
-    "Sentence: The capital of France is Paris.\nIn other words: France has its capital in Paris.\n\n"
+    "Sentence: The tallest mountain on Earth is Mount Everest.\nIn other words: Mount Everest is the highest "
+    "mountain on Earth.\n\n"
     "Sentence: Hamlet was written by William Shakespeare.\nIn other words: The author of the play Hamlet is "
     "William Shakespeare.\n\n"
     "Sentence: The Second World War ended in 1945.\nIn other words: The Second World War came to an end in 1945.\n\n"
