@@ -136,3 +136,68 @@ def test_checkpoint_without_query_center_loads_uncalibrated(tmp_path):
     (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps(config))
     loaded = load_memory(tiny_model(), tmp_path / "m")
     assert all(not m.query_center.any() for m in loaded.memory.layers.values())
+
+
+def _phrasing_groups(tokenizer):
+    """Three facts, each asked three ways, each answered by the same statement."""
+    from memtune.batches import encode_qa
+
+    facts = [(["What is the capital of Zorbia?", "Which city is Zorbia's capital?", "Zorbia has which capital?"],
+              "The capital of Zorbia is Quenta."),
+             (["Who founded Velm?", "Velm was founded by whom?", "Name the founder of Velm."],
+              "Velm was founded by Marla Venn."),
+             (["What does Ostrel export?", "Which goods leave Ostrel?", "Name Ostrel's export."],
+              "Ostrel exports copper ore.")]
+    return [encode_qa(tokenizer, [(q, answer) for q in questions]) for questions, answer in facts]
+
+
+def test_phrasing_alignment_is_within_phrasing_whitening_and_leaves_the_parallel_model():
+    from memtune.calibrate import align_queries
+
+    torch.manual_seed(0)
+    model, tok = tiny_model(hidden=16), tiny_tokenizer()
+    retrofit(model, tiny_memory_config(layers=[0, 1], k_dim=8, heads=2))
+    groups = _phrasing_groups(tok)
+    batches = [collate(g, tok.pad_token_id, "loss") for g in groups]
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    # brute force: each layer's input at each phrasing's answer positions
+    inputs = []
+    for b in batches:
+        seen = {}
+        hooks = [w.register_forward_pre_hook(lambda _, a, i=i: seen.__setitem__(i, a[0]))
+                 for i, w in enumerate(memory_ffns(model))]
+        with torch.no_grad():
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        for h in hooks:
+            h.remove()
+        inputs.append({i: [x[m] for x, m in zip(seen[i], b["count_mask"])] for i in seen})
+    before = {name: m.query.weight.detach().double().clone() for name, m in model.memory.layers.items()}
+    report = align_queries(model, groups, tok.pad_token_id, floor=0.05, progress=False)
+    assert report["groups"] == 3
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)  # zero values: still exactly the base model
+    for i, (name, layer) in enumerate(model.memory.layers.items()):
+        w, centre = before[name], layer.query_center.double()
+        for h in range(2):
+            rows = slice(8 * h, 8 * h + 8)
+            deviations, queries = [], []
+            for g in inputs:
+                n = min(x.shape[0] for x in g[i])
+                u = torch.stack([(x[:n].double() - centre) @ w[rows].T for x in g[i]])  # (phrasings, n, 8)
+                deviations.append((u - u.mean(0)).reshape(-1, 8))
+                queries.append(u.reshape(-1, 8))
+            d = torch.cat(deviations)
+            scatter = d.T @ d / d.shape[0]
+            lam, vec = torch.linalg.eigh(scatter)
+            lam = lam.clamp_min(0)
+            t = vec @ torch.diag((lam + 0.05 * lam.mean()).rsqrt()) @ vec.T
+            u = torch.cat(queries)
+            t = t * (u.pow(2).sum(-1).mean() / (u @ t.T).pow(2).sum(-1).mean()).sqrt()
+            assert torch.allclose(layer.query.weight.double()[rows], t @ w[rows], atol=1e-4)
+            # and it does what it is for: phrasings of one fact move closer, relative to all queries
+            new = d @ t.T
+            assert (new.pow(2).sum() / (u @ t.T).pow(2).sum()) < (d.pow(2).sum() / u.pow(2).sum())
+    with pytest.raises(MemtuneError, match="at least two phrasings"):
+        align_queries(model, [g[:1] for g in groups], tok.pad_token_id, progress=False)

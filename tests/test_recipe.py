@@ -414,6 +414,17 @@ def test_self_paraphrases_become_further_phrasings(tokenizer, monkeypatch):
                                                                    ["Which city is the capital of Ostland?"]]
     assert r["renderings"]["per_rendering"] == {"chat": 4} and result.examples == 4
     assert len(result.learned) == 2
+    assert "align_phrasings" not in r
+    # aligned: the same fresh retrofit (seeded), the rewrites whiten its queries before anything is counted
+    aligned = learn(tiny_model(), tokenizer, [held_out, FACTS[1]], LearnConfig(epochs=1, batch_size=2),
+                    RecipeConfig(n_keys=16, related=0, target="answer", self_paraphrases=2, align_phrasings=True),
+                    progress=False)
+    assert aligned.recipe["align_phrasings"]["groups"] == 2
+    query = {k: m.query.weight for k, m in result.model.memory.layers.items()}
+    assert all(not torch.equal(m.query.weight, query[k]) for k, m in aligned.model.memory.layers.items())
+    with pytest.raises(MemtuneError, match="--align-phrasings is for a fresh retrofit"):
+        learn(aligned.model, tokenizer, [FACTS[1]], LearnConfig(epochs=1),
+              RecipeConfig(related=0, self_paraphrases=1, align_phrasings=True), progress=False)
 
 
 def test_the_levers_are_off_by_default(tokenizer):
@@ -427,7 +438,8 @@ def test_the_levers_are_off_by_default(tokenizer):
 
 @pytest.mark.parametrize("kwargs, message", [({"renderings": ("plain",)}, "one of chat, short, qa-text is needed"),
                                              ({"renderings": ("chat", "poem")}, "renderings='chat,poem'"),
-                                             ({"self_paraphrases": -1}, "self_paraphrases=-1")])
+                                             ({"self_paraphrases": -1}, "self_paraphrases=-1"),
+                                             ({"align_phrasings": True}, "align_phrasings needs")])
 def test_lever_option_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):
         RecipeConfig(**kwargs)

@@ -65,7 +65,8 @@ AUTO, NONE = "auto", "none"
 # SmolLM2-135M's 30 layers (the headline's); for 24-layer Qwen2.5-0.5B 6, 13, 19.
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
-RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate")
+RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
+                   "align_phrasings")
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -105,6 +106,10 @@ class RecipeConfig:
         "help": "facts, experimental (issue 17): rewrites of each question the model writes itself (and of "
                 "each statement with the plain rendering); those that keep the subject (and the answer out of a "
                 "question) are trained as further phrasings. 0: none"})
+    align_phrasings: bool = field(default=False, metadata={
+        "help": "SMF, fresh retrofit, facts, experimental (issue 17): whiten the memory queries against how the "
+                "self-paraphrases of one fact differ (memtune.calibrate.align_queries), so a rephrased question "
+                "reads the slots its fact was written to; needs --self-paraphrases"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per answer (checks, own answers)"})
 
     def __post_init__(self) -> None:
@@ -127,6 +132,9 @@ class RecipeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
+        if self.align_phrasings and not self.self_paraphrases:
+            raise MemtuneError("align_phrasings needs phrasings to align: give self_paraphrases > 0 "
+                               "(--self-paraphrases K)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -407,7 +415,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             bank = get_memory_bank(model)
         else:
             # what shapes a fresh retrofit cannot change a memory: refused unless it says what it has
-            fresh_only = [k for k in ("n_keys", "shard_values", "calibrate")
+            fresh_only = [k for k in ("n_keys", "shard_values", "calibrate", "align_phrasings")
                           if getattr(recipe, k) not in (getattr(default_recipe, k), getattr(bank.config, k, None))]
             if fresh_only:
                 raise MemtuneError(f"--{fresh_only[0].replace('_', '-')} is for a fresh retrofit: the model already has "
@@ -473,6 +481,20 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         n, batches = first_batches(cal, tokenizer.pad_token_id, len(cal), config.batch_size)
         positions = calibrate_queries(model, batches, recipe.calibrate, n_batches=n, progress=progress)
         report["calibrate"] = {"mode": recipe.calibrate, "examples": len(cal), "positions": positions}
+    if smf and fresh and facts and recipe.align_phrasings:
+        from memtune.calibrate import align_queries
+
+        phrased = encode_facts(items, tokenizer, recipe.target, "target", max_length=config.max_length,
+                               more_questions=more_questions)
+        groups: list[list[Example]] = [[] for _ in items]
+        for example, owner in zip(phrased.examples, phrased.items):
+            groups[owner].append(example)
+        if any(len(g) > 1 for g in groups):
+            report["align_phrasings"] = align_queries(model, groups, pad, batch_size=config.batch_size,
+                                                      progress=progress)
+        else:
+            log.warning("no fact got a self-paraphrase the filter kept: the memory queries are not aligned")
+            report["align_phrasings"] = {"groups": 0}
 
     owners: list[int] | None = None  # the item of each example (facts)
     if facts:
