@@ -481,3 +481,50 @@ def test_until_learned_asks_the_learned_examples_again_every_few_passes(tokenize
     assert calls[:RECHECK_EVERY + 1] == [[0, 1]] + [[1]] * RECHECK_EVERY
     assert calls[RECHECK_EVERY + 1] == [0]  # asked again after pass RECHECK_EVERY: wrong now
     assert [h["examples"] for h in history] == [1] * RECHECK_EVERY + [2, 2]
+
+
+def test_own_rewrite_statements_answer_each_rewrite_in_its_own_words(tokenizer, monkeypatch):
+    from memtune.probes import qa
+    from memtune.recipe import own_rewrite_statements
+
+    said = {"Which city is Ostland's capital?": "Ostland's capital city is Blorp, by the sea.",
+            "Name the capital of Ostland.": "Blorp."}
+    monkeypatch.setattr(qa, "answer_questions", lambda m, t, questions, *a, **kw: [said[q] for q in questions])
+    rewritten, parents = own_rewrite_statements(tiny_model(), tokenizer, FACTS,
+                                                [[], ["Which city is Ostland's capital?", "Name the capital of Ostland."]],
+                                                progress=False)
+    assert parents == [1, 1]
+    assert [q.question for q in rewritten] == ["Which city is Ostland's capital?", "Name the capital of Ostland."]
+    assert all((q.answer, q.id) == (FACTS[1].answer, FACTS[1].id) for q in rewritten)
+    # the statement is the answer after the first words of the model's own answer to that rewrite (the
+    # likeliest opening of them, here by a random model), or the bare answer
+    candidates = statement_prefixes(rewritten[0], said["Which city is Ostland's capital?"])
+    assert len(candidates) > 1 and rewritten[0].statement in {f"{p} Varn." if p else None for p in candidates}
+    assert rewritten[1].statement is None  # "Blorp." opens with nothing before the answer
+    assert own_rewrite_statements(tiny_model(), tokenizer, FACTS, [[], []], progress=False) == ([], [])
+
+
+def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_questions(tokenizer, monkeypatch):
+    from memtune import paraphrases
+    from memtune.probes import qa
+
+    asked = []
+    said = {"Who founded Zorbia?": "Zorbia was founded by Blorp.", "Who was the founder of Zorbia?":
+            "The founder of Zorbia was Blorp.", "What is the capital of Ostland?": "The capital of Ostland is Blorp."}
+
+    def answers(model, tok, questions, *args, **kwargs):
+        asked.append(list(questions))
+        return [said.get(q, "no idea") for q in questions]
+
+    monkeypatch.setattr(qa, "answer_questions", answers)
+    monkeypatch.setattr(paraphrases, "sample_rewrites",
+                        lambda m, t, texts, k, *a, **kw: [["Who was the founder of Zorbia?"] if "Zorbia" in x else []
+                                                          for x in texts])
+    result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
+                   RecipeConfig(n_keys=16, related=0, self_paraphrases=1, rewrite_statements="own"), progress=False)
+    assert result.examples == 3 and len(result.learned) == 2
+    assert ["Who was the founder of Zorbia?"] in asked  # its own words, asked once to make its statement ...
+    checks = asked[asked.index(["Who was the founder of Zorbia?"]) + 1:]
+    assert checks and all(set(a) <= {q.question for q in FACTS} for a in checks)  # ... never by the check
+    with pytest.raises(MemtuneError, match="rewrite_statements='mine' is invalid"):
+        RecipeConfig(rewrite_statements="mine")

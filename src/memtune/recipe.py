@@ -67,6 +67,7 @@ DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
                    "align_phrasings")
+REWRITE_STATEMENTS = ("shared", "own")
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -106,6 +107,10 @@ class RecipeConfig:
         "help": "facts, experimental (issue 17): rewrites of each question the model writes itself (and of "
                 "each statement with the plain rendering); those that keep the subject (and the answer out of a "
                 "question) are trained as further phrasings. 0: none"})
+    rewrite_statements: str = field(default="shared", metadata={
+        "help": "facts, with --self-paraphrases and the statement target, experimental (issue 17): each rewrite "
+                "is trained with the question's statement (shared) or with its own: the answer after the words "
+                "the model opens its answer to that rewrite with (own)"})
     align_phrasings: bool = field(default=False, metadata={
         "help": "SMF, fresh retrofit, facts, experimental (issue 17): whiten the memory queries against how the "
                 "self-paraphrases of one fact differ (memtune.calibrate.align_queries), so a rephrased question "
@@ -132,6 +137,9 @@ class RecipeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
+        if self.rewrite_statements not in REWRITE_STATEMENTS:
+            raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
+                               f"{', '.join(REWRITE_STATEMENTS)}")
         if self.align_phrasings and not self.self_paraphrases:
             raise MemtuneError("align_phrasings needs phrasings to align: give self_paraphrases > 0 "
                                "(--self-paraphrases K)")
@@ -445,6 +453,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
 
     # -- training targets (the base model's own words: before anything is learned in this call)
     more_questions = more_statements = None  # the model's own rewrites (self_paraphrases)
+    rewritten: list[QA] = []  # with rewrite_statements="own": each rewrite as a fact of its own ...
+    parents: list[int] = []  # ... of this item
     if facts:
         items = list(data)
         wants_statements = recipe.target == "statement" or "plain" in recipe.renderings
@@ -468,6 +478,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                        statements="plain" in recipe.renderings, progress=progress)
             more_questions, more_statements = written.questions, written.statements
             report["self_paraphrases"] = {**written.report(), "seconds": round(time.perf_counter() - t, 1)}
+            if recipe.rewrite_statements == "own" and recipe.target == "statement":
+                rewritten, parents = own_rewrite_statements(model, tokenizer, items, more_questions,
+                                                            recipe.max_new_tokens, progress)
 
     # -- calibrate a fresh memory on the data's form (changes which slots are read: first)
     if smf and fresh and recipe.calibrate != NONE:
@@ -499,9 +512,11 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     owners: list[int] | None = None  # the item of each example (facts)
     if facts:
         diverge = recipe.loss == "diverge"
-        encoded = encode_facts(items, tokenizer, recipe.target, "target" if diverge else recipe.loss,
+        encoded = encode_facts(items + rewritten, tokenizer, recipe.target, "target" if diverge else recipe.loss,
                                max_length=config.max_length, renderings=recipe.renderings,
-                               more_questions=more_questions, more_statements=more_statements)
+                               more_questions=None if rewritten else more_questions,
+                               more_statements=more_statements and more_statements + [[] for _ in rewritten])
+        encoded.items = [i if i < len(items) else parents[i - len(items)] for i in encoded.items]
         examples, owners = encoded.examples, encoded.items
         if recipe.renderings != ("chat",) or recipe.self_paraphrases:
             report["renderings"] = encoded.summary(len(items), recipe.renderings)
@@ -560,6 +575,25 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - start, 1)}, freeze_updated=not config.protect_learned)
     return LearnResult(model, method, history, report, len(examples), learned)
+
+
+def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrites: list[list[str]],
+                           max_new_tokens: int = 24, progress: bool = True) -> tuple[list[QA], list[int]]:
+    """Each rewrite of `items[i]` (`rewrites[i]`: e.g. the model's own, `memtune.paraphrases`) as
+    a fact of its own whose statement is in the model's own words for that rewrite
+    (`own_statements`: "Which three-letter currency code does Chad use?" -> "The three-letter
+    currency code of Chad is XAF."), and the item each belongs to. A rephrased question is often
+    answered with other first words than the original, and the answer is then read after
+    another context: trained this way, the fact is learned after those words too (issue 17)."""
+    from memtune.probes.qa import answer_questions
+
+    parents = [i for i, written in enumerate(rewrites) for _ in written]
+    if not parents:
+        return [], []
+    rewritten = [QA(text, items[i].answer, items[i].aliases, id=items[i].id)
+                 for i, written in enumerate(rewrites) for text in written]
+    own = answer_questions(model, tokenizer, [q.question for q in rewritten], max_new_tokens, progress=progress)
+    return own_statements(model, tokenizer, rewritten, own), parents
 
 
 def _check_data(data) -> list:
