@@ -23,7 +23,10 @@ ANSWERS = ["N'Djamena", "Ndjamena"]
     ("Which city is the capital of Mali?", "subject"),
     ("Is N'Djamena the capital of Chad?", "answer"),         # gives the answer away
     ("Is Ndjamena the capital of Chad?", "answer"),          # ... or an alias of it
-    ("Tell me the capital of Chad.", "not a question"),
+    ("Tell me the capital of Chad.", None),                  # a request asks it too
+    ("Name the capital city of Chad.", None),
+    ("Chad is a country in Africa.", "not a question"),
+    ("Name the capital of Chad?!", "not a question"),
     ("What is the capital of Chad? And of Mali?", "not a question"),
     ("what is the capital of chad", "same"),                 # the original, in other case and punctuation
     (Q, "same"),
@@ -70,7 +73,7 @@ ITEMS = [QA(Q, "N'Djamena", ["Ndjamena"], paraphrases=["Which city is the capita
 WRITTEN = {  # what the "model" writes, per original text
     Q: ["Which city is the capital of Chad?",    # the held-out paraphrase: not trained
         "Chad's capital is which city?",
-        "Tell me the capital of Chad.",          # not a question
+        "Chad is a country in Africa.",          # not a question
         "Chad's capital is which city ?",        # a duplicate of the first kept
         "Is N'Djamena the capital of Chad?"],
     "Who founded Zorbia?": ["Who was the founder of Zorbia?", "Who founded it?", "Quenta founded Zorbia?",

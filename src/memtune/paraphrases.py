@@ -18,7 +18,8 @@ The filter (`paraphrase_fault`): a rewrite is kept when it
   rewrite that happens to equal one would leak it into training);
 - has 3 to 40 words;
 - keeps the subject: every subject word of the original (`question_subjects`) is among its words;
-- a question: ends with its only "?" and contains none of the answers (as whole words);
+- a question: ends with its only "?", or is a request ("Name the capital city of Chad.": ends with
+  "." and opens with a verb of `REQUEST_VERBS`), and contains none of the answers (as whole words);
 - a statement: is not a question and contains the answer as written, after every subject word
   (the plain rendering's loss is on the answer: it must follow what it is about).
 """
@@ -42,11 +43,13 @@ log = logging.getLogger(__name__)
 Kind = Literal["question", "statement"]
 KINDS = ("question", "statement")
 MIN_WORDS, MAX_WORDS = 3, 40
+# Verbs that open a request asking what a question asks ("Name the ...", "Give the ...")
+REQUEST_VERBS = frozenset({"name", "give", "tell", "state", "list", "identify", "say", "provide"})
 
 QUESTION_PROMPT = (
     "Each question is asked again in other words.\n\n"
     "Question: What is the tallest mountain on Earth?\nIn other words: Which mountain on Earth is the highest?\n\n"
-    "Question: Who wrote Hamlet?\nIn other words: Who is the author of the play Hamlet?\n\n"
+    "Question: Who wrote Hamlet?\nIn other words: Name the author of the play Hamlet.\n\n"
     "Question: When did the Second World War end?\nIn other words: In which year did the Second World War "
     "come to an end?\n\n"
     "Question: {text}\nIn other words:"
@@ -109,7 +112,9 @@ def paraphrase_fault(original: str, rewrite: str, answers: str | Sequence[str], 
     if not subject or not subject <= set(words):
         return "subject"
     if kind == "question":
-        if not text.endswith("?") or text.count("?") != 1:
+        asks = text.endswith("?") and text.count("?") == 1
+        requests = text.endswith(".") and "?" not in text and words[0] in REQUEST_VERBS
+        if not (asks or requests):
             return "not a question"
         given = _words(original)  # "the capital of Djibouti": the answer is the subject's name
         if any(_has_phrase(words, _words(a)) and not _has_phrase(given, _words(a)) for a in answers):
