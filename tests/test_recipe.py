@@ -526,5 +526,14 @@ def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_quest
     assert ["Who was the founder of Zorbia?"] in asked  # its own words, asked once to make its statement ...
     checks = asked[asked.index(["Who was the founder of Zorbia?"]) + 1:]
     assert checks and all(set(a) <= {q.question for q in FACTS} for a in checks)  # ... never by the check
+    assert "rewrites_learned" not in result.recipe
+    asked.clear()
+    checked = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
+                    RecipeConfig(n_keys=16, related=0, self_paraphrases=1, rewrite_statements="own", check_rewrites=True),
+                    progress=False)
+    assert len(checked.learned) == 2 and checked.recipe["rewrites_learned"]["items"] == 1
+    assert asked[-1] == [q.question for q in FACTS] + ["Who was the founder of Zorbia?"]  # the rewrite is asked too
     with pytest.raises(MemtuneError, match="rewrite_statements='mine' is invalid"):
         RecipeConfig(rewrite_statements="mine")
+    with pytest.raises(MemtuneError, match="check_rewrites needs"):
+        RecipeConfig(self_paraphrases=2, check_rewrites=True)

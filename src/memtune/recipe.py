@@ -111,6 +111,10 @@ class RecipeConfig:
         "help": "facts, with --self-paraphrases and the statement target, experimental (issue 17): each rewrite "
                 "is trained with the question's statement (shared) or with its own: the answer after the words "
                 "the model opens its answer to that rewrite with (own)"})
+    check_rewrites: bool = field(default=False, metadata={
+        "help": "facts, with --rewrite-statements own, experimental (issue 17): the until-learned check asks every "
+                "rewrite too, and each is trained until it is answered right (else a fact's rewrites stop with "
+                "its question)"})
     align_phrasings: bool = field(default=False, metadata={
         "help": "SMF, fresh retrofit, facts, experimental (issue 17): whiten the memory queries against how the "
                 "self-paraphrases of one fact differ (memtune.calibrate.align_queries), so a rephrased question "
@@ -140,6 +144,9 @@ class RecipeConfig:
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
                                f"{', '.join(REWRITE_STATEMENTS)}")
+        if self.check_rewrites and not (self.self_paraphrases and self.rewrite_statements == "own"):
+            raise MemtuneError("check_rewrites needs rewrites of their own to ask: give self_paraphrases > 0 and "
+                               "rewrite_statements='own'")
         if self.align_phrasings and not self.self_paraphrases:
             raise MemtuneError("align_phrasings needs phrasings to align: give self_paraphrases > 0 "
                                "(--self-paraphrases K)")
@@ -478,7 +485,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                        statements="plain" in recipe.renderings, progress=progress)
             more_questions, more_statements = written.questions, written.statements
             report["self_paraphrases"] = {**written.report(), "seconds": round(time.perf_counter() - t, 1)}
-            if recipe.rewrite_statements == "own" and recipe.target == "statement":
+            if recipe.rewrite_statements == "own":
                 rewritten, parents = own_rewrite_statements(model, tokenizer, items, more_questions,
                                                             recipe.max_new_tokens, progress)
 
@@ -516,14 +523,15 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                max_length=config.max_length, renderings=recipe.renderings,
                                more_questions=None if rewritten else more_questions,
                                more_statements=more_statements and more_statements + [[] for _ in rewritten])
-        encoded.items = [i if i < len(items) else parents[i - len(items)] for i in encoded.items]
+        asked = items + rewritten if recipe.check_rewrites else items  # what the until-learned check asks
+        encoded.items = [i if i < len(asked) else parents[i - len(items)] for i in encoded.items]
         examples, owners = encoded.examples, encoded.items
         if recipe.renderings != ("chat",) or recipe.self_paraphrases:
             report["renderings"] = encoded.summary(len(items), recipe.renderings)
         targets = [list(e.labels) for e in examples]
         if diverge:  # the loss from where the model's own words leave the target (again at each check)
             mask_predicted(model, examples, pad)
-        check = AnswerCheck(tokenizer, example_questions(items), recipe.max_new_tokens,
+        check = AnswerCheck(tokenizer, example_questions(asked), recipe.max_new_tokens,
                             examples=examples if diverge else None, targets=targets if diverge else None,
                             owners=owners)
     else:
@@ -559,17 +567,19 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
                            learned=None if check is None else ExampleCheck(check, owners))
     report["train_s"] = round(time.perf_counter() - t, 1)
-    learned = None
+    learned = everything = None  # per fact; per question asked (the facts, then their rewrites)
     if check is not None:  # until learned, train's last check saw the final model
-        learned = check.right if config.until_learned else check(model)
-    if learned is not None:
+        everything = check.right if config.until_learned else check(model)
+        learned = everything[: len(data)]
         report["learned"] = {"right": sum(learned), "items": len(learned)}
+        if len(everything) > len(data):
+            report["rewrites_learned"] = {"right": sum(everything[len(data):]), "items": len(everything) - len(data)}
     if smf:
         # what the learned data reads now, at every position, stays (what was not learned may be
         # learned by a later call, so its slots stay free)
         if config.protect_learned:
             method.keep_learned(model, examples if learned is None else
-                                [e for e, i in zip(examples, owners) if learned[i]], pad, config.batch_size)
+                                [e for e, i in zip(examples, owners) if everything[i]], pad, config.batch_size)
         report["call"] = method.record_call({
             "data": source, "items": len(data), "kind": report["kind"], "steps": len(history),
             "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
