@@ -201,3 +201,7 @@ def test_phrasing_alignment_is_within_phrasing_whitening_and_leaves_the_parallel
             assert (new.pow(2).sum() / (u @ t.T).pow(2).sum()) < (d.pow(2).sum() / u.pow(2).sum())
     with pytest.raises(MemtuneError, match="at least two phrasings"):
         align_queries(model, [g[:1] for g in groups], tok.pad_token_id, progress=False)
+    # phrasings that never differ (e.g. prompts cut to the same tokens): the queries stay as they are
+    kept = {name: m.query.weight.detach().clone() for name, m in model.memory.layers.items()}
+    align_queries(model, [[g[0], g[0]] for g in groups], tok.pad_token_id, progress=False)
+    assert all(torch.allclose(m.query.weight, kept[name]) for name, m in model.memory.layers.items())

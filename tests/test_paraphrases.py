@@ -26,6 +26,10 @@ ANSWERS = ["N'Djamena", "Ndjamena"]
     ("Tell me the capital of Chad.", None),                  # a request asks it too
     ("Name the capital city of Chad.", None),
     ("Chad is a country in Africa.", "not a question"),
+    ("Tell me which city is the capital of Chad.", None),
+    ("Tell me about Chad.", "not a question"),            # asks something else
+    ("State of Chad.", "not a question"),
+    ("Name the capital of Chad. It is a city.", "not a question"),
     ("Name the capital of Chad?!", "not a question"),
     ("What is the capital of Chad? And of Mali?", "not a question"),
     ("what is the capital of chad", "same"),                 # the original, in other case and punctuation

@@ -532,8 +532,14 @@ def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_quest
                     RecipeConfig(n_keys=16, related=0, self_paraphrases=1, rewrite_statements="own", check_rewrites=True),
                     progress=False)
     assert len(checked.learned) == 2 and checked.recipe["rewrites_learned"]["items"] == 1
+    assert checked.recipe["renderings"]["items_without"] == {"chat": 0}
     assert asked[-1] == [q.question for q in FACTS] + ["Who was the founder of Zorbia?"]  # the rewrite is asked too
     with pytest.raises(MemtuneError, match="rewrite_statements='mine' is invalid"):
         RecipeConfig(rewrite_statements="mine")
     with pytest.raises(MemtuneError, match="check_rewrites needs"):
         RecipeConfig(self_paraphrases=2, check_rewrites=True)
+    for bad in ({"rewrite_statements": "own"}, {"rewrite_statements": "own", "self_paraphrases": 2, "target": "answer"}):
+        with pytest.raises(MemtuneError, match="rewrite_statements='own' words"):
+            RecipeConfig(**bad)
+    with pytest.raises(MemtuneError, match="align_phrasings='false' is invalid"):
+        RecipeConfig(self_paraphrases=1, align_phrasings="false")

@@ -182,12 +182,14 @@ def align_queries(model: nn.Module, groups: list[list[Example]], pad_id: int, fl
                                "positions (e.g. the model's own rewrites: --self-paraphrases)")
         eigenvalues, vectors = torch.linalg.eigh(scatter / n_dev)  # per head
         eigenvalues = eigenvalues.clamp_min(0)
-        scale = (eigenvalues + floor * eigenvalues.mean(-1, keepdim=True)).rsqrt()
+        mean = eigenvalues.mean(-1, keepdim=True)
+        # a head whose phrasings never differ (e.g. prompts cut to the same tokens) keeps its query
+        scale = torch.where(mean > 0, (eigenvalues + floor * mean).rsqrt(), torch.ones_like(eigenvalues))
         transform = vectors @ torch.diag_embed(scale) @ vectors.transpose(-1, -2)  # (heads, k, k)
         # keep the phrasings' mean squared query norm, per head
         u = torch.cat([((x - centre) @ weight.T.cpu()).view(-1, c.heads, c.k_dim) for x in seen[name]])
         before, after = u.pow(2).sum(-1).mean(0), torch.einsum("hij,nhj->nhi", transform, u).pow(2).sum(-1).mean(0)
-        transform = transform * (before / after).sqrt()[:, None, None]
+        transform = transform * (before / after).sqrt().nan_to_num(1.0)[:, None, None]
         new = torch.einsum("hij,hjd->hid", transform.to(weight.device), weight.view(c.heads, c.k_dim, -1))
         layer.query.weight.copy_(new.reshape_as(weight).to(layer.query.weight.dtype))
     log.info("aligned the queries of memory layers %s on %d facts' phrasings (%d positions)", list(bank.layers),

@@ -18,8 +18,9 @@ The filter (`paraphrase_fault`): a rewrite is kept when it
   rewrite that happens to equal one would leak it into training);
 - has 3 to 40 words;
 - keeps the subject: every subject word of the original (`question_subjects`) is among its words;
-- a question: ends with its only "?", or is a request ("Name the capital city of Chad.": ends with
-  "." and opens with a verb of `REQUEST_VERBS`), and contains none of the answers (as whole words);
+- a question: ends with its only "?", or is a request ("Name the capital city of Chad.": one
+  sentence ending with "." that opens with a verb of `REQUEST_VERBS`, then, after an optional
+  "me", a word of `REQUEST_OBJECTS`), and contains none of the answers (as whole words);
 - a statement: is not a question and contains the answer as written, after every subject word
   (the plain rendering's loss is on the answer: it must follow what it is about).
 """
@@ -45,6 +46,8 @@ KINDS = ("question", "statement")
 MIN_WORDS, MAX_WORDS = 3, 40
 # Verbs that open a request asking what a question asks ("Name the ...", "Give the ...")
 REQUEST_VERBS = frozenset({"name", "give", "tell", "state", "list", "identify", "say", "provide"})
+# ... followed (after an optional "me") by what is asked: "Name the ...", "Tell me which ..."
+REQUEST_OBJECTS = frozenset({"the", "a", "an", "one", "which", "what", "who", "where", "when", "how"})
 
 QUESTION_PROMPT = (
     "Each question is asked again in other words.\n\n"
@@ -113,7 +116,9 @@ def paraphrase_fault(original: str, rewrite: str, answers: str | Sequence[str], 
         return "subject"
     if kind == "question":
         asks = text.endswith("?") and text.count("?") == 1
-        requests = text.endswith(".") and "?" not in text and words[0] in REQUEST_VERBS
+        requests = (text.endswith(".") and "?" not in text and not re.search(r"[.!]\s", text)
+                    and words[0] in REQUEST_VERBS and (words[1] in REQUEST_OBJECTS
+                                                       or words[1] == "me" and words[2] in REQUEST_OBJECTS))
         if not (asks or requests):
             return "not a question"
         given = _words(original)  # "the capital of Djibouti": the answer is the subject's name

@@ -144,6 +144,12 @@ class RecipeConfig:
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
                                f"{', '.join(REWRITE_STATEMENTS)}")
+        for name in ("check_rewrites", "align_phrasings"):
+            if not isinstance(getattr(self, name), bool):
+                raise MemtuneError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
+        if self.rewrite_statements == "own" and not (self.self_paraphrases and self.target == "statement"):
+            raise MemtuneError("rewrite_statements='own' words the statement of each self-paraphrase: give "
+                               "self_paraphrases > 0 and target='statement'")
         if self.check_rewrites and not (self.self_paraphrases and self.rewrite_statements == "own"):
             raise MemtuneError("check_rewrites needs rewrites of their own to ask: give self_paraphrases > 0 and "
                                "rewrite_statements='own'")
@@ -485,7 +491,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                        statements="plain" in recipe.renderings, progress=progress)
             more_questions, more_statements = written.questions, written.statements
             report["self_paraphrases"] = {**written.report(), "seconds": round(time.perf_counter() - t, 1)}
-            if recipe.rewrite_statements == "own":
+            if recipe.rewrite_statements == "own":  # (the statement target: RecipeConfig checks)
                 rewritten, parents = own_rewrite_statements(model, tokenizer, items, more_questions,
                                                             recipe.max_new_tokens, progress)
 
@@ -524,8 +530,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                more_questions=None if rewritten else more_questions,
                                more_statements=more_statements and more_statements + [[] for _ in rewritten])
         asked = items + rewritten if recipe.check_rewrites else items  # what the until-learned check asks
-        encoded.items = [i if i < len(asked) else parents[i - len(items)] for i in encoded.items]
-        examples, owners = encoded.examples, encoded.items
+        raw = encoded.items  # indices into items + rewritten
+        encoded.items = [i if i < len(items) else parents[i - len(items)] for i in raw]  # each example's fact
+        examples, owners = encoded.examples, raw if recipe.check_rewrites else encoded.items  # ... and question
         if recipe.renderings != ("chat",) or recipe.self_paraphrases:
             report["renderings"] = encoded.summary(len(items), recipe.renderings)
         targets = [list(e.labels) for e in examples]
