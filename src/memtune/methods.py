@@ -79,7 +79,8 @@ class SMFConfig:
       (units of the query's RMS; reading in eval mode stays exact). Each step then reads, ranks and
       writes the slots of a query jittered about as far as a rephrasing moves it (σ 0.2-0.3 share
       as many reads with the exact query as a paraphrase does on SmolLM2-135M, BENCHMARKS.md), so
-      the neighbours a rephrased question reads learn the fact too (issue 17). 0: exact.
+      the neighbours a rephrased question reads learn the fact too (issue 17). 0: exact. Measured
+      at σ 0.3 on 40 country facts: no gain on held-out paraphrases, twice the steps.
 
     Raises MemtuneError for a value outside these."""
 

@@ -85,7 +85,8 @@ class LearnConfig:
                 "memory's knn: a wider write than read (reading stays at knn) [default: knn]"})
     query_noise: float = field(default=0.0, metadata={
         "help": "SMF: std of Gaussian noise added to each normalised memory query while training (units of the "
-                "query's RMS; reading stays exact): rephrased questions' neighbouring slots learn the fact too"})
+                "query's RMS; reading stays exact): rephrased questions' neighbouring slots are written too (issue 17: "
+                "no gain measured)"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
