@@ -163,16 +163,17 @@ def align_queries(model: nn.Module, groups: list[list[Example]], pad_id: int, fl
     c = bank.config
     for name, layer in bank.layers.items():
         weight = layer.query.weight.double()  # (heads * k_dim, d)
-        centre = layer.query_center.double().cpu()
+        centre, projection = layer.query_center.double().cpu(), weight.T.cpu()
+        queries = [((x - centre) @ projection).view(-1, c.heads, c.k_dim) for x in seen[name]]  # per example
         scatter = torch.zeros(c.heads, c.k_dim, c.k_dim, dtype=torch.float64)
         n_dev = n_groups = at = 0
         for g in groups:
-            xs = seen[name][at : at + len(g)]
+            us = queries[at : at + len(g)]
             at += len(g)
-            n = min(x.shape[0] for x in xs)
+            n = min(u.shape[0] for u in us)
             if n == 0:
                 continue
-            u = torch.stack([(x[:n] - centre) @ weight.T.cpu() for x in xs]).view(len(xs), n, c.heads, c.k_dim)
+            u = torch.stack([u[:n] for u in us])  # (P, n, heads, k_dim)
             dev = (u - u.mean(0)).flatten(0, 1)  # (P * n, heads, k_dim)
             scatter += torch.einsum("nhi,nhj->hij", dev, dev)
             n_dev += dev.shape[0]
@@ -187,7 +188,7 @@ def align_queries(model: nn.Module, groups: list[list[Example]], pad_id: int, fl
         scale = torch.where(mean > 0, (eigenvalues + floor * mean).rsqrt(), torch.ones_like(eigenvalues))
         transform = vectors @ torch.diag_embed(scale) @ vectors.transpose(-1, -2)  # (heads, k, k)
         # keep the phrasings' mean squared query norm, per head
-        u = torch.cat([((x - centre) @ weight.T.cpu()).view(-1, c.heads, c.k_dim) for x in seen[name]])
+        u = torch.cat(queries)
         before, after = u.pow(2).sum(-1).mean(0), torch.einsum("hij,nhj->nhi", transform, u).pow(2).sum(-1).mean(0)
         transform = transform * (before / after).sqrt().nan_to_num(1.0)[:, None, None]
         new = torch.einsum("hij,hjd->hid", transform.to(weight.device), weight.view(c.heads, c.k_dim, -1))

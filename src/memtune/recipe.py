@@ -472,11 +472,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         items = list(data)
         wants_statements = recipe.target == "statement" or "plain" in recipe.renderings
         if wants_statements and any(not q.statement for q in items):
-            from memtune.probes.qa import answer_questions
-
-            own = answer_questions(model, tokenizer, [q.question for q in items], recipe.max_new_tokens,
-                                   progress=progress)
-            items = own_statements(model, tokenizer, items, own)
+            items = in_own_words(model, tokenizer, items, recipe.max_new_tokens, progress)
             stated = sum(bool(q.statement) for q in items)
             report["targets"] = {"target": recipe.target, "loss": recipe.loss, "own_statements": stated,
                                  "bare_answers": len(items) - stated,
@@ -602,15 +598,22 @@ def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrite
     currency code of Chad is XAF."), and the item each belongs to. A rephrased question is often
     answered with other first words than the original, and the answer is then read after
     another context: trained this way, the fact is learned after those words too (issue 17)."""
-    from memtune.probes.qa import answer_questions
-
     parents = [i for i, written in enumerate(rewrites) for _ in written]
     if not parents:
         return [], []
     rewritten = [QA(text, items[i].answer, items[i].aliases, id=items[i].id)
                  for i, written in enumerate(rewrites) for text in written]
-    own = answer_questions(model, tokenizer, [q.question for q in rewritten], max_new_tokens, progress=progress)
-    return own_statements(model, tokenizer, rewritten, own), parents
+    return in_own_words(model, tokenizer, rewritten, max_new_tokens, progress), parents
+
+
+def in_own_words(model: nn.Module, tokenizer, items: list[QA], max_new_tokens: int = 24,
+                 progress: bool = True) -> list[QA]:
+    """`items` with a statement in the model's own words where they have none: its greedy answer
+    to each question, then `memtune.targets.own_statements`."""
+    from memtune.probes.qa import answer_questions
+
+    own = answer_questions(model, tokenizer, [q.question for q in items], max_new_tokens, progress=progress)
+    return own_statements(model, tokenizer, items, own)
 
 
 def _check_data(data) -> list:
