@@ -547,9 +547,10 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         guard_stats = None
         if guard_examples and AUTO in (recipe.background, recipe.protect):
             guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
-                                           progress=progress)
+                                           config.count_positions, progress)
         if recipe.background == AUTO and config.ranker in NEEDS_BACKGROUND:
-            background = background_stats(model, examples, pad, len(examples), config.batch_size, progress=progress)
+            background = background_stats(model, examples, pad, len(examples), config.batch_size,
+                                          config.count_positions, progress)
             if guard_stats is not None:
                 background = background + guard_stats
             report["background"] = {"source": "auto: training examples + related questions' own answers",
