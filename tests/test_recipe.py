@@ -332,6 +332,22 @@ def test_keep_questions_are_protected(tiny_model_dir, tmp_path):
     assert protect["keep"] == 2 and protect["related"] == 0 and sum(protect["slots"].values()) > 0
 
 
+def test_background_and_protect_count_where_training_counts(tiny_model_dir, tmp_path):
+    """--count-positions all: the background and the protected slots are counted at every token
+    too, so the ranker compares like with like (the question's reads are not all "unseen")."""
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of France?\nWhich region is Chile in?\n")
+    steps = {}
+    for positions in ("loss", "all"):
+        run = tmp_path / positions
+        assert main(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl"),
+                     "--n-keys", "16", "--related", "0", "--keep", str(keep), "--epochs", "1",
+                     "--count-positions", positions, "--out", str(run)]) == 0
+        steps[positions] = json.loads((run / "config.json").read_text())["steps"]
+    for name, slots in steps["all"]["protect"]["slots"].items():
+        assert slots > steps["loss"]["protect"]["slots"][name]  # the questions' tokens read more slots
+
+
 def test_collate_of_examples_used_here():
     assert collate(_examples(2), 0)["input_ids"].shape == (2, 4)
 
