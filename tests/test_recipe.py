@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from memtune.batches import Example, collate
 from memtune.cli import main
-from memtune.data import QA
+from memtune.data import QA, Document
 from memtune.errors import MemtuneError
 from memtune.recipe import (
     AnswerCheck,
@@ -450,6 +450,13 @@ def test_the_levers_are_off_by_default(tokenizer):
     assert "renderings" not in result.recipe and "self_paraphrases" not in result.recipe
     assert RecipeConfig().renderings == ("chat",) and RecipeConfig().self_paraphrases == 0
     assert RecipeConfig(renderings=["chat", "short"]).renderings == ("chat", "short")
+
+
+@pytest.mark.parametrize("kwargs", [{"self_paraphrases": 2}, {"renderings": ("chat", "short")}, {"target": "answer"}])
+def test_documents_refuse_options_that_shape_facts(tokenizer, kwargs):
+    with pytest.raises(MemtuneError, match=f"--{next(iter(kwargs)).replace('_', '-')}=.*the data is documents"):
+        learn(tiny_model(), tokenizer, [Document("Zorbia was founded by Quenta.")], LearnConfig(epochs=1),
+              RecipeConfig(n_keys=16, related=0, **kwargs), progress=False)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"renderings": ("plain",)}, "one of chat, short, qa-text is needed"),

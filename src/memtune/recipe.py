@@ -68,6 +68,9 @@ DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
                    "align_phrasings")
 REWRITE_STATEMENTS = ("shared", "own")
+# RecipeConfig options that shape facts' examples: documents refuse them
+RECIPE_FACTS_ONLY = ("target", "loss", "renderings", "self_paraphrases", "rewrite_statements", "check_rewrites",
+                     "align_phrasings")
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -412,6 +415,11 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     check_options(config.method, [k for k in (*SMF_ONLY, *LORA_ONLY) if getattr(config, k) != getattr(default, k)]
                   + [k for k in RECIPE_SMF_ONLY if getattr(recipe, k) != getattr(default_recipe, k)],
                   SMF_ONLY + RECIPE_SMF_ONLY)
+    if not facts:
+        shaped = [k for k in RECIPE_FACTS_ONLY if getattr(recipe, k) != getattr(default_recipe, k)]
+        if shaped:
+            raise MemtuneError(f"--{shaped[0].replace('_', '-')}={getattr(recipe, shaped[0])!r} shapes facts' "
+                               "examples, but the data is documents: give {question, answer} items or drop it")
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()
