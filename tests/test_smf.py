@@ -71,16 +71,6 @@ def test_count_positions_all_counts_every_real_token(tokenizer):
     assert loss_only.sum() < batch["count_mask"].sum() and not (loss_only & ~batch["count_mask"]).any()
 
 
-def test_count_positions_context_counts_the_real_tokens_that_predict_no_loss(tokenizer):
-    examples = encode_qa(tokenizer, PAIRS)
-    batch = collate(examples, tokenizer.pad_token_id, "context")
-    for row, e in zip(batch["count_mask"], examples):  # by hand: t counts when token t+1 has no label
-        expected = [e.labels[t + 1] == -100 if t + 1 < len(e.labels) else True for t in range(len(e.input_ids))]
-        assert row[: len(e.input_ids)].tolist() == expected and not row[len(e.input_ids):].any()
-    loss = collate(examples, tokenizer.pad_token_id, "loss")["count_mask"]
-    assert torch.equal(batch["count_mask"] | loss, batch["attention_mask"].bool()) and not (batch["count_mask"] & loss).any()
-
-
 def test_background_df_and_counts_match_hand_count(tokenizer):
     model = memory_model().double()
     batches = [collate(encode_qa(tokenizer, PAIRS[i : i + 2]), tokenizer.pad_token_id, "all") for i in (0, 2)]
