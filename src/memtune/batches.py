@@ -4,8 +4,7 @@ A QA example is the prompt (chat template applied when the tokenizer has one) fo
 answer; the loss covers the answer tokens only. A document is trained on all its tokens. Each
 example also carries the positions whose slot reads count for sparse finetuning:
 `count_positions="loss"` counts the positions that predict a loss token (for QA: the answer),
-`"context"` the other real tokens (for QA: the question and the statement's opening, where its
-subject is read), `"all"` every real token.
+`"all"` every real token.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from memtune.prompts import encode_answers, encode_prompt, encode_text
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-COUNT_POSITIONS = ("loss", "context", "all")
+COUNT_POSITIONS = ("loss", "all")
 # How to read a data source: detect it, QA pairs, or documents.
 DATA_KINDS = ("auto", "qa", "documents")
 
@@ -91,11 +90,11 @@ def collate(examples: Sequence[Example], pad_id: int, count_positions: str = "lo
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    count = mask.bool()
-    if count_positions != "all":  # position t predicts token t+1
-        predicts_loss = torch.zeros_like(count)
-        predicts_loss[:, :-1] = labels[:, 1:] != IGNORE
-        count = predicts_loss if count_positions == "loss" else count & ~predicts_loss
+    if count_positions == "all":
+        count = mask.bool()
+    else:  # position t predicts token t+1
+        count = torch.zeros_like(mask, dtype=torch.bool)
+        count[:, :-1] = labels[:, 1:] != IGNORE
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "count_mask": count}
 
 

@@ -65,8 +65,7 @@ class SMFConfig:
     - ranker: a name in `memtune.rankers.RANKERS` (tfidf and kl need background statistics);
     - top_t: value rows updated per memory layer and step;
     - optimizer, lr: `memtune.sparse_optim` (adam: per-row state; sgd), learning rate;
-    - count_positions: reads that count: at positions predicting loss tokens ("loss"), at the
-      other real tokens ("context"), or "all";
+    - count_positions: reads that count: at positions predicting loss tokens ("loss"), or "all";
     - freeze_learned: rows updated for earlier data (earlier `train` calls, earlier learn calls in
       the memory's ledger) are never updated again;
     - protect_learned: once data is learned, every row its text reads is frozen for later data

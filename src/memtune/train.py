@@ -64,9 +64,8 @@ class LearnConfig:
         default=None, metadata={"help": "stop training after this many minutes (the linear schedule then ends at "
                                 "the earlier of the last step and this)"})
     max_length: int = field(default=256, metadata={"help": "tokens per example (longer documents are split)"})
-    count_positions: Literal["loss", "context", "all"] = field(
-        default="loss", metadata={"help": "SMF: slot reads that count: at positions predicting loss tokens, at the "
-                                  "others (the question and the statement's opening), or all tokens"}
+    count_positions: Literal["loss", "all"] = field(
+        default="loss", metadata={"help": "SMF: slot reads that count: at positions predicting loss tokens, or all tokens"}
     )
     freeze_learned: bool = field(
         default=True, metadata={"help": "SMF: never update again the rows updated for earlier data (earlier learn "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from memtune.batches import COUNT_POSITIONS
 from memtune.commands import (
     add_data_arguments,
     add_dataclass_arguments,
@@ -28,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=positive_int, default=200, help="number of background batches N [default: 200]")
     p.add_argument("--batch-size", type=positive_int, default=8, help="[default: 8]")
     p.add_argument("--max-length", type=positive_int, default=128, help="tokens per sequence [default: 128]")
-    p.add_argument("--count-positions", default="loss", choices=list(COUNT_POSITIONS),
+    p.add_argument("--count-positions", default="loss", choices=["loss", "all"],
                    help="positions whose reads count; use the same as for learn [default: loss]")
     add_output_arguments(p, "output folder")
     add_threads_argument(p)
