@@ -180,7 +180,7 @@ def _build(cls: type, values: dict, where: str):
         raise MemtuneError(f"{where}: unknown key {unknown[0]!r}: expected one of {', '.join(sorted(known))}")
     try:
         return cls(**values)
-    except TypeError as e:
+    except (TypeError, MemtuneError) as e:  # a bad value: say which entry holds it
         raise MemtuneError(f"{where}: {e}") from None
 
 
