@@ -159,6 +159,34 @@ def test_until_learned_trains_only_what_is_not_answered_yet(tokenizer):
     assert len(history) == 6 and len(calls) == n  # no check without until_learned
 
 
+def test_consolidate_trains_everything_k_more_passes_once_all_are_right(tokenizer):
+    """The first time the check finds every example right, K passes over all of them follow
+    without asking; then it asks all again, and one an update undid is trained until right."""
+    from memtune.retrofit import retrofit
+
+    model = retrofit(tiny_model(), tiny_memory_config())
+    # before pass 1: 0 wrong; before pass 2: all right; after the 2 margin passes: 1 undone; then all
+    truth = [[False, True, True], [True] * 3, [True] * 3, [True, False, True], [True] * 3]
+    calls, passes = [], [0]
+
+    def check(m, indices):
+        calls.append(list(indices))
+        return [truth[min(passes[0], 4)][i] for i in indices]
+
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=10, batch_size=3, consolidate=2)
+    _, history = train(model, tokenizer, _examples(3), cfg, make_method(cfg, None), progress=False, learned=check,
+                       on_step=lambda r: passes.__setitem__(0, r["epoch"]))
+    assert calls == [[0, 1, 2], [0], [1, 2], [0, 1, 2], [1], [0, 2]]
+    assert [(h["epoch"], h["examples"]) for h in history] == [(1, 1), (2, 3), (3, 3), (4, 1)]
+
+
+@pytest.mark.parametrize("kwargs, message", [({"consolidate": -1}, "consolidate=-1 is invalid"),
+                                             ({"consolidate": 2, "until_learned": False}, "follows until-learned")])
+def test_consolidate_errors(kwargs, message):
+    with pytest.raises(MemtuneError, match=message):
+        LearnConfig(**kwargs)
+
+
 def test_until_learned_at_the_cap_leaves_a_fresh_answer_for_every_example(tokenizer):
     from memtune.retrofit import retrofit
 

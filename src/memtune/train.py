@@ -59,6 +59,9 @@ class LearnConfig:
         default=True,
         metadata={"help": "facts: before each pass, ask the model every question (greedy, as the probes do) and "
                   "train only those it still answers wrong; stop when none is left"})
+    consolidate: int = field(default=0, metadata={
+        "help": "facts, with --until-learned: once every question is answered right, train every example this "
+                "many more passes (a margin beyond the first right answer), then check again (issue 17)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     max_minutes: float | None = field(
         default=None, metadata={"help": "stop training after this many minutes (the linear schedule then ends at "
@@ -101,6 +104,11 @@ class LearnConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
+        if not isinstance(self.consolidate, int) or self.consolidate < 0:
+            raise MemtuneError(f"consolidate={self.consolidate!r} is invalid: expected a non-negative integer")
+        if self.consolidate and not self.until_learned:
+            raise MemtuneError(f"consolidate={self.consolidate} follows until-learned training: drop "
+                               "--no-until-learned (or --consolidate)")
         if self.max_steps is not None and self.max_steps <= 0:
             raise MemtuneError(f"max_steps={self.max_steps} is invalid: expected a positive integer")
         if self.max_minutes is not None and not self.max_minutes > 0:
@@ -217,7 +225,9 @@ def train(
     learned: before a pass the check asks those still wrong, and every `RECHECK_EVERY` passes, or
     when none is left, the others again (later updates can undo an earlier answer: those are
     trained again); training stops only when every example is answered right at once; `epochs`
-    is then a cap. At the end the check's last answer for
+    is then a cap. With `config.consolidate` = K, the first time every example is right, K passes
+    over all of them follow without asking (a margin beyond the first right answer), then the
+    check asks all again and training goes on until every example is right. At the end the check's last answer for
     every example is from the final model.
 
     The method's `loss(model, batch)`, when it has one, is the objective: a dict of scalars,
@@ -247,15 +257,20 @@ def train(
     bar = tqdm(total=total, desc=desc, disable=not (progress and distributed.is_main()))
     step = epoch = 0
     active = list(range(len(examples)))
+    consolidate = getattr(config, "consolidate", 0) if check is not None else 0  # passes not yet given
+    unasked = 0  # consolidation passes left before the check asks again
     start = time.perf_counter()
     try:
         while step < total and epoch < config.epochs:
-            if check is not None:  # only what the model does not answer right yet (rank 0's view)
+            if check is not None and not unasked:  # only what the model does not answer right yet (rank 0's view)
                 # every RECHECK_EVERY passes all of them: an update since an example was right can undo it
                 active = _still_wrong(check, model, active, len(examples), everyone=epoch % RECHECK_EVERY == 0)
                 bar.set_postfix(left=len(active), refresh=False)
-                if not active:
+                if not active and not consolidate:
                     break
+                if not active:  # all right for the first time: a margin, every example, unasked
+                    active, unasked, consolidate = list(range(len(examples))), consolidate, 0
+            unasked = max(unasked - 1, 0)
             model.train(getattr(method, "train_mode", True))
             epoch += 1
             order = [active[i] for i in torch.randperm(len(active), generator=generator).tolist()]
