@@ -227,8 +227,8 @@ def train(
     trained again); training stops only when every example is answered right at once; `epochs`
     is then a cap. With `config.consolidate` = K, the first time every example is right, K passes
     over all of them follow without asking (a margin beyond the first right answer), then the
-    check asks all again and training goes on until every example is right. At the end the check's last answer for
-    every example is from the final model.
+    check asks all again and training goes on until every example is right. At the end the
+    check's last answer for every example is from the final model.
 
     The method's `loss(model, batch)`, when it has one, is the objective: a dict of scalars,
     each a mean over its micro-batch; "loss" is backpropagated (micro-batches weighted by their
