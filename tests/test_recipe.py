@@ -159,25 +159,26 @@ def test_until_learned_trains_only_what_is_not_answered_yet(tokenizer):
     assert len(history) == 6 and len(calls) == n  # no check without until_learned
 
 
-def test_consolidate_trains_everything_k_more_passes_once_all_are_right(tokenizer):
-    """The first time the check finds every example right, K passes over all of them follow
-    without asking; then it asks all again, and one an update undid is trained until right."""
+def test_consolidate_trains_each_example_k_more_passes_once_it_is_right(tokenizer):
+    """An example the check finds right for the first time trains K more passes unasked (a
+    margin), then is asked again like the others; one that is wrong again trains until right."""
     from memtune.retrofit import retrofit
 
     model = retrofit(tiny_model(), tiny_memory_config())
-    # before pass 1: 0 wrong; before pass 2: all right; after the 2 margin passes: 1 undone; then all
-    truth = [[False, True, True], [True] * 3, [True] * 3, [True, False, True], [True] * 3]
+    # the answers before pass 1: 1, 2 right; pass 2: all; pass 3: 1 undone; then all
+    truth = [[False, True, True], [True] * 3, [True, False, True], [True] * 3]
     calls, passes = [], [0]
 
     def check(m, indices):
         calls.append(list(indices))
-        return [truth[min(passes[0], 4)][i] for i in indices]
+        return [truth[min(passes[0], 3)][i] for i in indices]
 
     cfg = LearnConfig(ranker="count", top_t=8, epochs=10, batch_size=3, consolidate=2)
     _, history = train(model, tokenizer, _examples(3), cfg, make_method(cfg, None), progress=False, learned=check,
                        on_step=lambda r: passes.__setitem__(0, r["epoch"]))
-    assert calls == [[0, 1, 2], [0], [1, 2], [0, 1, 2], [1], [0, 2]]
-    assert [(h["epoch"], h["examples"]) for h in history] == [(1, 1), (2, 3), (3, 3), (4, 1)]
+    # 1, 2 rest through passes 1-2 and 0 through 2-3, unasked; 1 is wrong again after its margin
+    assert calls == [[0, 1, 2], [0], [1, 2], [0, 1], [2]]
+    assert [(h["epoch"], h["examples"]) for h in history] == [(1, 3), (2, 3), (3, 2)]
 
 
 @pytest.mark.parametrize("kwargs, message", [({"consolidate": -1}, "consolidate=-1 is invalid"),

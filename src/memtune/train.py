@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
@@ -60,8 +60,9 @@ class LearnConfig:
         metadata={"help": "facts: before each pass, ask the model every question (greedy, as the probes do) and "
                   "train only those it still answers wrong; stop when none is left"})
     consolidate: int = field(default=0, metadata={
-        "help": "facts, with --until-learned: once every question is answered right, train every example this "
-                "many more passes (a margin beyond the first right answer), then check again (issue 17)"})
+        "help": "facts, with --until-learned: once a question is first answered right, its examples train this "
+                "many more passes before it is asked again: a margin beyond the first right answer, so that "
+                "rephrased questions find the fact (issue 17)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     max_minutes: float | None = field(
         default=None, metadata={"help": "stop training after this many minutes (the linear schedule then ends at "
@@ -225,10 +226,10 @@ def train(
     learned: before a pass the check asks those still wrong, and every `RECHECK_EVERY` passes, or
     when none is left, the others again (later updates can undo an earlier answer: those are
     trained again); training stops only when every example is answered right at once; `epochs`
-    is then a cap. With `config.consolidate` = K, the first time every example is right, K passes
-    over all of them follow without asking (a margin beyond the first right answer), then the
-    check asks all again and training goes on until every example is right. At the end the
-    check's last answer for every example is from the final model.
+    is then a cap. With `config.consolidate` = K, an example the check finds right for the first
+    time trains K more passes without being asked (a margin beyond the first right answer), then
+    is asked again like the others. At the end the check's last answer for every example is
+    from the final model.
 
     The method's `loss(model, batch)`, when it has one, is the objective: a dict of scalars,
     each a mean over its micro-batch; "loss" is backpropagated (micro-batches weighted by their
@@ -257,20 +258,29 @@ def train(
     bar = tqdm(total=total, desc=desc, disable=not (progress and distributed.is_main()))
     step = epoch = 0
     active = list(range(len(examples)))
-    consolidate = getattr(config, "consolidate", 0) if check is not None else 0  # passes not yet given
-    unasked = 0  # consolidation passes left before the check asks again
+    margin = getattr(config, "consolidate", 0) if check is not None else 0
+    resting: dict[int, int] = {}  # example -> margin passes it still trains without being asked
+    given: set[int] = set()  # examples that got their margin (once, when first answered right)
     start = time.perf_counter()
     try:
         while step < total and epoch < config.epochs:
-            if check is not None and not unasked:  # only what the model does not answer right yet (rank 0's view)
+            if check is not None:  # only what the model does not answer right yet (rank 0's view)
                 # every RECHECK_EVERY passes all of them: an update since an example was right can undo it
-                active = _still_wrong(check, model, active, len(examples), everyone=epoch % RECHECK_EVERY == 0)
-                bar.set_postfix(left=len(active), refresh=False)
-                if not active and not consolidate:
+                asked = [i for i in active if i not in resting]
+                wrong = _still_wrong(check, model, asked, len(examples), everyone=epoch % RECHECK_EVERY == 0,
+                                     resting=resting)
+                if margin:  # right for the first time: its margin starts
+                    for i in set(range(len(examples))) - set(wrong) - given - set(resting):
+                        resting[i] = margin
+                        given.add(i)
+                active = sorted({*wrong, *resting})
+                bar.set_postfix(left=len(wrong), refresh=False)
+                if not active:
                     break
-                if not active:  # all right for the first time: a margin, every example, unasked
-                    active, unasked, consolidate = list(range(len(examples))), consolidate, 0
-            unasked = max(unasked - 1, 0)
+            for i in list(resting):  # this pass is one of their margin passes
+                resting[i] -= 1
+                if not resting[i]:
+                    del resting[i]
             model.train(getattr(method, "train_mode", True))
             epoch += 1
             order = [active[i] for i in torch.randperm(len(active), generator=generator).tolist()]
@@ -338,12 +348,13 @@ def train(
     return model, history
 
 
-def _still_wrong(check, model: nn.Module, active: list[int], n: int, everyone: bool = False) -> list[int]:
-    """The examples of `active` the check finds wrong, and, when none is (or `everyone`), those
-    of the other n - |active| it finds wrong now: an update since they were right can undo them.
-    Rank 0's view, on every rank."""
-    wrong = distributed.from_main([i for i, ok in zip(active, check(model, active)) if not ok])
-    if (everyone or not wrong) and len(active) < n:
-        others = sorted(set(range(n)) - set(active))
+def _still_wrong(check, model: nn.Module, active: list[int], n: int, everyone: bool = False,
+                 resting: Collection[int] = ()) -> list[int]:
+    """The examples of `active` the check finds wrong, and, when none is and none is `resting`
+    (training would stop) or with `everyone`, those of the other n - |active| (but `resting`) it
+    finds wrong now: an update since they were right can undo them. Rank 0's view, on every rank."""
+    wrong = distributed.from_main([i for i, ok in zip(active, check(model, active)) if not ok]) if active else []
+    others = sorted(set(range(n)) - set(active) - set(resting))
+    if (everyone or not (wrong or resting)) and others:
         wrong += distributed.from_main([i for i, ok in zip(others, check(model, others)) if not ok])
     return sorted(wrong)
