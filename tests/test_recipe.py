@@ -147,7 +147,7 @@ def test_until_learned_trains_only_what_is_not_answered_yet(tokenizer):
         calls.append(list(indices))
         return [truth[min(passes[0], 3)][i] for i in indices]
 
-    cfg = LearnConfig(ranker="count", top_t=8, epochs=10, batch_size=2)
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=10, batch_size=2, consolidate=0)
     _, history = train(model, tokenizer, examples, cfg, make_method(cfg, None), progress=False, learned=check,
                        on_step=lambda r: passes.__setitem__(0, r["epoch"]))
     assert calls == [[0, 1, 2, 3], [0, 1, 2, 3], [2, 3], [0, 1], [1], [0, 2, 3]]
@@ -160,25 +160,26 @@ def test_until_learned_trains_only_what_is_not_answered_yet(tokenizer):
 
 
 def test_consolidate_trains_each_example_k_more_passes_once_it_is_right(tokenizer):
-    """An example the check finds right for the first time trains K more passes unasked (a
-    margin), then is asked again like the others; one that is wrong again trains until right."""
+    """An example the check finds right for the first time after training trains K more passes
+    unasked (a margin), then is asked again like the others; one wrong again trains until right
+    (no second margin); one right before any training gets none."""
     from memtune.retrofit import retrofit
 
     model = retrofit(tiny_model(), tiny_memory_config())
-    # the answers before pass 1: 1, 2 right; pass 2: all; pass 3: 1 undone; then all
-    truth = [[False, True, True], [True] * 3, [True, False, True], [True] * 3]
+    # the answers before pass 1: only 2 right; pass 2: 0 too; pass 3: all; pass 4: 0 undone; then all
+    truth = [[False, False, True], [True, False, True], [True] * 3, [False, True, True], [True] * 3]
     calls, passes = [], [0]
 
     def check(m, indices):
         calls.append(list(indices))
-        return [truth[min(passes[0], 3)][i] for i in indices]
+        return [truth[min(passes[0], 4)][i] for i in indices]
 
     cfg = LearnConfig(ranker="count", top_t=8, epochs=10, batch_size=3, consolidate=2)
     _, history = train(model, tokenizer, _examples(3), cfg, make_method(cfg, None), progress=False, learned=check,
                        on_step=lambda r: passes.__setitem__(0, r["epoch"]))
-    # 1, 2 rest through passes 1-2 and 0 through 2-3, unasked; 1 is wrong again after its margin
-    assert calls == [[0, 1, 2], [0], [1, 2], [0, 1], [2]]
-    assert [(h["epoch"], h["examples"]) for h in history] == [(1, 3), (2, 3), (3, 2)]
+    # 0 rests through passes 2-3, 1 through 3-4; 0 is wrong after its margin and trains again
+    assert calls == [[0, 1, 2], [0, 1], [1], [0], [0, 1], [2]]
+    assert [(h["epoch"], h["examples"]) for h in history] == [(1, 2), (2, 2), (3, 2), (4, 2)]
 
 
 @pytest.mark.parametrize("kwargs, message", [({"consolidate": -1}, "consolidate=-1 is invalid"),
@@ -198,7 +199,7 @@ def test_until_learned_at_the_cap_leaves_a_fresh_answer_for_every_example(tokeni
         calls.append(list(indices))
         return [i == 0 for i in indices]  # example 0 right from the start, 1 never
 
-    cfg = LearnConfig(ranker="count", top_t=8, epochs=2, batch_size=2)
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=2, batch_size=2, consolidate=0)
     _, history = train(model, tokenizer, _examples(2), cfg, make_method(cfg, None), progress=False, learned=check)
     assert [h["examples"] for h in history] == [1, 1]
     assert calls == [[0, 1], [1], [1], [0]]  # after the last pass: the one still wrong, then the other
@@ -399,7 +400,7 @@ def test_an_items_examples_leave_and_rejoin_training_together(tokenizer):
         asked.append(list(items))
         return [truth[min(passes[0], 2)][i] for i in items]
 
-    cfg = LearnConfig(ranker="count", top_t=8, epochs=5, batch_size=5)
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=5, batch_size=5, consolidate=0)
     _, history = train(model, tokenizer, _examples(5), cfg, make_method(cfg, None), progress=False,
                        learned=ExampleCheck(items_check, owners), on_step=lambda r: passes.__setitem__(0, r["epoch"]))
     assert asked == [[0, 1], [0, 1], [1], [0]]
@@ -527,7 +528,7 @@ def test_until_learned_asks_the_learned_examples_again_every_few_passes(tokenize
         calls.append(list(indices))
         return [i == 0 and passes[0] < RECHECK_EVERY for i in indices]
 
-    cfg = LearnConfig(ranker="count", top_t=8, epochs=RECHECK_EVERY + 2, batch_size=2)
+    cfg = LearnConfig(ranker="count", top_t=8, epochs=RECHECK_EVERY + 2, batch_size=2, consolidate=0)
     _, history = train(model, tokenizer, _examples(2), cfg, make_method(cfg, None), progress=False, learned=check,
                        on_step=lambda r: passes.__setitem__(0, r["epoch"]))
     assert calls[:RECHECK_EVERY + 1] == [[0, 1]] + [[1]] * RECHECK_EVERY
