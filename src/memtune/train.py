@@ -233,9 +233,9 @@ def train(
     when none is left, the others again (later updates can undo an earlier answer: those are
     trained again); training stops only when every example is answered right at once; `epochs`
     is then a cap. With `config.consolidate` = K, an example the check finds right for the first
-    time after a pass (not one right before any) trains K more passes without being asked (a margin beyond the first right answer), then
-    is asked again like the others. At the end the check's last answer for every example is
-    from the final model.
+    time after a pass (not one right before any) trains K more passes without being asked (a
+    margin beyond the first right answer), then is asked again like the others. At the end the
+    check's last answer for every example is from the final model.
 
     The method's `loss(model, batch)`, when it has one, is the objective: a dict of scalars,
     each a mean over its micro-batch; "loss" is backpropagated (micro-batches weighted by their
