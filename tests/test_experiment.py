@@ -343,6 +343,7 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c["probes"].update(evry=2), "unknown key 'evry'"),
         (lambda c: c["methods"][0].update(top_t=-1), "methods[0] (smf): top_t=-1 is invalid"),
         (lambda c: c["methods"][0].update(query_noise=-1.0), "methods[0] (smf): query_noise=-1.0 is invalid"),
+        (lambda c: c["methods"][0].update(consolidate=3), "methods[0].consolidate=3 is for `memtune learn`"),
         (lambda c: c["methods"][0].update(speed=3), "unknown key 'speed'"),
         (lambda c: c["methods"][0].update(schedule="cosine"), "schedule='cosine' is invalid: expected one of constant"),
         (lambda c: c.pop("background"), "add background"),

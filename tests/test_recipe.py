@@ -183,6 +183,7 @@ def test_consolidate_trains_each_example_k_more_passes_once_it_is_right(tokenize
 
 
 @pytest.mark.parametrize("kwargs, message", [({"consolidate": -1}, "consolidate=-1 is invalid"),
+                                             ({"consolidate": True}, "consolidate=True is invalid"),
                                              ({"consolidate": 2, "until_learned": False}, "follows until-learned")])
 def test_consolidate_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):
@@ -482,11 +483,14 @@ def test_the_levers_are_off_by_default(tokenizer):
     assert RecipeConfig(renderings=["chat", "short"]).renderings == ("chat", "short")
 
 
-@pytest.mark.parametrize("kwargs", [{"self_paraphrases": 2}, {"renderings": ("chat", "short")}, {"target": "answer"}])
-def test_documents_refuse_options_that_shape_facts(tokenizer, kwargs):
-    with pytest.raises(MemtuneError, match=f"--{next(iter(kwargs)).replace('_', '-')}=.*the data is documents"):
-        learn(tiny_model(), tokenizer, [Document("Zorbia was founded by Quenta.")], LearnConfig(epochs=1),
-              RecipeConfig(n_keys=16, related=0, **kwargs), progress=False)
+@pytest.mark.parametrize("kwargs, given", [({"self_paraphrases": 2}, "2"), ({"renderings": ("chat", "short")}, "chat,short"),
+                                           ({"target": "answer"}, "answer"), ({"consolidate": 3}, "3")])
+def test_documents_refuse_options_for_facts(tokenizer, kwargs, given):
+    name = next(iter(kwargs))
+    config = LearnConfig(epochs=1, **{k: v for k, v in kwargs.items() if k == "consolidate"})
+    recipe = RecipeConfig(n_keys=16, related=0, **{k: v for k, v in kwargs.items() if k != "consolidate"})
+    with pytest.raises(MemtuneError, match=f"--{name.replace('_', '-')}={given} is for facts .* data is documents"):
+        learn(tiny_model(), tokenizer, [Document("Zorbia was founded by Quenta.")], config, recipe, progress=False)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"renderings": ("plain",)}, "one of chat, short, qa-text is needed"),

@@ -202,9 +202,10 @@ def expand_methods(methods: list[dict]) -> list[Run]:
         entry = dict(entry)
         base_name = str(entry.pop("name", entry.get("method", "smf")))
         protect = _flag(entry, "protect", True, i)
-        if entry.get("until_learned"):
-            raise MemtuneError(f"methods[{i}].until_learned=true is for `memtune learn`: an experiment trains each "
-                               "chunk for its epochs (and probes every chunk)")
+        for key in ("until_learned", "consolidate"):
+            if entry.get(key):
+                raise MemtuneError(f"methods[{i}].{key}={entry[key]!r} is for `memtune learn`: an experiment trains "
+                                   "each chunk for its epochs (and probes every chunk)")
         given = dict(entry)
         entry = {**EXPERIMENT_DEFAULTS, **entry}
         swept = {k: v for k, v in entry.items() if isinstance(v, list)}

@@ -419,9 +419,13 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                   SMF_ONLY + RECIPE_SMF_ONLY)
     if not facts:
         shaped = [k for k in RECIPE_FACTS_ONLY if getattr(recipe, k) != getattr(default_recipe, k)]
+        if config.consolidate != default.consolidate:  # documents have no until-learned check
+            shaped.insert(0, "consolidate")
         if shaped:
-            raise MemtuneError(f"--{shaped[0].replace('_', '-')}={getattr(recipe, shaped[0])!r} shapes facts' "
-                               "examples, but the data is documents: give {question, answer} items or drop it")
+            value = getattr(config if shaped[0] == "consolidate" else recipe, shaped[0])
+            value = ",".join(value) if isinstance(value, tuple) else value
+            raise MemtuneError(f"--{shaped[0].replace('_', '-')}={value} is for facts ({{question, answer}} items), "
+                               "but the data is documents: drop it")
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()

@@ -111,7 +111,7 @@ class LearnConfig:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
         if self.consolidate is None:
             self.consolidate = CONSOLIDATE if self.until_learned else 0
-        if not isinstance(self.consolidate, int) or self.consolidate < 0:
+        if not isinstance(self.consolidate, int) or isinstance(self.consolidate, bool) or self.consolidate < 0:
             raise MemtuneError(f"consolidate={self.consolidate!r} is invalid: expected a non-negative integer")
         if self.consolidate and not self.until_learned:
             raise MemtuneError(f"consolidate={self.consolidate} follows until-learned training: drop "
