@@ -418,13 +418,14 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                   + [k for k in RECIPE_SMF_ONLY if getattr(recipe, k) != getattr(default_recipe, k)],
                   SMF_ONLY + RECIPE_SMF_ONLY)
     if not facts:
-        shaped = [k for k in RECIPE_FACTS_ONLY if getattr(recipe, k) != getattr(default_recipe, k)]
-        if config.consolidate != default.consolidate:  # documents have no until-learned check
-            shaped.insert(0, "consolidate")
+        shaped = [(k, getattr(recipe, k)) for k in RECIPE_FACTS_ONLY
+                  if getattr(recipe, k) != getattr(default_recipe, k)]
+        if config.consolidate != default.consolidate:  # documents have no until-learned check to add a margin to
+            shaped.insert(0, ("consolidate", config.consolidate))
         if shaped:
-            value = getattr(config if shaped[0] == "consolidate" else recipe, shaped[0])
+            name, value = shaped[0]
             value = ",".join(value) if isinstance(value, tuple) else value
-            raise MemtuneError(f"--{shaped[0].replace('_', '-')}={value} is for facts ({{question, answer}} items), "
+            raise MemtuneError(f"--{name.replace('_', '-')}={value} is for facts ({{question, answer}} items), "
                                "but the data is documents: drop it")
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
