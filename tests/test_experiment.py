@@ -345,6 +345,8 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c["methods"][0].update(query_noise=-1.0), "methods[0] (smf): query_noise=-1.0 is invalid"),
         (lambda c: c["methods"][0].update(consolidate=3), "methods[0].consolidate=3 is for `memtune learn`"),
         (lambda c: c["methods"][0].update(speed=3), "unknown key 'speed'"),
+        (lambda c: c["methods"][0].update(lr="fast"), "methods[0] (smf): lr='fast' is invalid: expected a positive"),
+        (lambda c: c["methods"][0].update(max_steps=2.5), "methods[0] (smf): max_steps=2.5 is invalid"),
         (lambda c: c["methods"][0].update(schedule="cosine"), "schedule='cosine' is invalid: expected one of constant"),
         (lambda c: c.pop("background"), "add background"),
         (lambda c: c["memory"].update(k_dim=7), "k_dim"),

@@ -32,10 +32,19 @@ log = logging.getLogger(__name__)
 # until learned: how often (in passes) the check asks the examples already answered right again;
 # 100 element facts lost 10 learned ones to later updates when they were asked only at the end
 RECHECK_EVERY = 5
-# Until learned, the passes each question trains after it is first answered right: 10 took
-# held-out paraphrases answered from 24 % to 41 % on countries (BENCHMARKS.md, issue 17)
-CONSOLIDATE = 10
+# Until learned, the passes each question trains after it is first answered right: held-out
+# paraphrases answered 24 / 41 / 45 / 45 % on countries with 0 / 10 / 20 / 30 (elements 3.8 /
+# 6.2 / 10.0 / 11.2 %; BENCHMARKS.md, issue 17)
+CONSOLIDATE = 20
 SCHEDULES = ("constant", "linear")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -107,21 +116,21 @@ class LearnConfig:
             raise MemtuneError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "lora_rank"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
         if self.consolidate is None:
             self.consolidate = CONSOLIDATE if self.until_learned else 0
-        if not isinstance(self.consolidate, int) or isinstance(self.consolidate, bool) or self.consolidate < 0:
+        if not _is_int(self.consolidate) or self.consolidate < 0:
             raise MemtuneError(f"consolidate={self.consolidate!r} is invalid: expected a non-negative integer")
         if self.consolidate and not self.until_learned:
             raise MemtuneError(f"consolidate={self.consolidate} follows until-learned training: drop "
                                "--no-until-learned (or --consolidate)")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise MemtuneError(f"max_steps={self.max_steps} is invalid: expected a positive integer")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise MemtuneError(f"max_minutes={self.max_minutes} is invalid: expected a positive number")
-        if self.lr is not None and not 0 < self.lr < float("inf"):
-            raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
+        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps <= 0):
+            raise MemtuneError(f"max_steps={self.max_steps!r} is invalid: expected a positive integer")
+        for name in ("max_minutes", "lr"):  # (a YAML file can give any type)
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and 0 < value < float("inf")):
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a positive number")
         if self.lr is None:  # (an unknown SMF optimizer has none: SMFConfig says so)
             self.lr = DEFAULT_LR.get((self.method, self.optimizer if self.method == "smf" else "adamw"))
         if self.method == "smf":
