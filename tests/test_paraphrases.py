@@ -128,3 +128,42 @@ def test_asking_a_tiny_model_is_seeded_and_leaves_the_random_state(tokenizer):
     subjects = question_subjects([q.question for q in ITEMS])
     for item, subject, kept in zip(ITEMS, subjects, got.questions):
         assert all(keep_paraphrase(item.question, r, item.answers, subject) for r in kept)
+
+
+# -- word dropout ---------------------------------------------------------------------------
+
+
+def test_word_dropout_leaves_out_one_or_two_free_words_never_the_subject():
+    from memtune.paraphrases import word_dropout
+
+    items = [QA("What is the atomic number of francium?", "87"), QA("What is the atomic number of radon?", "86"),
+             QA("What is the capital of Tuvalu?", "Funafuti", paraphrases=["What is capital of Tuvalu?"])]
+    variants = word_dropout(items, 100)
+    # francium: free words is, the, atomic, number, of (5): 5 + 10 drops, all distinct
+    assert len(variants[0]) == 15 and len(set(variants[0])) == 15
+    words = items[0].question.split()
+    for v in variants[0]:
+        kept = v.split()
+        assert kept[0] == "What" and kept[-1] == "francium?" and len(words) - len(kept) in (1, 2)
+        assert all(w in words for w in kept) and kept == [w for w in words if w in kept]  # order kept
+    # Tuvalu: is, the, capital, of → 4 + 6 drops, less the held-out paraphrase "What is capital of Tuvalu?"
+    assert len(variants[2]) == 9 and "What is capital of Tuvalu?" not in variants[2]
+    assert "What is the capital Tuvalu?" in variants[2] and "What the of Tuvalu?" in variants[2]
+
+
+def test_word_dropout_never_drops_a_lower_case_subject_and_is_seeded():
+    from memtune.paraphrases import word_dropout
+
+    # the subjects here are lower-case words in the middle of the question (a set of 5 tells them)
+    names = ["lithium", "neon", "iron", "gold", "argon"]
+    items = [QA(f"Is {name} a metal at room temperature?", "yes") for name in names]
+    assert question_subjects([q.question for q in items]) == [{name} for name in names]
+    variants = word_dropout(items, 4, seed=1)
+    assert [len(v) for v in variants] == [4] * 5
+    assert all(name in v.split() for name, vs in zip(names, variants) for v in vs)
+    assert word_dropout(items, 4, seed=1) == variants and word_dropout(items, 0) == [[]] * 5
+    assert word_dropout([QA("Who is Zorbia?", "x")], 3) == [[]]  # "Who Zorbia?": too short
+    assert sorted(word_dropout([QA("Who really founded Zorbia?", "x")], 3)[0]) == ["Who founded Zorbia?",
+                                                                                 "Who really Zorbia?"]
+    with pytest.raises(ValueError, match="k=-1"):
+        word_dropout(items, -1)

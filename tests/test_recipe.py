@@ -474,6 +474,33 @@ def test_self_paraphrases_become_further_phrasings(tokenizer, monkeypatch):
               RecipeConfig(related=0, self_paraphrases=1, align_phrasings=True), progress=False)
 
 
+def test_word_dropout_trains_each_variant_to_the_same_answer_and_asks_only_the_question(tokenizer, monkeypatch):
+    """Hand example: "What is the capital of Ostland?" with 2 variants; each variant is an example
+    of its fact whose loss is on the answer only (target answer), and the check asks the question."""
+    from memtune import recipe as recipe_module
+    from memtune.probes import qa
+
+    asked, trained = [], []
+    monkeypatch.setattr(qa, "answer_questions", lambda m, t, questions, *a, **kw: asked.append(list(questions))
+                        or ["no idea"] * len(questions))
+    real_train = recipe_module.train
+    monkeypatch.setattr(recipe_module, "train", lambda model, tok, examples, *a, **kw: trained.extend(examples)
+                        or real_train(model, tok, examples, *a, **kw))
+    fact = QA("What is the capital of Ostland?", "Varn", paraphrases=["Which city is Ostland's capital?"])
+    result = learn(tiny_model(), tokenizer, [fact], LearnConfig(epochs=1, batch_size=2, consolidate=0),
+                   RecipeConfig(n_keys=16, related=0, target="answer", loss="target", word_dropout=2),
+                   progress=False)
+    variants = result.recipe["word_dropout"]["examples"]
+    assert result.recipe["word_dropout"]["variants"] == 2 and len(variants) == 2 and result.examples == 3
+    assert all(v.startswith("What") and v.endswith("Ostland?") and len(v.split()) < 6 for v in variants)
+    shown = [tokenizer.decode(e.input_ids) for e in trained]
+    assert [x.split("<|end|>")[0] for x in shown] == [f"<|user|>{q}" for q in [fact.question, *variants]]
+    for e in trained:  # the loss: on the answer (and the end of the turn), never on the question
+        labelled = [t for t, label in zip(e.input_ids, e.labels) if label != -100]
+        assert tokenizer.decode(labelled) == "Varn<|end|>"
+    assert asked and all(a == [fact.question] for a in asked)
+
+
 def test_the_levers_are_off_by_default(tokenizer):
     result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
                    RecipeConfig(n_keys=16, related=0), progress=False)

@@ -71,8 +71,8 @@ RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect",
                    "align_phrasings")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
-RECIPE_FACTS_ONLY = ("target", "loss", "renderings", "self_paraphrases", "rewrite_statements", "check_rewrites",
-                     "align_phrasings")
+RECIPE_FACTS_ONLY = ("target", "loss", "renderings", "word_dropout", "self_paraphrases", "rewrite_statements",
+                     "check_rewrites", "align_phrasings")
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -108,6 +108,10 @@ class RecipeConfig:
     renderings: tuple[str, ...] = field(default=("chat",), metadata={
         "help": "facts, experimental (issue 17): the forms each fact is trained in, of " + ", ".join(RENDERINGS)
                 + " (memtune.targets); the until-learned check asks the chat question"})
+    word_dropout: int = field(default=0, metadata={
+        "help": "facts (issue 17): variants of each question with one or two of its words left out (never its "
+                "first or last word, nor what it is about), trained as further phrasings: the fact is then found "
+                "when it is asked in other words (memtune.paraphrases.word_dropout). 0: none"})
     self_paraphrases: int = field(default=0, metadata={
         "help": "facts, experimental (issue 17): rewrites of each question the model writes itself (and of "
                 "each statement with the plain rendering); those that keep the subject (and the answer out of a "
@@ -141,7 +145,8 @@ class RecipeConfig:
             raise MemtuneError(f"keep={self.keep!r} does not exist: expected a file of questions")
         if not isinstance(self.n_keys, int) or self.n_keys < 2:
             raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
-        for name, least, kind in (("related", 0, "non-negative"), ("self_paraphrases", 0, "non-negative"),
+        for name, least, kind in (("related", 0, "non-negative"), ("word_dropout", 0, "non-negative"),
+                                  ("self_paraphrases", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
             if not isinstance(value, int) or value < least:
@@ -480,7 +485,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
 
     # -- training targets (the base model's own words: before anything is learned in this call)
-    more_questions = more_statements = None  # the model's own rewrites (self_paraphrases)
+    more_questions = more_statements = None  # the model's own rewrites (self_paraphrases) ...
+    dropped: list[list[str]] = []  # ... and the questions with words left out (word_dropout)
     rewritten: list[QA] = []  # with rewrite_statements="own": each rewrite as a fact of its own ...
     parents: list[int] = []  # ... of this item
     if facts:
@@ -505,6 +511,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             if recipe.rewrite_statements == "own":  # (the statement target: RecipeConfig checks)
                 rewritten, parents = own_rewrite_statements(model, tokenizer, items, more_questions,
                                                             recipe.max_new_tokens, progress)
+        if recipe.word_dropout:
+            from memtune.paraphrases import word_dropout
+
+            dropped = word_dropout(items, recipe.word_dropout, seed=config.seed)
+            more_questions = [[*mine, *more] for mine, more in zip(more_questions or [[] for _ in items], dropped)]
+            report["word_dropout"] = {"variants": sum(map(len, dropped)), "examples": dropped[0][:3]}
 
     # -- calibrate a fresh memory on the data's form (changes which slots are read: first)
     if smf and fresh and recipe.calibrate != NONE:
@@ -538,13 +550,14 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         diverge = recipe.loss == "diverge"
         encoded = encode_facts(items + rewritten, tokenizer, recipe.target, "target" if diverge else recipe.loss,
                                max_length=config.max_length, renderings=recipe.renderings,
-                               more_questions=None if rewritten else more_questions,
+                               more_questions=((dropped or [[] for _ in items]) + [[] for _ in rewritten]
+                                               if rewritten else more_questions),  # (rewrites are items then)
                                more_statements=more_statements and more_statements + [[] for _ in rewritten])
         asked = items + rewritten if recipe.check_rewrites else items  # what the until-learned check asks
         raw = encoded.items  # indices into items + rewritten
         encoded.items = [i if i < len(items) else parents[i - len(items)] for i in raw]  # each example's fact
         examples, owners = encoded.examples, raw if recipe.check_rewrites else encoded.items  # ... and question
-        if recipe.renderings != ("chat",) or recipe.self_paraphrases:
+        if recipe.renderings != ("chat",) or recipe.self_paraphrases or recipe.word_dropout:
             report["renderings"] = encoded.summary(len(items), recipe.renderings)
         targets = [list(e.labels) for e in examples]
         if diverge:  # the loss from where the model's own words leave the target (again at each check)
