@@ -136,8 +136,11 @@ def test_asking_a_tiny_model_is_seeded_and_leaves_the_random_state(tokenizer):
 def test_word_dropout_leaves_out_one_or_two_free_words_never_the_subject():
     from memtune.paraphrases import word_dropout
 
-    items = [QA("What is the atomic number of francium?", "87"), QA("What is the atomic number of radon?", "86"),
-             QA("What is the capital of Tuvalu?", "Funafuti", paraphrases=["What is capital of Tuvalu?"])]
+    elements = ["francium", "radon", "lithium", "neon", "argon"]
+    items = [*(QA(f"What is the atomic number of {e}?", "1") for e in elements),
+             QA("What is the capital of Tuvalu?", "Funafuti", paraphrases=["What is capital of Tuvalu?"]),
+             QA("Where is Chad?", "Africa")]
+    assert question_subjects([q.question for q in items])[0] == {"francium"}
     variants = word_dropout(items, 100)
     # francium: free words is, the, atomic, number, of (5): 5 + 10 drops, all distinct
     assert len(variants[0]) == 15 and len(set(variants[0])) == 15
@@ -145,10 +148,26 @@ def test_word_dropout_leaves_out_one_or_two_free_words_never_the_subject():
     for v in variants[0]:
         kept = v.split()
         assert kept[0] == "What" and kept[-1] == "francium?" and len(words) - len(kept) in (1, 2)
-        assert all(w in words for w in kept) and kept == [w for w in words if w in kept]  # order kept
+        assert kept == [w for w in words if w in kept]  # the question's words, in order
     # Tuvalu: is, the, capital, of → 4 + 6 drops, less the held-out paraphrase "What is capital of Tuvalu?"
-    assert len(variants[2]) == 9 and "What is capital of Tuvalu?" not in variants[2]
-    assert "What is the capital Tuvalu?" in variants[2] and "What the of Tuvalu?" in variants[2]
+    assert len(variants[5]) == 9 and "What is capital of Tuvalu?" not in variants[5]
+    assert "What is the capital Tuvalu?" in variants[5] and "What the of Tuvalu?" in variants[5]
+    assert variants[6] == []  # "Where Chad?": too short
+
+
+def test_word_dropout_never_gives_a_variant_two_answers():
+    from memtune.paraphrases import word_dropout
+
+    items = [QA("What is the capital of Ostland?", "Varn"), QA("What is the currency of Ostland?", "Ost"),
+             QA("What is the former capital of Ostland?", "Oldvarn")]
+    variants = word_dropout(items, 100, avoid=[[], ["What is currency Ostland?"], []])
+    every = [v for vs in variants for v in vs]
+    assert "What is the of Ostland?" not in every  # both the capital's and the currency's
+    assert "What is the capital of Ostland?" not in every  # item 0's question, from item 2
+    assert "What is currency Ostland?" not in variants[1]  # avoided (a self-paraphrase, say)
+    assert "What is the capital Ostland?" not in every  # item 0 (drop "of"), item 2 (drop "former", "of")
+    assert len(every) == len(set(every)) and "What is capital Ostland?" in variants[0]
+    assert "What is the former of Ostland?" in variants[2]
 
 
 def test_word_dropout_never_drops_a_lower_case_subject_and_is_seeded():
@@ -163,7 +182,9 @@ def test_word_dropout_never_drops_a_lower_case_subject_and_is_seeded():
     assert all(name in v.split() for name, vs in zip(names, variants) for v in vs)
     assert word_dropout(items, 4, seed=1) == variants and word_dropout(items, 0) == [[]] * 5
     assert word_dropout([QA("Who is Zorbia?", "x")], 3) == [[]]  # "Who Zorbia?": too short
+    assert word_dropout([QA("Qui est Bob ?", "x")], 3) == [[]]  # "Qui Bob ?": two words
     assert sorted(word_dropout([QA("Who really founded Zorbia?", "x")], 3)[0]) == ["Who founded Zorbia?",
                                                                                  "Who really Zorbia?"]
+    assert word_dropout([QA("what is the boiling point of water?", "100")], 3) == [[]]  # no subject found
     with pytest.raises(ValueError, match="k=-1"):
         word_dropout(items, -1)

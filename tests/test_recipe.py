@@ -523,6 +523,7 @@ def test_documents_refuse_options_for_facts(tokenizer, kwargs, given):
 @pytest.mark.parametrize("kwargs, message", [({"renderings": ("plain",)}, "one of chat, short, qa-text is needed"),
                                              ({"renderings": ("chat", "poem")}, "renderings='chat,poem'"),
                                              ({"self_paraphrases": -1}, "self_paraphrases=-1"),
+                                             ({"word_dropout": True}, "word_dropout=True"),
                                              ({"align_phrasings": True}, "align_phrasings needs")])
 def test_lever_option_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):

@@ -227,34 +227,44 @@ def self_paraphrases(model: nn.Module, tokenizer, items: Sequence[QA], k: int, s
     return result
 
 
-def word_dropout(items: Sequence[QA], k: int, seed: int = 0) -> list[list[str]]:
+def word_dropout(items: Sequence[QA], k: int, seed: int = 0,
+                 avoid: Sequence[Iterable[str]] | None = None) -> list[list[str]]:
     """Up to `k` variants of each item's question with one or two of its words left out (word
-    dropout): further phrasings that need neither the model nor paraphrase data (issue 17). With
-    the margin (`LearnConfig.consolidate`) they took the held-out paraphrases of 40 chemical
-    elements facts from 10 % to 41 % (BENCHMARKS.md, fourth round): each variant reads other
-    slots, so the fact is written where more ways of asking it look.
+    dropout): further phrasings that need neither the model nor paraphrase data (issue 17).
 
     Only lower-case words that are neither the first nor the last word and not subject words
     (`question_subjects`) are left out, so every variant keeps its opening, its "?" and what it
-    is about ("What is the atomic number of francium?" → "What is the number of francium?").
-    The variants of a question are distinct, differ from it and from its paraphrases (held out),
-    keep `MIN_WORDS` words or more, and are drawn (seeded) from all one- and two-word drops; a
-    question with fewer droppable words has fewer variants, possibly none.
+    is about ("What is the atomic number of francium?" → "What is the number of francium?"); a
+    question without subject words gets none. A variant is kept when it has `MIN_WORDS` words or
+    more and is not (as lower-case words) any item's question or held-out paraphrase, a variant
+    of another item ("What is the of Ostland?" from its capital and its currency: two answers),
+    or one of `avoid[i]` (e.g. item i's self-paraphrases). Up to `k` are drawn (seeded) from the
+    kept one- and two-word drops; a question with fewer has fewer, possibly none.
 
-    Returns: one list of variants per item, in order."""
+    Returns: one list of variants per item, in order.
+    Raises: ValueError for a `k` that is not a non-negative integer."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise ValueError(f"k={k!r}: expected a non-negative integer")
     items = list(items)
-    rng = random.Random(seed)
-    out: list[list[str]] = []
-    for item, subject in zip(items, question_subjects([q.question for q in items])):
+    taken = {" ".join(_words(t)) for q in items for t in (q.question, *q.paraphrases)}
+    candidates: list[dict[str, str]] = []  # per item: lower-case words -> variant
+    owners: dict[str, int] = {}  # lower-case words -> how many items have that variant
+    for i, (item, subject) in enumerate(zip(items, question_subjects([q.question for q in items]))):
         words = item.question.split()
         free = [j for j, w in enumerate(words[1:-1], 1) if w.isalpha() and w.islower() and w not in subject]
-        avoid = [_words(t) for t in (item.question, *item.paraphrases)]
-        variants: list[str] = []
-        for drop in (set(c) for n in (1, 2) for c in itertools.combinations(free, n)):
+        mine = {" ".join(_words(t)) for t in (avoid[i] if avoid else ())}
+        variants: dict[str, str] = {}
+        for drop in (set(c) for n in (1, 2) for c in itertools.combinations(free, n)) if subject else ():
             text = " ".join(w for j, w in enumerate(words) if j not in drop)
-            if len(drop) <= len(words) - MIN_WORDS and _words(text) not in avoid and text not in variants:
-                variants.append(text)
-        out.append(rng.sample(variants, min(k, len(variants))))
+            key = " ".join(_words(text))
+            if len(key.split()) >= MIN_WORDS and key not in taken and key not in mine:
+                variants.setdefault(key, text)
+        candidates.append(variants)
+        for key in variants:
+            owners[key] = owners.get(key, 0) + 1
+    rng = random.Random(seed)
+    out = []
+    for variants in candidates:
+        kept = [text for key, text in variants.items() if owners[key] == 1]
+        out.append(rng.sample(kept, min(k, len(kept))))
     return out

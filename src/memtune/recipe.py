@@ -149,7 +149,7 @@ class RecipeConfig:
                                   ("self_paraphrases", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < least:
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
@@ -514,7 +514,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         if recipe.word_dropout:
             from memtune.paraphrases import word_dropout
 
-            dropped = word_dropout(items, recipe.word_dropout, seed=config.seed)
+            dropped = word_dropout(items, recipe.word_dropout, seed=config.seed, avoid=more_questions)
             more_questions = [[*mine, *more] for mine, more in zip(more_questions or [[] for _ in items], dropped)]
             report["word_dropout"] = {"variants": sum(map(len, dropped)), "examples": dropped[0][:3]}
 
