@@ -21,11 +21,13 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    then **keep what was learned**: every slot the data's text reads is frozen for later calls,
    recorded in the checkpoint's ledger.
 
-Two experimental generalisation levers (issue 17; off by default: BENCHMARKS.md has what they
+Three experimental generalisation levers (issue 17; off by default: BENCHMARKS.md has what they
 gained) sit between steps 4 and 5: **self-paraphrases** (`memtune.paraphrases`: the model
 rewrites each question, and each statement for the plain rendering, in its own words; filtered
-rewrites become further phrasings) and **renderings** (`memtune.targets`: the fact also trained
-as a short answer, as plain text, as a template-less question). A fact then has several
+rewrites become further phrasings), **word dropout** (`memtune.paraphrases.word_dropout`: the
+question with one or two of its words left out, as further phrasings) and **renderings**
+(`memtune.targets`: the fact also trained as a short answer, as plain text, as a template-less
+question). A fact then has several
 examples; the until-learned check still asks its question once, in the chat template, and all
 of its examples leave training together when it is answered right (`ExampleCheck`).
 """
