@@ -1,4 +1,7 @@
-"""Self-generated paraphrases (experimental, issue 17): the model being taught rewrites each
+"""Further phrasings of a fact (experimental, issue 17). Word dropout (`word_dropout`, at the
+end) needs no model: the question with one or two of its words left out.
+
+Self-generated paraphrases: the model being taught rewrites each
 question — and, for the plain rendering, each statement — in its own words, and a filter keeps
 the rewrites that still ask (or state) the same fact. The kept rewrites are trained as further
 phrasings of the fact (`memtune.targets.encode_facts`'s `more_questions`, `more_statements`),

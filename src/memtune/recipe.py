@@ -111,9 +111,9 @@ class RecipeConfig:
         "help": "facts, experimental (issue 17): the forms each fact is trained in, of " + ", ".join(RENDERINGS)
                 + " (memtune.targets); the until-learned check asks the chat question"})
     word_dropout: int = field(default=0, metadata={
-        "help": "facts (issue 17): variants of each question with one or two of its words left out (never its "
-                "first or last word, nor what it is about), trained as further phrasings: the fact is then found "
-                "when it is asked in other words (memtune.paraphrases.word_dropout). 0: none"})
+        "help": "facts, experimental (issue 17): variants of each question with one or two of its words left "
+                "out (never its first or last word, nor what it is about), trained as further phrasings, so the "
+                "fact is found when asked in other words (memtune.paraphrases.word_dropout). 0: none"})
     self_paraphrases: int = field(default=0, metadata={
         "help": "facts, experimental (issue 17): rewrites of each question the model writes itself (and of "
                 "each statement with the plain rendering); those that keep the subject (and the answer out of a "
