@@ -16,7 +16,7 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    so the ranker avoids slots that every question of this form reads;
 6. **protect**: the slots the model reads answering the related (and `--keep`) questions in its
    own words are never updated;
-7. **learn until learned** (`memtune.train`), each fact trained 20 passes more once it is first
+7. **learn until learned** (`memtune.train`), each fact trained 10 passes more once it is first
    answered right (`LearnConfig.consolidate`: a margin, so that rephrased questions find it),
    then **keep what was learned**: every slot the data's text reads is frozen for later calls,
    recorded in the checkpoint's ledger.

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 RECHECK_EVERY = 5
 # Until learned, the passes each question trains after it is first answered right: held-out
 # paraphrases answered 24 / 41 / 45 / 45 % on countries with 0 / 10 / 20 / 30 (elements 3.8 /
-# 6.2 / 10.0 / 11.2 %; BENCHMARKS.md, issue 17)
-CONSOLIDATE = 20
+# 6.2 / 10.0 / 11.2 %; BENCHMARKS.md, issue 17). 20 would cost about 40 % more training steps,
+# past 2x full finetuning's wall time on 40 facts, for 3 paraphrases of 80 on each domain.
+CONSOLIDATE = 10
 SCHEDULES = ("constant", "linear")
 
 
