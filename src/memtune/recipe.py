@@ -27,9 +27,9 @@ rewrites each question, and each statement for the plain rendering, in its own w
 rewrites become further phrasings), **word dropout** (`memtune.paraphrases.word_dropout`: the
 question with one or two of its words left out, as further phrasings) and **renderings**
 (`memtune.targets`: the fact also trained as a short answer, as plain text, as a template-less
-question). A fact then has several
-examples; the until-learned check still asks its question once, in the chat template, and all
-of its examples leave training together when it is answered right (`ExampleCheck`).
+question). A fact then has several examples; the until-learned check still asks its question
+once, in the chat template, and all of its examples leave training together when it is
+answered right (`ExampleCheck`).
 """
 
 from __future__ import annotations
