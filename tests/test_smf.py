@@ -272,7 +272,8 @@ def test_smf_config_is_the_one_object_the_method_takes():
     method = SparseMemoryFinetuning(smf)
     assert method.config is smf and method.freeze_learned is False
     for bad, message in [({"ranker": "bm25"}, "ranker"), ({"top_t": 0}, "top_t=0"), ({"optimizer": "lion"}, "optimizer='lion'"),
-                         ({"lr": -1.0}, "lr=-1.0"), ({"count_positions": "some"}, "count_positions='some'")]:
+                         ({"lr": -1.0}, "lr=-1.0"), ({"count_positions": "some"}, "count_positions='some'"),
+                         ({"lr": True}, "lr=True"), ({"top_t": True}, "top_t=True"), ({"write_knn": 2.0}, "write_knn=2.0")]:
         with pytest.raises(MemtuneError, match=message):
             SMFConfig(**bad)
         with pytest.raises(MemtuneError, match=message):

@@ -43,7 +43,7 @@ from memtune import targets
 from memtune.batches import IGNORE, Example, encode_documents, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Choice, Document, Source
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int
 from memtune.io import RESULTS, remove_stale_temporaries, run_folder, write_json
 from memtune.probes.runner import ProbeConfig, Prober
 from memtune.rankers import NEEDS_BACKGROUND
@@ -166,7 +166,7 @@ class ExperimentConfig:
 
 
 def _positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtune.config import MemoryConfig
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_number
 from memtune.ledger import Ledger
 from memtune.product_keys import product_key_topk
 from memtune.sharding import ColumnShard, column_shard, gather_columns, normal_init_, read_sharded, take_columns
@@ -256,7 +256,7 @@ def _take_shard(module: ValueTable, state: dict, prefix: str, *args) -> None:
 
 def check_query_noise(sigma) -> None:
     """MemtuneError unless `sigma` is a number in [0, inf) (and not a bool)."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 <= sigma < float("inf"):
+    if not is_number(sigma) or not 0 <= sigma < float("inf"):
         raise MemtuneError(f"query_noise={sigma!r} is invalid: expected a number >= 0 (the noise's std in units "
                            "of the query's RMS)")
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from memtune import distributed
 from memtune.batches import COUNT_POSITIONS
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int, is_number
 from memtune.ledger import union as _union
 from memtune.memory import check_query_noise
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
@@ -98,14 +98,13 @@ class SMFConfig:
     def __post_init__(self) -> None:
         get_ranker(self.ranker)
         check_query_noise(self.query_noise)
-        if self.write_knn is not None and (not isinstance(self.write_knn, int) or isinstance(self.write_knn, bool)
-                                           or self.write_knn <= 0):
+        if self.write_knn is not None and (not is_int(self.write_knn) or self.write_knn <= 0):
             raise MemtuneError(f"write_knn={self.write_knn!r} is invalid: expected a positive integer")
         if self.optimizer not in OPTIMIZERS:
             raise MemtuneError(f"optimizer={self.optimizer!r} is invalid: expected one of {', '.join(OPTIMIZERS)}")
-        if not isinstance(self.top_t, int) or isinstance(self.top_t, bool) or self.top_t <= 0:
+        if not is_int(self.top_t) or self.top_t <= 0:
             raise MemtuneError(f"top_t={self.top_t!r} is invalid: expected a positive integer")
-        if not isinstance(self.lr, (int, float)) or not 0 < self.lr < float("inf"):
+        if not is_number(self.lr) or not 0 < self.lr < float("inf"):
             raise MemtuneError(f"lr={self.lr} is invalid: expected a positive number")
         if self.count_positions not in COUNT_POSITIONS:
             raise MemtuneError(f"count_positions={self.count_positions!r} is invalid: expected one of "

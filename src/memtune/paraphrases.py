@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from memtune.data import QA
+from memtune.errors import is_int
 from memtune.prompts import encode_text
 
 log = logging.getLogger(__name__)
@@ -246,7 +247,7 @@ def word_dropout(items: Sequence[QA], k: int, seed: int = 0,
 
     Returns: one list of variants per item, in order.
     Raises: ValueError for a `k` that is not a non-negative integer."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+    if not is_int(k) or k < 0:
         raise ValueError(f"k={k!r}: expected a non-negative integer")
     items = list(items)
     taken = {" ".join(_words(t)) for q in items for t in (q.question, *q.paraphrases)}

@@ -47,7 +47,7 @@ from torch import nn
 from memtune.batches import Example, encode_documents, encode_qa, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Document
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int
 from memtune.prompts import encode_text
 from memtune.rankers import NEEDS_BACKGROUND
 from memtune.stats import background_stats
@@ -151,7 +151,7 @@ class RecipeConfig:
                                   ("self_paraphrases", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            if not is_int(value) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "

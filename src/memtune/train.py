@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from memtune import distributed
 from memtune.batches import Example, collate, n_loss_tokens, token_loss_sum
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int, is_number
 from memtune.methods import (
     DEFAULT_LR,
     METHODS,
@@ -38,14 +38,6 @@ RECHECK_EVERY = 5
 # past 2x full finetuning's wall time on 40 facts, for 3 paraphrases of 80 on each domain.
 CONSOLIDATE = 10
 SCHEDULES = ("constant", "linear")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -117,20 +109,20 @@ class LearnConfig:
             raise MemtuneError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
         for name in ("batch_size", "grad_accum", "epochs", "max_length", "lora_rank"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
         if self.consolidate is None:
             self.consolidate = CONSOLIDATE if self.until_learned else 0
-        if not _is_int(self.consolidate) or self.consolidate < 0:
+        if not is_int(self.consolidate) or self.consolidate < 0:
             raise MemtuneError(f"consolidate={self.consolidate!r} is invalid: expected a non-negative integer")
         if self.consolidate and not self.until_learned:
             raise MemtuneError(f"consolidate={self.consolidate} follows until-learned training: drop "
                                "--no-until-learned (or --consolidate)")
-        if self.max_steps is not None and (not _is_int(self.max_steps) or self.max_steps <= 0):
+        if self.max_steps is not None and (not is_int(self.max_steps) or self.max_steps <= 0):
             raise MemtuneError(f"max_steps={self.max_steps!r} is invalid: expected a positive integer")
         for name in ("max_minutes", "lr"):  # (a YAML file can give any type)
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and 0 < value < float("inf")):
+            if value is not None and not (is_number(value) and 0 < value < float("inf")):
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive number")
         if self.lr is None:  # (an unknown SMF optimizer has none: SMFConfig says so)
             self.lr = DEFAULT_LR.get((self.method, self.optimizer if self.method == "smf" else "adamw"))

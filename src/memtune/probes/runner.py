@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from memtune.data import QA, Choice, Source, load_choices, load_documents, load_qa
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int
 from memtune.probes.drift import builtin_base, drift
 from memtune.probes.likelihood import answer_loss, choice_accuracy, perplexity
 from memtune.probes.qa import qa_accuracy
@@ -40,7 +40,7 @@ class ProbeConfig:
     def __post_init__(self) -> None:
         for name in ("every", "max_new_tokens", "batch_size", "max_length"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise MemtuneError(f"probes.{name}={value!r} is invalid: expected a positive integer")
 
 
