@@ -358,3 +358,38 @@ def test_query_noise_jitters_training_reads_only_and_writes_the_slots_near_the_q
     for bad in (-0.1, float("inf"), True, "0.2"):
         with pytest.raises(MemtuneError, match="query_noise=.* is invalid"):
             SMFConfig("count", query_noise=bad)
+
+
+def test_slot_dropout_leaves_out_part_of_each_training_read_and_writes_only_what_was_kept(tokenizer):
+    batch = collate(encode_qa(tokenizer, PAIRS), tokenizer.pad_token_id, "loss")
+    x = torch.randn(3, 5, memory_model(knn=2).config.hidden_size)
+    model = memory_model(knn=2)
+    method = SparseMemoryFinetuning(SMFConfig("count", top_t=10_000, optimizer="sgd", lr=1e3, slot_dropout=0.5))
+    method.prepare(model)
+    layer = next(iter(model.memory.layers.values()))
+    assert all(m.slot_dropout == 0.5 for m in model.memory.layers.values())
+    layer.eval()
+    weights, indices = layer.lookup(x)
+    assert (weights > 0).all()  # eval mode reads every slot
+    layer.train()
+    torch.manual_seed(0)
+    dropped, same = layer.lookup(x)
+    assert torch.equal(same, indices)  # the same slots are looked up ...
+    kept = dropped > 0
+    assert 0.3 < kept.float().mean() < 0.7  # ... about half of them kept, not rescaled
+    assert torch.equal(dropped[kept], weights[kept])
+    # One step writes only slots a kept read took: fewer rows than the whole reads.
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    count = batch["count_mask"]
+    read = torch.unique(torch.cat([m.last_indices[count].flatten() for m in model.memory.layers.values()]))
+    torch.manual_seed(0)
+    model.train()
+    before = snapshot(model)["memory.values.0.weight"]
+    _one_step(model, method, tokenizer, PAIRS)
+    changed = changed_rows(before, model.memory.values[0].weight.detach())
+    assert changed.numel() > 0 and torch.isin(changed, read).all() and changed.numel() < read.numel()
+    for bad in (-0.1, 1.0, True, "0.2"):
+        with pytest.raises(MemtuneError, match="slot_dropout=.* is invalid"):
+            SMFConfig("count", slot_dropout=bad)

@@ -261,6 +261,13 @@ def check_query_noise(sigma) -> None:
                            "of the query's RMS)")
 
 
+def check_slot_dropout(p) -> None:
+    """MemtuneError unless `p` is a number in [0, 1) (and not a bool)."""
+    if not is_number(p) or not 0 <= p < 1:
+        raise MemtuneError(f"slot_dropout={p!r} is invalid: expected a probability in [0, 1) (the share of read "
+                           "slots left out of each training read)")
+
+
 class ProductKeyMemory(nn.Module):
     """One memory layer: query -> product-key lookup -> weighted value read -> Memory+ gate.
 
@@ -293,12 +300,16 @@ class ProductKeyMemory(nn.Module):
         # In training mode, the std of Gaussian noise added to each normalised query element
         # (`SMFConfig.query_noise`); eval mode reads with the exact query.
         self.query_noise = 0.0
+        # In training mode, the probability that each read slot's weight is zeroed, without
+        # rescaling the rest (`SMFConfig.slot_dropout`); eval mode reads every slot.
+        self.slot_dropout = 0.0
 
     def lookup(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, T, d) -> softmax weights (B*T, H*knn) and slot indices (B*T, H*knn); in
         training mode with `write_knn` set, write_knn slots per head instead of knn, and with
         `query_noise` σ > 0, each query element plus N(0, σ²) noise (σ in units of the normalised
-        query's RMS, 1 with `query_norm`)."""
+        query's RMS, 1 with `query_norm`), and with `slot_dropout` p > 0, each weight zeroed with
+        probability p (the others are not rescaled: a read then sums only part of its slots)."""
         c = self.config
         knn = self.write_knn if self.training and self.write_knn else c.knn
         q = self.query_norm(self.query(x - self.query_center).view(-1, c.heads, c.k_dim))  # (N, H, k_dim)
@@ -307,6 +318,8 @@ class ProductKeyMemory(nn.Module):
         q = q.view(-1, c.heads, 2, c.k_dim // 2)  # (N, H, 2, k_dim/2)
         scores, indices = product_key_topk(q, self.keys, knn)  # (N, H, knn)
         weights = scores.float().softmax(dim=-1).to(x.dtype)
+        if self.training and self.slot_dropout:
+            weights = weights * (torch.rand_like(weights) >= self.slot_dropout)
         return weights.flatten(1), indices.flatten(1)
 
     def forward(self, x: Tensor, values: ValueTable) -> Tensor:
@@ -371,6 +384,14 @@ class MemoryBank(nn.Module):
         check_query_noise(sigma)
         for m in self.layers.values():
             m.query_noise = float(sigma)
+
+    def set_slot_dropout(self, p: float) -> None:
+        """The probability that each read slot's weight is zeroed in training mode, the others
+        not rescaled (see `ProductKeyMemory.lookup`); 0 reads every slot. MemtuneError unless
+        0 <= p < 1."""
+        check_slot_dropout(p)
+        for m in self.layers.values():
+            m.slot_dropout = float(p)
 
     def set_record(self, on: bool) -> None:
         for m in self.layers.values():

@@ -19,7 +19,7 @@ from memtune import distributed
 from memtune.batches import COUNT_POSITIONS
 from memtune.errors import MemtuneError, is_int, is_number
 from memtune.ledger import union as _union
-from memtune.memory import check_query_noise
+from memtune.memory import check_query_noise, check_slot_dropout
 from memtune.rankers import NEEDS_BACKGROUND, get_ranker, select_top
 from memtune.retrofit import get_memory_bank, require_memory_bank
 from memtune.sharding import local_optimizer_state, whole_optimizer_state
@@ -81,6 +81,10 @@ class SMFConfig:
       as many reads with the exact query as a paraphrase does on SmolLM2-135M, BENCHMARKS.md), so
       the neighbours a rephrased question reads learn the fact too (issue 17). 0: exact. Measured
       at σ 0.3 on 40 country facts: no gain on held-out paraphrases, twice the steps.
+    - slot_dropout: the probability that each slot a training read takes is left out of it, the
+      others not rescaled, so the fact's answer must come from any part of its slots — as when
+      a rephrased question reads only part of them (a third to a half on SmolLM2-135M,
+      BENCHMARKS.md; issue 17). Reading in eval mode takes every slot. 0: none.
 
     Raises MemtuneError for a value outside these."""
 
@@ -94,10 +98,12 @@ class SMFConfig:
     seed: int = 0
     write_knn: int | None = None
     query_noise: float = 0.0
+    slot_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         get_ranker(self.ranker)
         check_query_noise(self.query_noise)
+        check_slot_dropout(self.slot_dropout)
         if self.write_knn is not None and (not is_int(self.write_knn) or self.write_knn <= 0):
             raise MemtuneError(f"write_knn={self.write_knn!r} is invalid: expected a positive integer")
         if self.optimizer not in OPTIMIZERS:
@@ -160,6 +166,7 @@ class SparseMemoryFinetuning:
         bank.set_record(True)
         bank.set_write_knn(self.config.write_knn)
         bank.set_query_noise(self.config.query_noise)
+        bank.set_slot_dropout(self.config.slot_dropout)
         self.bank = bank
         self.table_of = {k: next(t for t, table in enumerate(bank.values) if bank.table_for(int(k)) is table)
                          for k in bank.layers}

@@ -97,6 +97,10 @@ class LearnConfig:
         "help": "SMF: std of Gaussian noise added to each normalised memory query while training (units of the "
                 "query's RMS; reading stays exact): rephrased questions' neighbouring slots are written too (issue 17: "
                 "no gain measured)"})
+    slot_dropout: float = field(default=0.0, metadata={
+        "help": "SMF: probability that each slot a training read takes is left out (the others not rescaled), so "
+                "a fact's answer must come from any part of its slots, as a rephrased question reads part of them "
+                "(issue 17; reading stays whole). 0: none"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
@@ -135,7 +139,7 @@ class LearnConfig:
         """The SMF options, as the one object the method takes."""
         return SMFConfig(self.ranker, self.top_t, self.optimizer, self.lr, self.count_positions,
                          self.freeze_learned, self.protect_learned, self.seed, self.write_knn,
-                         self.query_noise)
+                         self.query_noise, self.slot_dropout)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -143,7 +147,7 @@ class LearnConfig:
 
 # Options that act on memory slots (SMF) or on adapters (LoRA): another method refuses them.
 SMF_ONLY = ("ranker", "top_t", "optimizer", "count_positions", "freeze_learned", "protect_learned", "write_knn",
-            "query_noise")
+            "query_noise", "slot_dropout")
 LORA_ONLY = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
