@@ -222,6 +222,15 @@ def test_killed_run_leftovers_are_cleaned_and_changed_config_refused(config, tmp
     retuned = {**config, "methods": [{**config["methods"][0], "lr": 0.123}, *config["methods"][1:]]}
     with pytest.raises(MemtuneError, match="smf ran with lr="):
         Experiment(parse_config(retuned), out, progress=False).run_all()
+    # a run made before an option existed ran as that option's default: reused, unless the config sets another
+    path = out / "smf" / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["learn"]["slot_dropout"]
+    path.write_text(json.dumps(saved))
+    assert [r["run"] for r in Experiment(parse_config(config), out, progress=False).run_all()] == ["smf", "full"]
+    dropped = {**config, "methods": [{**config["methods"][0], "slot_dropout": 0.5}, *config["methods"][1:]]}
+    with pytest.raises(MemtuneError, match="smf ran with slot_dropout=0.0"):
+        Experiment(parse_config(dropped), out, progress=False).run_all()
     (out / "smf" / "config.json").write_text("{corrupt")
     with pytest.raises(MemtuneError, match="holds no run options"):
         Experiment(parse_config(config), out, progress=False).run_all()

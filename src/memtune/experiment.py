@@ -625,6 +625,10 @@ class Experiment:
             raise MemtuneError(f"{path} is missing or holds no run options: remove {self.out / run.name} to rerun "
                                "it, or use another --out")
         mine = json.loads(json.dumps(run.learn.to_dict()))  # as config.json holds it (tuples as lists)
+        # an option added since that run was made ran as its default then
+        added = {f.name: f.default for f in dataclasses.fields(LearnConfig)
+                 if f.name not in theirs and f.default is not dataclasses.MISSING}
+        theirs = {**json.loads(json.dumps(added)), **theirs}
         changed = _changed(mine, theirs)
         if changed:
             raise MemtuneError(f"{self.out / run.name} ran with {changed[0]}={theirs.get(changed[0])!r}, the config "

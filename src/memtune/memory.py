@@ -309,7 +309,9 @@ class ProductKeyMemory(nn.Module):
         training mode with `write_knn` set, write_knn slots per head instead of knn, and with
         `query_noise` σ > 0, each query element plus N(0, σ²) noise (σ in units of the normalised
         query's RMS, 1 with `query_norm`), and with `slot_dropout` p > 0, each weight zeroed with
-        probability p (the others are not rescaled: a read then sums only part of its slots)."""
+        probability p (the others are not rescaled: a read then sums only part of its slots; the
+        dropped slots are still in the indices, so SMF counts and ranks them, but they get no
+        gradient from this read)."""
         c = self.config
         knn = self.write_knn if self.training and self.write_knn else c.knn
         q = self.query_norm(self.query(x - self.query_center).view(-1, c.heads, c.k_dim))  # (N, H, k_dim)
@@ -319,7 +321,7 @@ class ProductKeyMemory(nn.Module):
         scores, indices = product_key_topk(q, self.keys, knn)  # (N, H, knn)
         weights = scores.float().softmax(dim=-1).to(x.dtype)
         if self.training and self.slot_dropout:
-            weights = weights * (torch.rand_like(weights) >= self.slot_dropout)
+            weights = weights * (torch.rand(weights.shape, device=weights.device) >= self.slot_dropout)  # (float32 draw)
         return weights.flatten(1), indices.flatten(1)
 
     def forward(self, x: Tensor, values: ValueTable) -> Tensor:
