@@ -20,6 +20,8 @@ def test_json_round_trip(tmp_path):
         (dict(layers=[1, 1]), "repeated"),
         (dict(layers=[-1]), "non-negative"),
         (dict(value_init="ones"), "value_init='ones'"),
+        (dict(knn=True), "knn=True"),
+        (dict(v_dim=2.5), "v_dim=2.5"),
     ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, message):

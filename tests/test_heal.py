@@ -178,7 +178,9 @@ def test_value_gradient_is_sparse(tokenizer, docs):
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(schedule="cosine"), "schedule='cosine'"),
-                                             (dict(max_minutes=0), "max_minutes=0"), (dict(batch_size=0), "batch_size=0")])
+                                             (dict(max_minutes=0), "max_minutes=0"), (dict(batch_size=0), "batch_size=0"),
+                                             (dict(batch_size=True), "batch_size=True"), (dict(lr=True), "lr=True"),
+                                             (dict(lr="x"), "lr='x'"), (dict(max_steps=2.5), "max_steps=2.5")])
 def test_bad_config(kwargs, message):
     with pytest.raises(MemtuneError, match=message):
         HealConfig(**kwargs)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int
 
 MODES = ("parallel", "replace")
 VALUE_INITS = ("auto", "zeros", "normal")
@@ -74,14 +74,14 @@ class MemoryConfig:
         self.layers = [int(i) for i in self.layers]
         for name in ("n_keys", "heads", "knn", "k_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
         if self.k_dim % 2:
             raise MemtuneError(f"k_dim={self.k_dim} is invalid: expected an even number (it is split in two halves)")
         if self.knn > self.n_keys:
             raise MemtuneError(f"knn={self.knn} is invalid: expected at most n_keys={self.n_keys}")
-        if self.v_dim is not None and self.v_dim <= 0:
-            raise MemtuneError(f"v_dim={self.v_dim} is invalid: expected a positive integer or None")
+        if self.v_dim is not None and (not is_int(self.v_dim) or self.v_dim <= 0):
+            raise MemtuneError(f"v_dim={self.v_dim!r} is invalid: expected a positive integer or None")
         if self.mode not in MODES:
             raise MemtuneError(f"mode={self.mode!r} is invalid: expected one of {', '.join(MODES)}")
         if self.value_init not in VALUE_INITS:

@@ -98,7 +98,7 @@ class StreamConfig:
             _positive(f"stream.{name}", getattr(self, name))
         if self.size is not None:
             _positive("stream.size", self.size)
-        if not isinstance(self.augment, int) or self.augment < 0:
+        if not is_int(self.augment) or self.augment < 0:
             raise MemtuneError(f"stream.augment={self.augment!r} is invalid: expected an integer >= 0")
 
 

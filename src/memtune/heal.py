@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memtune.batches import Example, n_loss_tokens, token_loss_sum
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int, is_number
 from memtune.memory import MemoryBank
 from memtune.retrofit import (
     MemoryFFN,
@@ -106,27 +106,27 @@ class HealConfig:
     def __post_init__(self) -> None:
         for name in ("lm_weight", "distill_weight", "local_weight", "weight_decay"):
             value = getattr(self, name)
-            if not 0 <= value < math.inf:
-                raise MemtuneError(f"{name}={value} is invalid: expected a non-negative number")
+            if not (is_number(value) and 0 <= value < math.inf):
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a non-negative number")
         if self.lm_weight == 0 and self.distill_weight == 0 and self.local_weight == 0:
             raise MemtuneError("lm_weight, distill_weight and local_weight are all 0: nothing to train; "
                                "give at least one a positive weight")
         for name in ("lr", "value_lr", "lookup_lr"):
             value = getattr(self, name)
-            if value is not None and not 0 < value < math.inf:
-                raise MemtuneError(f"{name}={value} is invalid: expected a positive number")
+            if value is not None and not (is_number(value) and 0 < value < math.inf):
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a positive number")
         for name in ("batch_size", "max_length", "epochs", "eval_max_length", "eval_stride"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
         for name in ("max_steps", "eval_limit"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise MemtuneError(f"{name}={value} is invalid: expected a positive integer")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise MemtuneError(f"max_minutes={self.max_minutes} is invalid: expected a positive number")
-        if not 0 <= self.min_recovery <= 1:
-            raise MemtuneError(f"min_recovery={self.min_recovery} is invalid: expected a fraction between 0 and 1")
+            if value is not None and (not is_int(value) or value <= 0):
+                raise MemtuneError(f"{name}={value!r} is invalid: expected a positive integer")
+        if self.max_minutes is not None and not (is_number(self.max_minutes) and self.max_minutes > 0):
+            raise MemtuneError(f"max_minutes={self.max_minutes!r} is invalid: expected a positive number")
+        if not (is_number(self.min_recovery) and 0 <= self.min_recovery <= 1):
+            raise MemtuneError(f"min_recovery={self.min_recovery!r} is invalid: expected a fraction between 0 and 1")
         if self.schedule not in SCHEDULES:
             raise MemtuneError(f"schedule={self.schedule!r} is invalid: expected one of {', '.join(SCHEDULES)}")
         if self.eval_stride > self.eval_max_length:

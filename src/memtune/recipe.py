@@ -145,7 +145,7 @@ class RecipeConfig:
                                    "(from `memtune background`)")
         if self.keep is not None and not Path(self.keep).is_file():
             raise MemtuneError(f"keep={self.keep!r} does not exist: expected a file of questions")
-        if not isinstance(self.n_keys, int) or self.n_keys < 2:
+        if not is_int(self.n_keys) or self.n_keys < 2:
             raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
         for name, least, kind in (("related", 0, "non-negative"), ("word_dropout", 0, "non-negative"),
                                   ("self_paraphrases", 0, "non-negative"),
