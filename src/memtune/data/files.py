@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_number
 
 Row = tuple[str, dict[str, Any]]  # (where: "file.jsonl line 3", row)
 
@@ -91,7 +91,7 @@ def _text(value: Any, where: str, name: str) -> str:
     """A text value: a string, or a number (CSV and parquet cells, numeric answers)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if is_number(value) and math.isfinite(value):
         return str(value)
     raise MemtuneError(f"{where}: field {name!r} must be text, got {type(value).__name__} {str(value)[:40]!r}")
 
