@@ -34,13 +34,14 @@ def test_background_learn_generate(memory_dir, qa_file, tmp_path, capsys):
                  "--out", str(run), "--epochs", "3", "--batch-size", "2", "--top-t", "16"]) == 0
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "model", "results.json"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 3
+    examples = json.loads((run / "results.json").read_text())["examples"]  # facts + word-dropout variants
+    assert len(metrics) == 3 * -(-examples // 2)  # 3 epochs of steps of 2 examples
     assert {"loss", "selected", "updated_rows", "touched_rows", "tokens_per_s", "peak_rss_mb"} <= set(metrics[0])
     assert all(0 < sum(m["selected"].values()) <= 2 * 16 for m in metrics)
     config = json.loads((run / "config.json").read_text())
     assert config["learn"]["method"] == "smf" and config["learn"]["lr"] == 2.0 and config["format"] == "qa"
     results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == 3 and "torch" in results["versions"]
+    assert results["steps"] == len(metrics) and "torch" in results["versions"]
     capsys.readouterr()
     assert main(["generate", "--model", str(run / "model"), "--max-new-tokens", "4", "Who founded Zorbia?"]) == 0
 
@@ -103,9 +104,10 @@ def test_smf_on_a_base_model_retrofits_it(tiny_model_dir, qa_file, tmp_path):
 def test_learn_never_updates_protected_slots(memory_dir, tiny_model_dir, qa_file, tmp_path, capsys):
     protect, run = tmp_path / "protect", tmp_path / "run"
     assert main(["background", "--model", str(memory_dir), "--data", str(qa_file), "--out", str(protect)]) == 0
-    # the data reads only slots that its own statistics protect: nothing may move
+    # the data reads only slots that its own statistics protect: nothing may move (word-dropout
+    # variants of the questions would read slots those statistics never counted)
     assert main(["learn", "--model", str(memory_dir), "--data", str(qa_file), "--ranker", "count",
-                 "--protect", str(protect), "--out", str(run), "--epochs", "2"]) == 0
+                 "--protect", str(protect), "--out", str(run), "--epochs", "2", "--word-dropout", "0"]) == 0
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["touched_rows"] for m in metrics] == [0, 0]
     assert json.loads((run / "config.json").read_text())["recipe"]["protect"] == str(protect)

@@ -434,7 +434,7 @@ def test_renderings_train_every_form_and_learn_per_fact(tokenizer, monkeypatch):
     monkeypatch.setattr(qa, "answer_questions", answers)
     monkeypatch.setattr(SparseMemoryFinetuning, "keep_learned", keep)
     result = learn(tiny_model(), tokenizer, STATED, LearnConfig(epochs=3, batch_size=2),
-                   RecipeConfig(n_keys=16, related=0, renderings=("chat", "plain")), progress=False)
+                   RecipeConfig(n_keys=16, related=0, word_dropout=0, renderings=("chat", "plain")), progress=False)
     assert result.examples == 4 and result.learned == [True, False]
     r = result.recipe
     assert r["renderings"] == {"renderings": ["chat", "plain"], "examples": 4, "per_rendering": {"chat": 2, "plain": 2},
@@ -455,7 +455,7 @@ def test_self_paraphrases_become_further_phrasings(tokenizer, monkeypatch):
                "What is the capital of Ostland?": ["Which city is the capital of Ostland?", "Is Varn Ostland's capital?"]}
     monkeypatch.setattr(paraphrases, "sample_rewrites", lambda m, t, texts, k, *a, **kw: [written[x][:k] for x in texts])
     result = learn(tiny_model(), tokenizer, [held_out, FACTS[1]], LearnConfig(epochs=1, batch_size=2),
-                   RecipeConfig(n_keys=16, related=0, target="answer", self_paraphrases=2), progress=False)
+                   RecipeConfig(n_keys=16, related=0, word_dropout=0, target="answer", self_paraphrases=2), progress=False)
     r = result.recipe
     assert r["self_paraphrases"]["questions"]["kept_rewrites"] == [["Who was the founder of Zorbia?"],
                                                                    ["Which city is the capital of Ostland?"]]
@@ -464,7 +464,7 @@ def test_self_paraphrases_become_further_phrasings(tokenizer, monkeypatch):
     assert "align_phrasings" not in r
     # aligned: the same fresh retrofit (seeded), the rewrites whiten its queries before anything is counted
     aligned = learn(tiny_model(), tokenizer, [held_out, FACTS[1]], LearnConfig(epochs=1, batch_size=2),
-                    RecipeConfig(n_keys=16, related=0, target="answer", self_paraphrases=2, align_phrasings=True),
+                    RecipeConfig(n_keys=16, related=0, word_dropout=0, target="answer", self_paraphrases=2, align_phrasings=True),
                     progress=False)
     assert aligned.recipe["align_phrasings"]["groups"] == 2
     query = {k: m.query.weight for k, m in result.model.memory.layers.items()}
@@ -501,11 +501,13 @@ def test_word_dropout_trains_each_variant_to_the_same_answer_and_asks_only_the_q
     assert asked and all(a == [fact.question] for a in asked)
 
 
-def test_the_levers_are_off_by_default(tokenizer):
+def test_word_dropout_is_the_only_lever_on_by_default(tokenizer):
     result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
                    RecipeConfig(n_keys=16, related=0), progress=False)
-    assert result.examples == len(FACTS)
-    assert "renderings" not in result.recipe and "self_paraphrases" not in result.recipe
+    r = result.recipe
+    assert r["word_dropout"]["variants"] > 0 and result.examples == len(FACTS) + r["word_dropout"]["variants"]
+    assert r["renderings"]["per_rendering"] == {"chat": result.examples} and "self_paraphrases" not in r
+    assert r["targets"]["loss"] == "target" and LearnConfig().consolidate == 5
     assert RecipeConfig().renderings == ("chat",) and RecipeConfig().self_paraphrases == 0
     assert RecipeConfig(renderings=["chat", "short"]).renderings == ("chat", "short")
 
@@ -606,7 +608,7 @@ def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_quest
                         lambda m, t, texts, k, *a, **kw: [["Who was the founder of Zorbia?"] if "Zorbia" in x else []
                                                           for x in texts])
     result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
-                   RecipeConfig(n_keys=16, related=0, self_paraphrases=1, rewrite_statements="own"), progress=False)
+                   RecipeConfig(n_keys=16, related=0, word_dropout=0, self_paraphrases=1, rewrite_statements="own"), progress=False)
     assert result.examples == 3 and len(result.learned) == 2
     assert ["Who was the founder of Zorbia?"] in asked  # its own words, asked once to make its statement ...
     checks = asked[asked.index(["Who was the founder of Zorbia?"]) + 1:]
@@ -614,7 +616,7 @@ def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_quest
     assert "rewrites_learned" not in result.recipe
     asked.clear()
     checked = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
-                    RecipeConfig(n_keys=16, related=0, self_paraphrases=1, rewrite_statements="own", check_rewrites=True),
+                    RecipeConfig(n_keys=16, related=0, word_dropout=0, self_paraphrases=1, rewrite_statements="own", check_rewrites=True),
                     progress=False)
     assert len(checked.learned) == 2 and checked.recipe["rewrites_learned"]["items"] == 1
     assert checked.recipe["renderings"]["items_without"] == {"chat": 0}

@@ -1,7 +1,7 @@
-"""Further phrasings of a fact (experimental, issue 17). Word dropout (`word_dropout`, at the
-end) needs no model: the question with one or two of its words left out.
+"""Further phrasings of a fact (issue 17). Word dropout (`word_dropout`, at the end; in the
+recipe by default) needs no model: the question with one or two of its words left out.
 
-Self-generated paraphrases: the model being taught rewrites each
+Self-generated paraphrases (experimental, off by default): the model being taught rewrites each
 question — and, for the plain rendering, each statement — in its own words, and a filter keeps
 the rewrites that still ask (or state) the same fact. The kept rewrites are trained as further
 phrasings of the fact (`memtune.targets.encode_facts`'s `more_questions`, `more_statements`),
