@@ -106,7 +106,12 @@ def test_layer_summary_on_hand_made_reads():
     assert s["hub_share"] == pytest.approx(4 / 11) and s["hub_slots"] == 1  # slot 1: 4 of 11 reads
     assert s["known"] == {"share": pytest.approx(2 / 11), "slots_read": 2}  # the two reads of slot 5
     alone = layer_summary(reads[1:], "0")
-    assert alone["phrasing"] is None and alone["unrelated"] is None and "known" not in alone
+    assert alone["phrasing"] is None and alone["unrelated"] is None and "known" not in alone and "written" not in alone
+    # rows 1 and 5 written: the questions [1, 1, 2] and [4, 5, 5, 1] read them 2 + 3 of 7 times, the paraphrases
+    # [1, 3] and [2, 3] 1 of 4 times
+    w = layer_summary(reads, "0", written=T([1, 5]))["written"]
+    assert w == {"question": pytest.approx(5 / 7), "paraphrases": pytest.approx(1 / 4), "rows": 2}
+    assert layer_summary(reads[1:], "0", written=T([1, 5]))["written"]["paraphrases"] is None
 
 
 def test_slot_access_summary(tokenizer):
@@ -118,6 +123,18 @@ def test_slot_access_summary(tokenizer):
         assert layer["unrelated"]["pairs"] == 2 and layer["phrasing"]["facts"] == 2
         assert 0 < layer["known"]["share"] < 1  # the known facts are two of the three
         assert layer["slots_per_fact"] <= layer["slots_per_fact_all_phrasings"] <= layer["slots_read"]
+        assert "written" not in layer  # a fresh memory: no learn call
+    # a learn call that wrote every row of the (shared) value table, then one that wrote none
+    bank = model.memory
+    n_slots = bank.config.n_slots
+    bank.ledger.record({"data": "all"}, {0: torch.arange(n_slots)})
+    s = slot_access(model, tokenizer, FACTS, n_pairs=2)
+    for layer in s["layers"].values():
+        assert layer["written"] == {"question": 1.0, "paraphrases": 1.0, "rows": n_slots}
+    bank.ledger = type(bank.ledger)()
+    bank.ledger.record({"data": "none"}, {})
+    for layer in slot_access(model, tokenizer, FACTS, n_pairs=2)["layers"].values():
+        assert layer["written"] == {"question": 0.0, "paraphrases": 0.0, "rows": 0}
 
 
 def write_jsonl(path, items):

@@ -10,7 +10,10 @@ loss token of the trained target, what SMF counts with `count_positions="loss"` 
   against the same numbers for unrelated facts (fact i's question with fact j's question);
 - hub share: the share of all reads taken by the top 1 % most-read slots;
 - overlap with a second set (known or protected facts): the share of the first set's reads that
-  land in slots the second set reads.
+  land in slots the second set reads;
+- written (a model that has learned: its checkpoint's ledger): the share of the questions'
+  reads, and of the paraphrases' reads, that land in value rows a learn call updated — whether
+  a rephrased question reads where its fact was written.
 
 A *read* is one (answer position, head, knn) slot index: a position makes heads × knn reads,
 so a phrasing whose target has n loss tokens makes n · heads · knn reads per layer. Reads are
@@ -132,7 +135,7 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def layer_summary(reads: Reads, layer: str, known: Reads | None = None, n_pairs: int = 1000,
-                  seed: int = 0, top: float = 0.01) -> dict:
+                  seed: int = 0, top: float = 0.01, written: Tensor | None = None) -> dict:
     """The numbers of one memory layer (each a mean over facts or pairs; None when undefined):
 
     - reads: all reads of every phrasing; slots_read: their distinct slots;
@@ -144,7 +147,10 @@ def layer_summary(reads: Reads, layer: str, known: Reads | None = None, n_pairs:
       questions (the baseline: the overlap two facts of this form have anyway);
     - hub_share, hub_slots: `hub_share` of all reads, with top fraction `top`;
     - known: {share, slots_read} — the fraction of all reads of `reads` whose slot is read by
-      some phrasing of `known`, and how many distinct slots `known` reads.
+      some phrasing of `known`, and how many distinct slots `known` reads;
+    - written (with `written`, the row ids (R,) learn calls updated in this layer's value table):
+      {question, paraphrases, rows} — the fraction of the questions' reads, and of the
+      paraphrases' reads (None without paraphrases), whose slot is among those rows.
     """
     questions = [fact[0][layer] for fact in reads]
     everything = torch.cat([p[layer] for fact in reads for p in fact])
@@ -173,6 +179,11 @@ def layer_summary(reads: Reads, layer: str, known: Reads | None = None, n_pairs:
     if known is not None:
         theirs = torch.unique(torch.cat([p[layer] for fact in known for p in fact]))
         out["known"] = {"share": _share(everything, theirs), "slots_read": int(theirs.numel())}
+    if written is not None:
+        rephrased = [p[layer] for fact in reads for p in fact[1:]]
+        out["written"] = {"question": _share(torch.cat(questions), written),
+                          "paraphrases": _share(torch.cat(rephrased), written) if rephrased else None,
+                          "rows": int(written.numel())}
     return out
 
 
@@ -180,26 +191,35 @@ def slot_access(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: Seq
                 known: Sequence[QA] | None = None, target: Target = "statement", loss: Loss = "target",
                 n_pairs: int = 1000, seed: int = 0, batch_size: int = 16, max_length: int = 256) -> dict:
     """`layer_summary` of every memory layer for `items` (and `known`), with the counts of
-    facts and phrasings: the content of `memtune slots`' slots.json."""
+    facts and phrasings: the content of `memtune slots`' slots.json. When the memory has
+    learned (its ledger lists learn calls), each layer also gets `written`: the share of reads
+    in the rows those calls updated in the value table the layer reads."""
     if not items:
         raise ValueError("no facts to analyse")
     kw = dict(target=target, loss=loss, batch_size=batch_size, max_length=max_length)
     reads = answer_reads(model, tokenizer, items, **kw)
     known_reads = answer_reads(model, tokenizer, known, **kw) if known else None
     layers = list(reads[0][0])
+    bank = require_memory_bank(model)
+    written: dict[str, Tensor | None] = {name: None for name in layers}
+    if bank.ledger.calls:
+        tables = {id(t): i for i, t in enumerate(bank.values)}
+        written = {name: bank.ledger.learned_rows(tables[id(bank.table_for(int(name)))]) for name in layers}
     return {
         "facts": len(items),
         "phrasings": sum(len(f) for f in reads),
         "facts_with_paraphrases": sum(len(f) > 1 for f in reads),
         "known_facts": len(known) if known else None,
         "target": target, "loss": loss, "seed": seed,
-        "layers": {name: layer_summary(reads, name, known_reads, n_pairs, seed) for name in layers},
+        "layers": {name: layer_summary(reads, name, known_reads, n_pairs, seed, written=written[name])
+                   for name in layers},
     }
 
 
 def plot_slot_access(summary: dict, path) -> None:
     """Per layer: Jaccard and share of reads of a fact's phrasings beside those of unrelated
-    facts, the hub share, and (with known facts) the share of reads in known facts' slots."""
+    facts, the hub share, (with known facts) the share of reads in known facts' slots and (on
+    a model that has learned) the questions' and paraphrases' share of reads in written rows."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -207,9 +227,12 @@ def plot_slot_access(summary: dict, path) -> None:
 
     bars = [("phrasing", "jaccard", "phrasings: Jaccard"), ("unrelated", "jaccard", "unrelated: Jaccard"),
             ("phrasing", "share", "phrasings: share of reads"), ("unrelated", "share", "unrelated: share of reads"),
-            ("hub_share", None, "hub share (top 1 % slots)"), ("known", "share", "share of reads in known slots")]
-    if summary.get("known_facts") is None:
-        bars = bars[:-1]
+            ("hub_share", None, "hub share (top 1 % slots)"), ("known", "share", "share of reads in known slots"),
+            ("written", "question", "questions: share of reads in written rows"),
+            ("written", "paraphrases", "paraphrases: share of reads in written rows")]
+    first = next(iter(summary["layers"].values()))
+    bars = [b for b in bars if b[0] != "known" or summary.get("known_facts") is not None]
+    bars = [b for b in bars if b[0] != "written" or "written" in first]
     layers = list(summary["layers"])
     width = 0.8 / len(bars)
     fig, ax = plt.subplots(figsize=(max(6, 2.5 * len(layers)), 4.5))

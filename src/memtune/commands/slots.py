@@ -74,6 +74,9 @@ def cmd_slots(args: argparse.Namespace) -> int:
         log.info("layer %s: %.1f slots per fact; phrasings share %s of reads (Jaccard %s), unrelated facts %s (%s); "
                  "hub share %.3f", name, s["slots_per_fact"], _f(ph.get("share")), _f(ph.get("jaccard")),
                  _f(un.get("share")), _f(un.get("jaccard")), s["hub_share"])
+        if "written" in s:
+            log.info("layer %s: reads in the %d rows learn calls wrote: questions %s, paraphrases %s", name,
+                     s["written"]["rows"], _f(s["written"]["question"]), _f(s["written"]["paraphrases"]))
     log.info("wrote %s/slots.json and slots.png", args.out)
     return 0
 
