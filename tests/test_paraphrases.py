@@ -165,9 +165,23 @@ def test_word_dropout_never_gives_a_variant_two_answers():
     assert "What is the of Ostland?" not in every  # both the capital's and the currency's
     assert "What is the capital of Ostland?" not in every  # item 0's question, from item 2
     assert "What is currency Ostland?" not in variants[1]  # avoided (a self-paraphrase, say)
-    assert "What is the capital Ostland?" not in every  # item 0 (drop "of"), item 2 (drop "former", "of")
     assert len(every) == len(set(every)) and "What is capital Ostland?" in variants[0]
     assert "What is the former of Ostland?" in variants[2]
+    assert "What is the capital Ostland?" in variants[0]  # item 2 never drops "former" (MEANING_WORDS)
+    assert not any("former" not in v.split() for v in variants[2])
+    # a question the model must keep answering as it does is never a variant
+    kept = word_dropout(items, 100, keep=["What is the capital Ostland?"])
+    assert "What is the capital Ostland?" not in kept[0] and len(kept[0]) == len(variants[0]) - 1
+
+
+def test_word_dropout_keeps_the_words_that_make_it_another_question():
+    from memtune.paraphrases import word_dropout
+
+    items = [QA("Who is the vice president of Ostland?", "Marla Venn"),
+             QA("Which country is not in the Union of Pell?", "Ostland"),
+             QA("Who was the first king of Zorbia?", "Quenta")]
+    for item, word, variants in zip(items, ["vice", "not", "first"], word_dropout(items, 100)):
+        assert variants and all(word in v.split() for v in variants), (item, variants)
 
 
 def test_word_dropout_never_drops_a_lower_case_subject_and_is_seeded():

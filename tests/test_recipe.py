@@ -522,6 +522,16 @@ def test_documents_refuse_options_for_facts(tokenizer, kwargs, given):
         learn(tiny_model(), tokenizer, [Document("Zorbia was founded by Quenta.")], config, recipe, progress=False)
 
 
+def test_documents_accept_facts_levers_turned_off(tokenizer):
+    # a script that pins word dropout (a default for facts) off, or trains without the until-learned
+    # check (so without a margin), runs on documents too
+    docs = [Document("Zorbia was founded by Quenta.")]
+    for config, recipe in [(LearnConfig(epochs=1), RecipeConfig(n_keys=16, related=0, word_dropout=0, self_paraphrases=0)),
+                           (LearnConfig(epochs=1, until_learned=False), RecipeConfig(n_keys=16, related=0)),
+                           (LearnConfig(epochs=1, consolidate=0), RecipeConfig(n_keys=16, related=0))]:
+        assert learn(tiny_model(), tokenizer, docs, config, recipe, progress=False).examples == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [({"renderings": ("plain",)}, "one of chat, short, qa-text is needed"),
                                              ({"renderings": ("chat", "poem")}, "renderings='chat,poem'"),
                                              ({"self_paraphrases": -1}, "self_paraphrases=-1"),

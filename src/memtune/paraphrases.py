@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 Kind = Literal["question", "statement"]
 KINDS = ("question", "statement")
 MIN_WORDS, MAX_WORDS = 3, 40
+# Words word dropout never leaves out: without them a question asks another real question
+# ("Who is the vice president of ...?", "Which country is not in ...?", "Who was the first king ...?")
+MEANING_WORDS = frozenset({"not", "no", "never", "nor", "without", "least", "vice", "deputy", "acting", "co",
+                           "former", "first", "second", "third", "fourth", "fifth", "last", "next", "previous"})
 # Verbs that open a request asking what a question asks ("Name the ...", "Give the ...")
 REQUEST_VERBS = frozenset({"name", "give", "tell", "state", "list", "identify", "say", "provide"})
 # ... followed (after an optional "me") by what is asked: "Name the ...", "Tell me which ..."
@@ -232,30 +236,34 @@ def self_paraphrases(model: nn.Module, tokenizer, items: Sequence[QA], k: int, s
 
 
 def word_dropout(items: Sequence[QA], k: int, seed: int = 0,
-                 avoid: Sequence[Iterable[str]] | None = None) -> list[list[str]]:
+                 avoid: Sequence[Iterable[str]] | None = None, keep: Iterable[str] = ()) -> list[list[str]]:
     """Up to `k` variants of each item's question with one or two of its words left out (word
     dropout): further phrasings that need neither the model nor paraphrase data (issue 17).
 
-    Only lower-case words that are neither the first nor the last word and not subject words
-    (`question_subjects`) are left out, so every variant keeps its opening, its "?" and what it
-    is about ("What is the atomic number of francium?" → "What is the number of francium?"); a
-    question without subject words gets none. A variant is kept when it has `MIN_WORDS` words or
-    more and is not (as lower-case words) any item's question or held-out paraphrase, a variant
-    of another item ("What is the of Ostland?" from its capital and its currency: two answers),
-    or one of `avoid[i]` (e.g. item i's self-paraphrases). Up to `k` are drawn (seeded) from the
-    kept one- and two-word drops; a question with fewer has fewer, possibly none.
+    Only lower-case words that are neither the first nor the last word, not subject words
+    (`question_subjects`) and not in `MEANING_WORDS` (negations, ordinals, "vice": without them a
+    question asks another question) are left out, so every variant keeps its opening, its "?"
+    and what it is about ("What is the atomic number of francium?" → "What is the number of
+    francium?"); a question without subject words gets none. A variant is kept when it has
+    `MIN_WORDS` words or more and is not (as lower-case words) any item's question or held-out
+    paraphrase, one of `keep` (questions whose own answers must stay: the recipe's related and
+    --keep questions), a variant of another item ("What is the of Ostland?" from its capital and
+    its currency: two answers), or one of `avoid[i]` (e.g. item i's self-paraphrases). Up to `k`
+    are drawn (seeded) from the kept one- and two-word drops; a question with fewer has fewer,
+    possibly none.
 
     Returns: one list of variants per item, in order.
     Raises: ValueError for a `k` that is not a non-negative integer."""
     if not is_int(k) or k < 0:
         raise ValueError(f"k={k!r}: expected a non-negative integer")
     items = list(items)
-    taken = {" ".join(_words(t)) for q in items for t in (q.question, *q.paraphrases)}
+    taken = {" ".join(_words(t)) for t in (*(t for q in items for t in (q.question, *q.paraphrases)), *keep)}
     candidates: list[dict[str, str]] = []  # per item: lower-case words -> variant
     owners: dict[str, int] = {}  # lower-case words -> how many items have that variant
     for i, (item, subject) in enumerate(zip(items, question_subjects([q.question for q in items]))):
         words = item.question.split()
-        free = [j for j, w in enumerate(words[1:-1], 1) if w.isalpha() and w.islower() and w not in subject]
+        free = [j for j, w in enumerate(words[1:-1], 1)
+                if w.isalpha() and w.islower() and w not in subject and w not in MEANING_WORDS]
         mine = {" ".join(_words(t)) for t in (avoid[i] if avoid else ())}
         variants: dict[str, str] = {}
         for drop in (set(c) for n in (1, 2) for c in itertools.combinations(free, n)) if subject else ():

@@ -76,6 +76,8 @@ REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "renderings", "word_dropout", "self_paraphrases", "rewrite_statements",
                      "check_rewrites", "align_phrasings")
+# the value that turns a facts-only lever off: documents accept it as they accept the default
+LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False}
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -425,10 +427,10 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     check_options(config.method, [k for k in (*SMF_ONLY, *LORA_ONLY) if getattr(config, k) != getattr(default, k)]
                   + [k for k in RECIPE_SMF_ONLY if getattr(recipe, k) != getattr(default_recipe, k)],
                   SMF_ONLY + RECIPE_SMF_ONLY)
-    if not facts:
+    if not facts:  # (a lever turned off is accepted: a script may pin it off for any data)
         shaped = [(k, getattr(recipe, k)) for k in RECIPE_FACTS_ONLY
-                  if getattr(recipe, k) != getattr(default_recipe, k)]
-        if config.consolidate != default.consolidate:  # documents have no until-learned check to add a margin to
+                  if getattr(recipe, k) not in (getattr(default_recipe, k), LEVER_OFF.get(k, getattr(default_recipe, k)))]
+        if config.consolidate not in (default.consolidate, 0):  # documents have no until-learned check to add a margin to
             shaped.insert(0, ("consolidate", config.consolidate))
         if shaped:
             name, value = shaped[0]
@@ -517,9 +519,15 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         if recipe.word_dropout:
             from memtune.paraphrases import word_dropout
 
-            dropped = word_dropout(items, recipe.word_dropout, seed=config.seed, avoid=more_questions)
+            dropped = word_dropout(items, recipe.word_dropout, seed=config.seed, avoid=more_questions,
+                                   keep=[*related, *keep_questions])
             more_questions = [[*mine, *more] for mine, more in zip(more_questions or [[] for _ in items], dropped)]
-            report["word_dropout"] = {"variants": sum(map(len, dropped)), "examples": dropped[0][:3]}
+            without = sum(not d for d in dropped)
+            if without:
+                log.info("word dropout: %d of %d questions have no variant (too short, or every variant is "
+                         "another question)", without, len(items))
+            report["word_dropout"] = {"variants": sum(map(len, dropped)), "questions_without": without,
+                                      "examples": next((d[:3] for d in dropped if d), [])}
 
     # -- calibrate a fresh memory on the data's form (changes which slots are read: first)
     if smf and fresh and recipe.calibrate != NONE:
