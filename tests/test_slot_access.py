@@ -186,3 +186,10 @@ def test_cli_bad_input(tiny_model_dir, tmp_path, capsys):
     cli_error(["slots", "--model", str(tiny_model_dir), "--data", data, "--out", str(out), "--pairs", "0"],
               capsys, "--pairs")
     assert not out.exists()
+    full = tmp_path / "full"
+    assert main(["learn", "--model", str(tiny_model_dir), "--method", "full", "--data", data, "--epochs", "1",
+                 "--out", str(full)]) == 0
+    capsys.readouterr()
+    cli_error(["slots", "--model", str(full), "--data", data, "--out", str(out)], capsys,
+              "is a run of --method full: it has no memory layers")
+    assert not out.exists()

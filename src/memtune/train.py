@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 RECHECK_EVERY = 5
 # Until learned, the passes each question trains after it is first answered right: held-out
 # paraphrases answered 24 / 41 / 45 / 45 % on countries with 0 / 10 / 20 / 30 alone (elements
-# 3.8 / 6.2 / 10.0 / 11.2 %). With the recipe's word dropout, 5 keeps what 10 gave (countries
-# 51.2 / 52.5 %, elements 18.8 / 20.0 %) in a third fewer steps (BENCHMARKS.md, issue 17).
+# 3.8 / 6.2 / 10.0 / 11.2 %). With the recipe's word dropout and whole-statement loss, 5 against
+# 10: elements 22.5 / 27.5 % with 1 / 4 of 50 known facts lost, states 51.2 % both with 0 / 1 of
+# 28 lost, in 106 / 143 and 137 / 195 steps (BENCHMARKS.md, issue 17, fifth and sixth rounds).
 CONSOLIDATE = 5
 SCHEDULES = ("constant", "linear")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from memtune.commands import add_output_arguments, add_threads_argument, non_negative_int, positive_int
 from memtune.errors import MemtuneError
@@ -59,6 +60,11 @@ def cmd_slots(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype)
     bank = get_memory_bank(model)
     if bank is None:
+        run_config = Path(args.model) / "config.json"
+        method = json.loads(run_config.read_text()).get("learn", {}).get("method") if run_config.is_file() else None
+        if method in ("full", "lora"):
+            raise MemtuneError(f"{args.model!r} is a run of --method {method}: it has no memory layers to analyse "
+                               "(pass the run folder of an SMF learn)")
         raise MemtuneError(f"{args.model!r} has no memory layers: pass a memory model — `memtune retrofit --model "
                            f"{args.model} --out DIR` makes one — or the run folder of `memtune learn` (its model/)")
     summary = slot_access(model, tokenizer, items, known, target=args.target, loss=args.loss, n_pairs=args.pairs,
