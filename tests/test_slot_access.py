@@ -135,6 +135,12 @@ def test_slot_access_summary(tokenizer):
     bank.ledger.record({"data": "none"}, {})
     for layer in slot_access(model, tokenizer, FACTS, n_pairs=2)["layers"].values():
         assert layer["written"] == {"question": 0.0, "paraphrases": 0.0, "rows": 0}
+    # one value table per layer: a call that wrote every row of layer 1's table only
+    model = tiny_model()
+    retrofit(model, tiny_memory_config(layers=[0, 1], share_values=False))
+    model.memory.ledger.record({"data": "layer 1"}, {1: torch.arange(model.memory.config.n_slots)})
+    layers = slot_access(model.eval(), tokenizer, FACTS, n_pairs=2)["layers"]
+    assert layers["0"]["written"]["question"] == 0.0 and layers["1"]["written"]["question"] == 1.0
 
 
 def write_jsonl(path, items):

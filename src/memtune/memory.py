@@ -361,10 +361,12 @@ class MemoryBank(nn.Module):
             shapes[f"values.{i}.weight"] = torch.Size((table.n_slots, table.v_dim))
         return shapes
 
+    def table_index(self, layer: int) -> int:
+        """The index in `values` (and in the ledger) of the value table decoder layer `layer` reads."""
+        return 0 if self.config.share_values else self.config.layers.index(layer)
+
     def table_for(self, layer: int) -> ValueTable:
-        if self.config.share_values:
-            return self.values[0]
-        return self.values[self.config.layers.index(layer)]
+        return self.values[self.table_index(layer)]
 
     def check_write_knn(self, knn: int | None) -> None:
         """MemtuneError unless `knn` is None or between this memory's knn and n_keys."""

@@ -170,8 +170,7 @@ class SparseMemoryFinetuning:
         bank.set_query_noise(self.config.query_noise)
         bank.set_slot_dropout(self.config.slot_dropout)
         self.bank = bank
-        self.table_of = {k: next(t for t, table in enumerate(bank.values) if bank.table_for(int(k)) is table)
-                         for k in bank.layers}
+        self.table_of = {k: bank.table_index(int(k)) for k in bank.layers}
         if self.protect is not None:
             self.protect_reads(self.protect)
         ledger = bank.ledger  # what earlier learn calls on this memory froze

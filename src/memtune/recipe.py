@@ -429,7 +429,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                   SMF_ONLY + RECIPE_SMF_ONLY)
     if not facts:  # (a lever turned off is accepted: a script may pin it off for any data)
         shaped = [(k, getattr(recipe, k)) for k in RECIPE_FACTS_ONLY
-                  if getattr(recipe, k) not in (getattr(default_recipe, k), LEVER_OFF.get(k, getattr(default_recipe, k)))]
+                  if getattr(recipe, k) != getattr(default_recipe, k) and getattr(recipe, k) != LEVER_OFF.get(k)]
         if config.consolidate not in (default.consolidate, 0):  # documents have no until-learned check to add a margin to
             shaped.insert(0, ("consolidate", config.consolidate))
         if shaped:

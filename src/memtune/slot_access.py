@@ -203,8 +203,7 @@ def slot_access(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: Seq
     bank = require_memory_bank(model)
     written: dict[str, Tensor | None] = {name: None for name in layers}
     if bank.ledger.calls:
-        tables = {id(t): i for i, t in enumerate(bank.values)}
-        written = {name: bank.ledger.learned_rows(tables[id(bank.table_for(int(name)))]) for name in layers}
+        written = {name: bank.ledger.learned_rows(bank.table_index(int(name))) for name in layers}
     return {
         "facts": len(items),
         "phrasings": sum(len(f) for f in reads),
