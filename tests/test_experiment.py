@@ -101,6 +101,15 @@ def test_statement_target_is_trained(config, tmp_path, tokenizer):
     assert tokenizer.decode([t for t in masked.labels if t != -100]).strip() == f"{first.answer}.<|end|>"
     cfg.stream.augment = 1  # + one paraphrase per fact, which then leaves the paraphrase probe
     assert len(training_examples(stream.chunks[0], "facts", cfg.stream, tokenizer)) == 2 * len(stream.chunks[0].train)
+    cfg.stream.augment, cfg.stream.word_dropout = 0, 2  # + each question's word-dropout variants, after it
+    from memtune.paraphrases import word_dropout
+
+    variants = word_dropout(stream.chunks[0].train, 2)
+    assert sum(map(len, variants)) > 0
+    dropped = training_examples(stream.chunks[0], "facts", cfg.stream, tokenizer)
+    assert len(dropped) == len(stream.chunks[0].train) + sum(map(len, variants))
+    assert dropped[0].input_ids == examples[0].input_ids and dropped[1].labels[-3:] == examples[0].labels[-3:]
+    assert variants[0] and variants[0][0] in tokenizer.decode(dropped[1].input_ids)
 
 
 def test_fact_background_leaves_out_the_stream(config, tmp_path, tokenizer):
@@ -349,6 +358,7 @@ def test_shipped_config_parses_and_runs_on_a_tiny_model(path, tiny_model_dir, tm
         (lambda c: c.pop("stream"), "missing key 'stream'"),
         (lambda c: c["stream"].update(kind="poems"), "stream.kind='poems' is invalid"),
         (lambda c: c["stream"].update(chunks=0), "stream.chunks=0 is invalid"),
+        (lambda c: c["stream"].update(word_dropout=-1), "stream.word_dropout=-1 is invalid"),
         (lambda c: c["probes"].update(evry=2), "unknown key 'evry'"),
         (lambda c: c["methods"][0].update(top_t=-1), "methods[0] (smf): top_t=-1 is invalid"),
         (lambda c: c["methods"][0].update(query_noise=-1.0), "methods[0] (smf): query_noise=-1.0 is invalid"),

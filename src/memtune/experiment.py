@@ -80,6 +80,9 @@ class StreamConfig:
     loss: Literal["target", "answer", "diverge"] = "target"
     # facts: also train on the first N paraphrases of each question (they then leave the probe)
     augment: int = 0
+    # facts: also train K variants of each question with one or two words left out
+    # (memtune.paraphrases.word_dropout, as `memtune learn` does by default; paraphrases stay held out)
+    word_dropout: int = 0
     # task: held-out items whose accuracy is the learning probe (default: items after `size`)
     eval_data: Source | None = None
     eval_size: int = 200
@@ -98,8 +101,9 @@ class StreamConfig:
             _positive(f"stream.{name}", getattr(self, name))
         if self.size is not None:
             _positive("stream.size", self.size)
-        if not is_int(self.augment) or self.augment < 0:
-            raise MemtuneError(f"stream.augment={self.augment!r} is invalid: expected an integer >= 0")
+        for name in ("augment", "word_dropout"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                raise MemtuneError(f"stream.{name}={getattr(self, name)!r} is invalid: expected an integer >= 0")
 
 
 @dataclass
@@ -403,8 +407,14 @@ def load_stream(cfg: StreamConfig, seed: int) -> Stream:
 
 def fact_examples(items: list[QA], cfg: StreamConfig, tokenizer, model: nn.Module | None = None) -> list[Example]:
     """Each fact as the stream trains it (`memtune.targets.fact_examples` with the stream's
-    target, loss, augment and max_length). `loss: diverge` needs the `model` that will learn them."""
-    return targets.fact_examples(items, tokenizer, cfg.target, cfg.loss, cfg.augment, cfg.max_length, model)
+    target, loss, augment and max_length; with word_dropout, each question's variants among
+    `items`, `memtune.paraphrases.word_dropout`, after it). `loss: diverge` needs the `model` that
+    will learn them."""
+    from memtune.paraphrases import word_dropout
+
+    more = word_dropout(items, cfg.word_dropout) if cfg.word_dropout else None
+    return targets.fact_examples(items, tokenizer, cfg.target, cfg.loss, cfg.augment, cfg.max_length, model,
+                                 more_questions=more)
 
 
 def training_examples(chunk: Chunk, kind: str, cfg: StreamConfig, tokenizer,
