@@ -57,7 +57,8 @@ def elements() -> list[dict]:
 
 # how the model may name a country besides geonames' name (each alias names that country only)
 COUNTRY_ALIASES = {"United States": ["USA", "U.S.", "United States of America"], "United Kingdom": ["UK", "Britain"],
-                   "Democratic Republic of the Congo": ["DR Congo", "DRC"], "Ivory Coast": ["Côte d'Ivoire"]}
+                   "Democratic Republic of the Congo": ["DR Congo", "DRC"], "Ivory Coast": ["Côte d'Ivoire"],
+                   "Russia": ["Russian Federation"]}
 
 
 def cities(n: int = 300, per_country: int = 8) -> list[dict]:
