@@ -9,7 +9,7 @@ from memtune.batches import IGNORE, Example, encode_qa
 from memtune.data import QA
 from memtune.errors import MemtuneError
 from memtune.prompts import answer_opening
-from memtune.targets import encode_facts, fact_examples, mask_predicted, mask_prefix
+from memtune.targets import encode_facts, fact_examples, mask_after, mask_predicted, mask_prefix
 from tiny import bos_tokenizer, tiny_model, tiny_tokenizer
 
 CHAD = QA("What is the capital of Chad?", "N'Djamena", statement="The capital of Chad is N'Djamena.",
@@ -183,3 +183,27 @@ def test_the_default_is_the_examples_of_before(target, loss, make):
         r = encode_facts(items, tok, target, loss, augment)
         assert r.examples == got and set(r.renderings) == {"chat"}
         assert r.items == [i for i, q in enumerate(items) for _ in [q.question, *q.paraphrases[:augment]]]
+
+
+@pytest.mark.parametrize("target, loss, taught", [
+    ("statement", "target", "The capital of Chad is N'Djamena"),
+    ("statement", "answer", "N'Djamena"),
+    ("answer", "target", "N'Djamena"),
+])
+def test_end_loss_off_stops_the_loss_at_the_answer(tokenizer, target, loss, taught):
+    [on] = fact_examples([CHAD], tokenizer, target, loss)
+    [off] = fact_examples([CHAD], tokenizer, target, loss, end_loss=False)
+    assert off.input_ids == on.input_ids  # the same text; only where the loss is differs
+    assert trained(tokenizer, on).strip() in (taught + ".<|end|>", taught + "<|end|>")
+    assert trained(tokenizer, off).strip() == taught
+    first, end = loss_block(off)
+    assert first == loss_block(on)[0] and end < loss_block(on)[1]
+    assert off.labels[end:] == [IGNORE] * (len(off.labels) - end)
+
+
+def test_end_loss_off_leaves_a_target_whose_answer_merges_with_what_follows():
+    e = Example([1, 2, 3, 4, 5], [IGNORE, 2, 3, 4, 5])
+    mask_after(e, [2, 9])  # the target's tokens do not start with the head's
+    assert e.labels == [IGNORE, 2, 3, 4, 5]
+    mask_after(e, [2, 3])
+    assert e.labels == [IGNORE, 2, 3, IGNORE, IGNORE]

@@ -74,8 +74,8 @@ RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect",
                    "align_phrasings")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
-RECIPE_FACTS_ONLY = ("target", "loss", "renderings", "word_dropout", "self_paraphrases", "rewrite_statements",
-                     "check_rewrites", "align_phrasings")
+RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
+                     "rewrite_statements", "check_rewrites", "align_phrasings")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False}
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
@@ -110,6 +110,10 @@ class RecipeConfig:
     loss: str = field(default="target", metadata={
         "help": "facts: loss on the whole target (target), from where the model's own words leave it (diverge), "
                 "or on the answer inside a statement (answer)"})
+    end_loss: bool = field(default=True, metadata={
+        "help": "facts: the loss also on what follows the answer in the target (the statement's full stop, the end "
+                "of the turn); off, the loss stops at the answer, so that the model does not learn to stop right "
+                "after a name or a place and cut short its longer answers to what it knew"})
     renderings: tuple[str, ...] = field(default=("chat",), metadata={
         "help": "facts, experimental (issue 17): the forms each fact is trained in, of " + ", ".join(RENDERINGS)
                 + " (memtune.targets); the until-learned check asks the chat question"})
@@ -159,7 +163,7 @@ class RecipeConfig:
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
                                f"{', '.join(REWRITE_STATEMENTS)}")
-        for name in ("check_rewrites", "align_phrasings"):
+        for name in ("end_loss", "check_rewrites", "align_phrasings"):
             if not isinstance(getattr(self, name), bool):
                 raise MemtuneError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
         if self.rewrite_statements == "own" and not (self.self_paraphrases and self.target == "statement"):
@@ -563,7 +567,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                max_length=config.max_length, renderings=recipe.renderings,
                                more_questions=((dropped or [[] for _ in items]) + [[] for _ in rewritten]
                                                if rewritten else more_questions),  # (rewrites are items then)
-                               more_statements=more_statements and more_statements + [[] for _ in rewritten])
+                               more_statements=more_statements and more_statements + [[] for _ in rewritten],
+                               end_loss=recipe.end_loss)
         asked = items + rewritten if recipe.check_rewrites else items  # what the until-learned check asks
         raw = encoded.items  # indices into items + rewritten
         encoded.items = [i if i < len(items) else parents[i - len(items)] for i in raw]  # each example's fact

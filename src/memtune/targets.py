@@ -8,6 +8,10 @@
   first token the model would not say itself: greedy decoding follows the model's own words up
   to there, so that is where the fact must be taught (and where SMF counts slot reads).
 
+What follows the answer in the target (a statement's full stop, the end of the turn) gets the
+loss too unless ``end_loss=False``: then the loss stops at the answer's last token, so a model
+taught short statements does not learn to stop right after a name or a place.
+
 The loss positions are also SMF's counted positions (`count_positions="loss"`): a target that
 leaves the model's own words untouched keeps the slots those words read out of the update.
 
@@ -100,25 +104,26 @@ def fact_examples(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: T
                   loss: Loss = "target", augment: int = 0, max_length: int = 256,
                   model: nn.Module | None = None, renderings: tuple[str, ...] = ("chat",),
                   more_questions: list[list[str]] | None = None,
-                  more_statements: list[list[str]] | None = None) -> list[Example]:
+                  more_statements: list[list[str]] | None = None, end_loss: bool = True) -> list[Example]:
     """Each fact as it is trained: its question (and its first `augment` paraphrases) -> its
     answer or statement (a fact without a statement trains its answer). `loss="diverge"` needs
     the `model` that will learn the facts. Returns one example per (fact, phrasing), facts in
     order; with other `renderings` (module doc) per (fact, rendering, phrasing), see
     `encode_facts` for which fact each belongs to."""
     return encode_facts(items, tokenizer, target, loss, augment, max_length, model, renderings, more_questions,
-                        more_statements).examples
+                        more_statements, end_loss).examples
 
 
 def encode_facts(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: Target = "answer",
                  loss: Loss = "target", augment: int = 0, max_length: int = 256,
                  model: nn.Module | None = None, renderings: tuple[str, ...] = ("chat",),
                  more_questions: list[list[str]] | None = None,
-                 more_statements: list[list[str]] | None = None) -> FactExamples:
+                 more_statements: list[list[str]] | None = None, end_loss: bool = True) -> FactExamples:
     """`fact_examples` with the item and rendering of each example. `more_questions[i]` and
     `more_statements[i]` are further phrasings of item i (e.g. the model's own rewrites,
     `memtune.paraphrases`), trained after its question and first `augment` paraphrases (by the
-    question renderings), or after its statement (by plain)."""
+    question renderings), or after its statement (by plain). `end_loss=False` takes the loss off
+    what follows the answer in the chat rendering's target (module doc)."""
     check_target(target, loss)
     renderings = check_renderings(renderings)
     for name, more in (("more_questions", more_questions), ("more_statements", more_statements)):
@@ -129,7 +134,7 @@ def encode_facts(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: Ta
     per_item: dict[str, list[list[Example]]] = {}
     for name in renderings:
         if name == "chat":
-            per_item[name] = _chat_examples(items, questions, tokenizer, target, loss, max_length)
+            per_item[name] = _chat_examples(items, questions, tokenizer, target, loss, max_length, end_loss)
         elif name == "plain":
             statements = [[s for s in [q.statement, *(more_statements[i] if more_statements else [])] if s]
                           for i, q in enumerate(items)]
@@ -165,19 +170,23 @@ def _regroup(examples: list[Example], groups: list[list[str]]) -> list[list[Exam
 
 
 def _chat_examples(items: list[QA], questions: list[list[str]], tokenizer: PreTrainedTokenizerBase, target: Target,
-                   loss: Loss, max_length: int) -> list[list[Example]]:
+                   loss: Loss, max_length: int, end_loss: bool = True) -> list[list[Example]]:
     """The chat rendering: each phrasing -> the answer or statement, per item."""
-    pairs, prefixes = [], []
+    pairs, prefixes, heads = [], [], []
     for q, phrasings in zip(items, questions):
         stated = target == "statement" and bool(q.statement)
         text = q.statement if stated else q.answer
-        cut = text.rfind(q.answer) if stated and loss == "answer" else -1  # after the subject
+        at = text.rfind(q.answer) if stated else 0
+        cut = at if loss == "answer" else -1  # after the subject
         for question in phrasings:
             pairs.append((question, text))
             prefixes.append(text[:cut].rstrip() if cut > 0 else "")
+            heads.append(text[: at + len(q.answer)] if at >= 0 else text)  # the target up to its answer
     examples = encode_qa(tokenizer, pairs, max_length)
     opening = answer_opening(tokenizer)  # the prefix is tokenised as it starts the trained answer
-    for example, prefix in zip(examples, prefixes):
+    for example, prefix, head in zip(examples, prefixes, heads):
+        if not end_loss:  # first: both find the target's start as the first token with a loss
+            mask_after(example, tokenizer(opening + head, add_special_tokens=False)["input_ids"])
         if prefix:
             mask_prefix(example, tokenizer(opening + prefix, add_special_tokens=False)["input_ids"])
     return _regroup(examples, questions)
@@ -240,6 +249,16 @@ def mask_prefix(example: Example, prefix: list[int]) -> None:
     first = next(i for i, t in enumerate(example.labels) if t != IGNORE)
     if example.input_ids[first : first + len(prefix)] == prefix and first + len(prefix) < len(example.labels):
         example.labels[first : first + len(prefix)] = [IGNORE] * len(prefix)
+
+
+def mask_after(example: Example, head: list[int]) -> None:
+    """Take the loss off the target's tokens after `head` (its tokens up to the answer's end):
+    the statement's full stop and the end of the turn. Left as it is when the target does not
+    start with `head` as tokens (the answer's last token merged with what follows it)."""
+    first = next(i for i, t in enumerate(example.input_ids) if example.labels[i] != IGNORE)
+    end = first + len(head)
+    if example.input_ids[first:end] == head and end < len(example.labels):
+        example.labels[end:] = [IGNORE] * (len(example.labels) - end)
 
 
 def first_sentence(text: str) -> str:
