@@ -112,8 +112,8 @@ class RecipeConfig:
                 "or on the answer inside a statement (answer)"})
     end_loss: bool = field(default=True, metadata={
         "help": "facts: the loss also on what follows the answer in the target (the statement's full stop, the end "
-                "of the turn); off, the loss stops at the answer, so that the model does not learn to stop right "
-                "after a name or a place and cut short its longer answers to what it knew"})
+                "of the turn); off (experimental, issue 17), the loss stops at the answer, so that the model does not "
+                "learn to stop right after a name or a place"})
     renderings: tuple[str, ...] = field(default=("chat",), metadata={
         "help": "facts, experimental (issue 17): the forms each fact is trained in, of " + ", ".join(RENDERINGS)
                 + " (memtune.targets); the until-learned check asks the chat question"})
