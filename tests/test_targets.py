@@ -207,3 +207,15 @@ def test_end_loss_off_leaves_a_target_whose_answer_merges_with_what_follows():
     assert e.labels == [IGNORE, 2, 3, 4, 5]
     mask_after(e, [2, 3])
     assert e.labels == [IGNORE, 2, 3, IGNORE, IGNORE]
+
+
+@pytest.mark.parametrize("rendering", ["short", "qa-text"])
+def test_end_loss_off_stops_the_loss_at_the_answer_in_every_question_rendering(tokenizer, rendering):
+    on, off = one(rendering, tokenizer), one(rendering, tokenizer, end_loss=False)
+    assert off.input_ids == on.input_ids
+    assert trained(tokenizer, on).strip() == "N'Djamena<|end|>" and trained(tokenizer, off).strip() == "N'Djamena"
+
+
+def test_end_loss_off_still_trains_a_bare_answer_once(tokenizer):
+    r = encode_facts([CHAD], tokenizer, "answer", "target", renderings=("chat", "short"), end_loss=False)
+    assert r.renderings == ["chat"]  # short is chat's example again: not repeated

@@ -438,9 +438,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             shaped.insert(0, ("consolidate", config.consolidate))
         if shaped:
             name, value = shaped[0]
-            value = ",".join(value) if isinstance(value, tuple) else value
-            raise MemtuneError(f"--{name.replace('_', '-')}={value} is for facts ({{question, answer}} items), "
-                               "but the data is documents: drop it")
+            flag = name.replace("_", "-")
+            if isinstance(value, bool):  # as the option is typed: --check-rewrites, --no-end-loss
+                given = f"--{flag}" if value else f"--no-{flag}"
+            else:
+                given = f"--{flag}=" + (",".join(value) if isinstance(value, tuple) else str(value))
+            raise MemtuneError(f"{given} is for facts ({{question, answer}} items), but the data is documents: drop it")
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()

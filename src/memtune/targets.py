@@ -9,8 +9,10 @@
   to there, so that is where the fact must be taught (and where SMF counts slot reads).
 
 What follows the answer in the target (a statement's full stop, the end of the turn) gets the
-loss too unless ``end_loss=False``: then the loss stops at the answer's last token, so a model
-taught short statements does not learn to stop right after a name or a place.
+loss too unless ``end_loss=False``: then the loss stops at the answer's last token (in every
+rendering that asks the question), so a model taught short statements does not learn to stop
+right after a name or a place. A target whose answer's last token merges with what follows
+keeps its loss there.
 
 The loss positions are also SMF's counted positions (`count_positions="loss"`): a target that
 leaves the model's own words untouched keeps the slots those words read out of the update.
@@ -21,7 +23,8 @@ loss on what the fact says — never on the question:
 
 - ``chat``: the chat question -> the target as above (`target`, `loss`); the default and the only
   rendering before issue 17.
-- ``short``: the chat question -> the bare answer and the end of the turn, loss on both.
+- ``short``: the chat question -> the bare answer and the end of the turn, loss on both (on the
+  answer only with ``end_loss=False``, as in every question rendering).
 - ``plain``: the statement as plain text, no chat template (``BOS? + "The capital of Chad is
   N'Djamena."``, no EOS: a sentence of running text), loss on exactly the tokens that overlap the
   answer's characters. A fact whose statement is missing, does not contain its answer, or starts
@@ -123,7 +126,7 @@ def encode_facts(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: Ta
     `more_statements[i]` are further phrasings of item i (e.g. the model's own rewrites,
     `memtune.paraphrases`), trained after its question and first `augment` paraphrases (by the
     question renderings), or after its statement (by plain). `end_loss=False` takes the loss off
-    what follows the answer in the chat rendering's target (module doc)."""
+    what follows the answer in the question renderings' targets (module doc)."""
     check_target(target, loss)
     renderings = check_renderings(renderings)
     for name, more in (("more_questions", more_questions), ("more_statements", more_statements)):
@@ -141,9 +144,15 @@ def encode_facts(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: Ta
             per_item[name] = [[e for e in (_plain_example(tokenizer, s, q.answer, max_length) for s in stated) if e]
                               for q, stated in zip(items, statements)]
         else:  # short, qa-text: question -> the bare answer, with or without the chat template
-            per_item[name] = _regroup(encode_qa(tokenizer, [(t, q.answer) for q, ts in zip(items, questions)
-                                                            for t in ts], max_length,
-                                                chat=False if name == "qa-text" else None), questions)
+            chat = False if name == "qa-text" else None
+            flat = encode_qa(tokenizer, [(t, q.answer) for q, ts in zip(items, questions) for t in ts], max_length,
+                             chat=chat)
+            if not end_loss:
+                opening = answer_opening(tokenizer, chat)
+                answers = [q.answer for q, ts in zip(items, questions) for _ in ts]
+                for example, answer in zip(flat, answers):
+                    mask_after(example, tokenizer(opening + answer, add_special_tokens=False)["input_ids"])
+            per_item[name] = _regroup(flat, questions)
     out = FactExamples([], [], [])
     for i in range(len(items)):
         earlier: list[Example] = []  # the item's examples from the renderings before this one
