@@ -264,7 +264,7 @@ def mask_after(example: Example, head: list[int]) -> None:
     """Take the loss off the target's tokens after `head` (its tokens up to the answer's end):
     the statement's full stop and the end of the turn. Left as it is when the target does not
     start with `head` as tokens (the answer's last token merged with what follows it)."""
-    first = next(i for i, t in enumerate(example.input_ids) if example.labels[i] != IGNORE)
+    first = next(i for i, t in enumerate(example.labels) if t != IGNORE)
     end = first + len(head)
     if example.input_ids[first:end] == head and end < len(example.labels):
         example.labels[end:] = [IGNORE] * (len(example.labels) - end)
