@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# memtune demo, offline, on the embedded SmolLM2-135M-Instruct (about 20 minutes on 2 CPU
+# memtune demo, offline, on the embedded SmolLM2-135M-Instruct (20–30 minutes on 2 CPU
 # cores; on a busy machine THREADS=1 is faster):
 #   1. ask the model 120 countries' capitals; split them into facts it gets wrong and right,
 #   2. `memtune learn` N_FACTS wrong capitals with its defaults: it retrofits a 1M-slot memory
