@@ -145,12 +145,11 @@ def encode_facts(items: list[QA], tokenizer: PreTrainedTokenizerBase, target: Ta
                               for q, stated in zip(items, statements)]
         else:  # short, qa-text: question -> the bare answer, with or without the chat template
             chat = False if name == "qa-text" else None
-            flat = encode_qa(tokenizer, [(t, q.answer) for q, ts in zip(items, questions) for t in ts], max_length,
-                             chat=chat)
+            pairs = [(t, q.answer) for q, ts in zip(items, questions) for t in ts]
+            flat = encode_qa(tokenizer, pairs, max_length, chat=chat)
             if not end_loss:
                 opening = answer_opening(tokenizer, chat)
-                answers = [q.answer for q, ts in zip(items, questions) for _ in ts]
-                for example, answer in zip(flat, answers):
+                for example, (_, answer) in zip(flat, pairs):
                     mask_after(example, tokenizer(opening + answer, add_special_tokens=False)["input_ids"])
             per_item[name] = _regroup(flat, questions)
     out = FactExamples([], [], [])
