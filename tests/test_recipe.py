@@ -19,7 +19,9 @@ from memtune.recipe import (
     default_memory_config,
     learn,
     listed_questions,
+    question_forms,
     read_questions,
+    related_questions,
     subject_words,
 )
 from memtune.targets import first_sentence, own_statements, statement_prefixes
@@ -44,13 +46,58 @@ def test_listed_questions_keeps_list_items_that_are_questions():
 def test_subject_words_are_what_questions_are_about():
     questions = [f"What is the capital of {s}?" for s in ("Vermont", "Ohio", "Texas", "Utah", "Iowa")]
     questions += ["What is the atomic number of francium?", "In which year did Ohio become a US state?"]
-    assert subject_words(questions) == {"vermont", "ohio", "texas", "utah", "iowa", "atomic", "number",
-                                        "francium", "year", "become", "state"}
+    # the year question shares no form: its name is its subject; the element question has no name
+    assert subject_words(questions) == {"vermont", "ohio", "texas", "utah", "iowa", "atomic", "number", "francium"}
     assert subject_words(["What is the capital of Zorbia?"]) == {"zorbia"}  # too few to tell form by counts
     many = [f"What is the {r} of {c}?" for r in ("capital", "currency", "president", "anthem", "motto", "flower")
             for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr", "Mett", "Pell", "Dunn", "Fask", "Gorr")]
     assert subject_words(many) == {c.lower() for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr", "Mett",
                                                         "Pell", "Dunn", "Fask", "Gorr")}
+
+
+def test_question_forms_tell_form_from_subject_in_a_mix_of_relations():
+    """A form word in one or two questions of a mix ("continent", "official") is not a subject;
+    a subject of several words ("Sri Lanka", "the Northern Mariana Islands") is one blank."""
+    questions = ["What is the capital of Sri Lanka?", "What is the capital of Chad?",
+                 "On which continent is the Northern Mariana Islands?", "On which continent is Chad?",
+                 "Bamako is the capital of which country?", "Manama is the capital of which country?",
+                 "What is an official language of Peru?", "Name a country that borders Spain.",
+                 "What is the atomic number of iron?", "What is the atomic number of neon?"]
+    assert question_forms(questions) == [
+        ("what is the capital of _", {"sri", "lanka"}), ("what is the capital of _", {"chad"}),
+        ("on which continent is _", {"northern", "mariana", "islands"}), ("on which continent is _", {"chad"}),
+        ("_ is the capital of which country", {"bamako"}), ("_ is the capital of which country", {"manama"}),
+        ("what is an official language of peru", {"peru"}), ("name a country that borders spain", {"spain"}),
+        ("what is the atomic number of _", {"iron"}), ("what is the atomic number of _", {"neon"})]
+    assert not {"continent", "official", "language", "borders", "atomic"} & subject_words(questions)
+
+
+def test_related_questions_list_one_form_at_a_time(tokenizer):
+    """Each list the model continues holds questions of one form, every form of a mix gets lists,
+    and a form is never padded with another's questions."""
+    model = tiny_model()
+    prompts = []
+    generate = model.generate
+
+    def spy(**batch):
+        prompts.extend(tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True))
+        return generate(**batch)
+
+    model.generate = spy
+    questions = [f"What is the capital of {c}?" for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr")]
+    questions += [f"On which continent is {c}?" for c in ("Zorbia", "Mett")]
+    questions += ["What is the demonym for people from Pell?"]
+    related_questions(model, tokenizer, questions, n=4, batch_size=16, max_new_tokens=3, progress=False)
+    form = {q: f for q, (f, _) in zip(questions, question_forms(questions))}
+    lists = {}
+    for prompt in prompts:
+        listed = listed_questions(prompt)
+        assert len({form[q] for q in listed}) == 1, prompt
+        lists.setdefault(form[listed[0]], []).append(len(listed))
+    assert set(lists) == set(form.values())
+    assert set(lists["what is the capital of _"]) == {4} and set(lists["on which continent is _"]) == {2}
+    assert set(lists[form[questions[-1]]]) == {1}  # a form of one question: its own
+    assert len(lists["what is the capital of _"]) > len(lists["on which continent is _"])  # as often as asked
 
 
 def test_first_sentence():

@@ -232,22 +232,64 @@ _STOPWORDS = frozenset("the and for was were with from into which what who whom 
                        "this that these those are has have had its his her their there than then also about".split())
 
 
-def subject_words(questions: list[str]) -> set[str]:
-    """Words that say what a question is about rather than its form (case-folded; 3+ letters;
-    not a stopword): a name or number (capitalised after the first word, or digits) in at most
-    half of the n `questions`, or any word in at most 2 of them when n ≥ 5 — one relation of a
-    set is asked 3 times or more, one subject rarely. "Vermont" and "francium" are subjects of a
-    set of state and element questions; "capital" is form."""
+def _names(question: str) -> set[str]:
+    """Case-folded words of the names and numbers in `question`: capitalised after its first
+    word, or digits."""
+    return {w for raw in re.findall(r"[\w']+", question)[1:] if raw[:1].isupper() or raw.isdigit()
+            for w in _normal(raw).split()}
+
+
+def _is_subject_word(word: str) -> bool:
+    return (len(word) >= 3 or word.isdigit()) and word not in _STOPWORDS
+
+
+def question_forms(questions: list[str], max_span: int = 6) -> list[tuple[str, set[str]]]:
+    """Each question's form and subject: `(form, subject words)`. The subject is the shortest
+    span of at most `max_span` words whose replacement by a blank leaves a form another question
+    shares and a word of 3+ letters that is not a stopword ("what is the capital of _" for "…
+    of Sri Lanka?"; never "what is _"), holding one of the question's names (capitalised after
+    the first word, or digits) if it has any; then the form more questions share, then the later
+    span. A question that shares no such form is its own form and its subject is its names;
+    with none, its words in at most 2 of the questions when there are 5 or more. Subject
+    words are case-folded, 3+ letters or digits, not stopwords. Mixed relations are what this
+    is for: "continent" or "official" in one or two questions of a mix is form, not subject."""
+    words = [_normal(q).split() for q in questions]
+    sharing: dict[tuple, set[str]] = {}
+    spans = []  # per question: (i, j, the form with words i..j blanked)
+    for w in words:
+        key, own = " ".join(w), []
+        for i in range(len(w)):
+            for j in range(i + 1, min(len(w), i + max_span) + 1):
+                form = (tuple(w[:i]), tuple(w[j:]))
+                if any(map(_is_subject_word, form[0] + form[1])):  # not "what is _"
+                    sharing.setdefault(form, set()).add(key)
+                    own.append((i, j, form))
+        spans.append(own)
     df: dict[str, int] = {}
-    names: set[str] = set()
-    for q in questions:
-        words = re.findall(r"[\w']+", q)
-        names |= {_normal(w) for w in words[1:] if w[:1].isupper() or w.isdigit()}
-        for w in set(_normal(q).split()):
-            df[w] = df.get(w, 0) + 1
-    n = len(questions)
-    return {w for w, k in df.items() if len(w) >= 3 and w not in _STOPWORDS
-            and ((w in names and k <= max(1, n / 2)) or (n >= 5 and k <= 2))}
+    for w in words:
+        for word in set(w):
+            df[word] = df.get(word, 0) + 1
+    out = []
+    for q, w, own in zip(questions, words, spans):
+        names = _names(q)
+        shared = [(i, j, form) for i, j, form in own if len(sharing[form]) >= 2
+                  and (not names or names & set(w[i:j]))]  # "former capital" is not the subject of "… of Ostland"
+        if shared:
+            i, j, form = min(shared, key=lambda s: (s[1] - s[0], -len(sharing[s[2]]), -s[0]))
+            prefix = form[0][:-1] if form[0][-1:] == ("the",) else form[0]  # "of the _" is "of _"
+            out.append((" ".join([*prefix, "_", *form[1]]), {x for x in w[i:j] if _is_subject_word(x)}))
+        else:
+            subject = {x for x in names if _is_subject_word(x)} or {
+                x for x in w if _is_subject_word(x) and len(questions) >= 5 and df[x] <= 2}
+            out.append((" ".join(w), subject))
+    return out
+
+
+def subject_words(questions: list[str]) -> set[str]:
+    """Words that say what a question is about rather than its form: the union of the subjects
+    of `question_forms`. "Vermont" and "francium" are subjects of a set of state and element
+    questions; "capital" is form, and so is "continent" in a mix of relations."""
+    return {x for _, subject in question_forms(questions) for x in subject}
 
 
 @torch.no_grad()
@@ -255,8 +297,10 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
                       shots: int = 4, batch_size: int = 32, max_new_tokens: int = 64,
                       progress: bool = True) -> list[str]:
     """Up to `n` distinct questions of the same form as `questions`, written by the model: it
-    continues a list of `shots` of them (plain text, no chat template; sampled, temperature 0.8),
-    and the lines that are questions are kept. A small model writes about the subjects it knows
+    continues a list of up to `shots` of them (plain text, no chat template; sampled, temperature
+    0.8), and the lines that are questions are kept. Each list holds questions of one form
+    (`question_forms`), drawn as often as the form is in `questions`, so that every relation of
+    a mix has questions to keep in proportion. A small model writes about the subjects it knows
     ("What is the capital of France?"), which makes them a sample of what it must keep.
     Questions about a subject of `questions` (`subject_words`) are left out: the model's own
     answer to those is what is being corrected, not something to keep."""
@@ -265,7 +309,11 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
     device = next(model.parameters()).device
     rng = random.Random(seed)
     own = {_normal(q) for q in questions}
-    subjects = subject_words(questions)
+    forms = question_forms(questions)
+    subjects = {x for _, subject in forms for x in subject}
+    same_form: dict[str, list[str]] = {}
+    for q, (form, _) in zip(questions, forms):
+        same_form.setdefault(form, []).append(q)
     found: dict[str, str] = {}
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generator_state = torch.random.get_rng_state()
@@ -278,8 +326,11 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
         bar = tqdm(total=n, desc="related questions", disable=not progress)
         while len(found) < n and rounds < max(4, 4 * n // batch_size):
             rounds += 1
-            prompts = ["Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(questions, min(shots, len(questions))))
-                       + "-" for _ in range(batch_size)]
+            prompts = []
+            for _ in range(batch_size):
+                group = same_form[forms[rng.randrange(len(questions))][0]]
+                prompts.append("Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(group, min(shots, len(group))))
+                               + "-")
             batch = tokenizer.pad({"input_ids": [encode_text(tokenizer, p) for p in prompts]},  # BOS once, no EOS
                                   return_tensors="pt", padding=True).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
