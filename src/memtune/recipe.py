@@ -313,9 +313,8 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
     0.8), and the lines that are questions are kept. Each list begins from one question of
     `questions`, each in turn: it holds questions of that one's form (`question_forms`), and its
     last item starts with its words before its subject (`question_stem`: "- What is an official
-    language of"). In each turn a question begins at most ceil(n / len(questions)) more of the
-    questions kept, so that every relation of a mix has questions to keep, in proportion, and
-    a subject the model cannot vary (the data names most US states) does not stall the rest. A small model writes about the subjects it knows
+    language of"); each begins at most ceil(n / len(questions)) of the questions kept, so that
+    every relation of a mix has questions to keep, in proportion. A small model writes about the subjects it knows
     ("What is the capital of France?"), which makes them a sample of what it must keep.
     Questions about a subject of `questions` (`subject_words`) are left out: the model's own
     answer to those is what is being corrected, not something to keep."""
@@ -329,8 +328,7 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
     same_form: dict[str, list[str]] = {}
     for q, (form, _) in zip(questions, forms):
         same_form.setdefault(form, []).append(q)
-    share = -(-n // len(questions))  # related questions each question of the data begins, per turn
-    quota = 0
+    quota = -(-n // len(questions))  # related questions each question of the data begins, at most
     taken = [0] * len(questions)
     order: list[int] = []
     found: dict[str, str] = {}
@@ -347,8 +345,7 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
             rounds += 1
             prompts, starts, anchors = [], [], []
             for _ in range(batch_size):
-                if not order:  # a turn: each question in a seeded order; one that fell short gets another share
-                    quota += share
+                if not order:  # each question in turn, in a seeded order, while it has quota left
                     order = [i for i in rng.sample(range(len(questions)), len(questions)) if taken[i] < quota]
                 anchor = order.pop()
                 anchors.append(anchor)
