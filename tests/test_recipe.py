@@ -20,7 +20,6 @@ from memtune.recipe import (
     learn,
     listed_questions,
     question_forms,
-    question_stem,
     read_questions,
     related_questions,
     subject_words,
@@ -71,10 +70,6 @@ def test_question_forms_tell_form_from_subject_in_a_mix_of_relations():
         ("what is an official language of peru", {"peru"}), ("name a country that borders spain", {"spain"}),
         ("what is the atomic number of _", {"iron"}), ("what is the atomic number of _", {"neon"})]
     assert not {"continent", "official", "language", "borders", "atomic"} & subject_words(questions)
-    assert question_stem("What is an official language of the Falkland Islands?", {"falkland", "islands"}) == \
-        ["What", "is", "an", "official", "language", "of"]
-    assert question_stem("Bamako is the capital of which country?", {"bamako"}) == []  # the subject comes first
-    assert question_stem("What is the capital of Zorbia?", set()) == []
 
 
 def test_related_questions_list_one_form_at_a_time(tokenizer):
@@ -92,31 +87,17 @@ def test_related_questions_list_one_form_at_a_time(tokenizer):
     questions = [f"What is the capital of {c}?" for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr")]
     questions += [f"On which continent is {c}?" for c in ("Zorbia", "Mett")]
     questions += ["What is the demonym for people from Pell?"]
-    related_questions(model, tokenizer, questions, n=40, batch_size=16, max_new_tokens=3, progress=False)
+    related_questions(model, tokenizer, questions, n=4, batch_size=16, max_new_tokens=3, progress=False)
     form = {q: f for q, (f, _) in zip(questions, question_forms(questions))}
-    stems = {"what is the capital of _": "- What is the capital of", "on which continent is _": "- On which continent is",
-             form[questions[-1]]: "- What is the demonym for people from"}
     lists = {}
     for prompt in prompts:
         listed = listed_questions(prompt)
         assert len({form[q] for q in listed}) == 1, prompt
-        assert prompt.rsplit("\n", 1)[1] == stems[form[listed[0]]]  # the last item: a question of the form, begun
         lists.setdefault(form[listed[0]], []).append(len(listed))
     assert set(lists) == set(form.values())
     assert set(lists["what is the capital of _"]) == {4} and set(lists["on which continent is _"]) == {2}
     assert set(lists[form[questions[-1]]]) == {1}  # a form of one question: its own
-    # each question begins lists in turn (the tiny model writes no question, so none reaches its quota)
-    assert [len(lists[f]) for f in stems] == [5 * len(prompts) // 8, 2 * len(prompts) // 8, len(prompts) // 8]
-
-    def write(**batch):  # the model ends the begun question, then lists one about a subject of the data
-        more = torch.tensor(tokenizer.encode(" Pellia?\n- What is the capital of Varn?\n- Who is Bob?",
-                                             add_special_tokens=False))
-        return torch.cat([batch["input_ids"], more.expand(len(batch["input_ids"]), -1)], dim=1)
-
-    model.generate = write
-    related = related_questions(model, tokenizer, questions, n=9, batch_size=16, progress=False)
-    assert set(related) == {"What is the capital of Pellia?", "On which continent is Pellia?",
-                            "What is the demonym for people from Pellia?", "Who is Bob?"}
+    assert len(lists["what is the capital of _"]) > len(lists["on which continent is _"])  # as often as asked
 
 
 def test_first_sentence():
