@@ -72,32 +72,19 @@ def test_question_forms_tell_form_from_subject_in_a_mix_of_relations():
     assert not {"continent", "official", "language", "borders", "atomic"} & subject_words(questions)
 
 
-def test_related_questions_list_one_form_at_a_time(tokenizer):
-    """Each list the model continues holds questions of one form, every form of a mix gets lists,
-    and a form is never padded with another's questions."""
+def test_related_questions_of_a_mix_keep_its_rare_forms_and_leave_out_its_subjects(tokenizer):
+    """In a mix of relations, a relation asked once or twice ("official language", "continent")
+    is form: the model's questions of that form are kept, those about a subject of the data are
+    left out (before question_forms, "official" in one question of 5+ made it a subject)."""
     model = tiny_model()
-    prompts = []
-    generate = model.generate
-
-    def spy(**batch):
-        prompts.extend(tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True))
-        return generate(**batch)
-
-    model.generate = spy
+    more = torch.tensor(tokenizer.encode(
+        " What is an official language of Pellia?\n- On which continent is Pellia?\n- What is the capital of Varn?"
+        "\n- On which continent is Chad?\n- Who is Bob?", add_special_tokens=False))
+    model.generate = lambda **batch: torch.cat([batch["input_ids"], more.expand(len(batch["input_ids"]), -1)], 1)
     questions = [f"What is the capital of {c}?" for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr")]
-    questions += [f"On which continent is {c}?" for c in ("Zorbia", "Mett")]
-    questions += ["What is the demonym for people from Pell?"]
-    related_questions(model, tokenizer, questions, n=4, batch_size=16, max_new_tokens=3, progress=False)
-    form = {q: f for q, (f, _) in zip(questions, question_forms(questions))}
-    lists = {}
-    for prompt in prompts:
-        listed = listed_questions(prompt)
-        assert len({form[q] for q in listed}) == 1, prompt
-        lists.setdefault(form[listed[0]], []).append(len(listed))
-    assert set(lists) == set(form.values())
-    assert set(lists["what is the capital of _"]) == {4} and set(lists["on which continent is _"]) == {2}
-    assert set(lists[form[questions[-1]]]) == {1}  # a form of one question: its own
-    assert len(lists["what is the capital of _"]) > len(lists["on which continent is _"])  # as often as asked
+    questions += ["On which continent is Chad?", "On which continent is Mett?", "What is an official language of Pell?"]
+    related = related_questions(model, tokenizer, questions, n=9, batch_size=4, progress=False)
+    assert related == ["What is an official language of Pellia?", "On which continent is Pellia?", "Who is Bob?"]
 
 
 def test_first_sentence():

@@ -39,6 +39,7 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -254,30 +255,24 @@ def question_forms(questions: list[str], max_span: int = 6) -> list[tuple[str, s
     words are case-folded, 3+ letters or digits, not stopwords. Mixed relations are what this
     is for: "continent" or "official" in one or two questions of a mix is form, not subject."""
     words = [_normal(q).split() for q in questions]
-    sharing: dict[tuple, set[str]] = {}
-    spans = []  # per question: (i, j, the form with words i..j blanked)
-    for w in words:
-        key, own = " ".join(w), []
+
+    def blanks(w: list[str]):  # (i, j, w with words i..j blanked) that keep a word of content
+        content = [_is_subject_word(x) for x in w]
         for i in range(len(w)):
             for j in range(i + 1, min(len(w), i + max_span) + 1):
-                form = (tuple(w[:i]), tuple(w[j:]))
-                if any(map(_is_subject_word, form[0] + form[1])):  # not "what is _"
-                    sharing.setdefault(form, set()).add(key)
-                    own.append((i, j, form))
-        spans.append(own)
-    df: dict[str, int] = {}
-    for w in words:
-        for word in set(w):
-            df[word] = df.get(word, 0) + 1
+                if any(content[:i]) or any(content[j:]):  # not "what is _"
+                    yield i, j, " ".join([*w[:i], "_", *w[j:]])
+
+    sharing = Counter(form for w in {" ".join(w): w for w in words}.values() for _, _, form in blanks(w))
+    df = Counter(x for w in words for x in set(w))
     out = []
-    for q, w, own in zip(questions, words, spans):
+    for q, w in zip(questions, words):
         names = _names(q)
-        shared = [(i, j, form) for i, j, form in own if len(sharing[form]) >= 2
+        shared = [(i, j, form) for i, j, form in blanks(w) if sharing[form] >= 2
                   and (not names or names & set(w[i:j]))]  # "former capital" is not the subject of "… of Ostland"
         if shared:
-            i, j, form = min(shared, key=lambda s: (s[1] - s[0], -len(sharing[s[2]]), -s[0]))
-            prefix = form[0][:-1] if form[0][-1:] == ("the",) else form[0]  # "of the _" is "of _"
-            out.append((" ".join([*prefix, "_", *form[1]]), {x for x in w[i:j] if _is_subject_word(x)}))
+            i, j, form = min(shared, key=lambda s: (s[1] - s[0], -sharing[s[2]], -s[0]))
+            out.append((form.replace("the _", "_"), {x for x in w[i:j] if _is_subject_word(x)}))  # "of the _" is "of _"
         else:
             subject = {x for x in names if _is_subject_word(x)} or {
                 x for x in w if _is_subject_word(x) and len(questions) >= 5 and df[x] <= 2}
@@ -297,10 +292,8 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
                       shots: int = 4, batch_size: int = 32, max_new_tokens: int = 64,
                       progress: bool = True) -> list[str]:
     """Up to `n` distinct questions of the same form as `questions`, written by the model: it
-    continues a list of up to `shots` of them (plain text, no chat template; sampled, temperature
-    0.8), and the lines that are questions are kept. Each list holds questions of one form
-    (`question_forms`), drawn as often as the form is in `questions`, so that every relation of
-    a mix has questions to keep in proportion. A small model writes about the subjects it knows
+    continues a list of `shots` of them (plain text, no chat template; sampled, temperature 0.8),
+    and the lines that are questions are kept. A small model writes about the subjects it knows
     ("What is the capital of France?"), which makes them a sample of what it must keep.
     Questions about a subject of `questions` (`subject_words`) are left out: the model's own
     answer to those is what is being corrected, not something to keep."""
@@ -309,11 +302,7 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
     device = next(model.parameters()).device
     rng = random.Random(seed)
     own = {_normal(q) for q in questions}
-    forms = question_forms(questions)
-    subjects = {x for _, subject in forms for x in subject}
-    same_form: dict[str, list[str]] = {}
-    for q, (form, _) in zip(questions, forms):
-        same_form.setdefault(form, []).append(q)
+    subjects = subject_words(questions)
     found: dict[str, str] = {}
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     generator_state = torch.random.get_rng_state()
@@ -326,11 +315,8 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
         bar = tqdm(total=n, desc="related questions", disable=not progress)
         while len(found) < n and rounds < max(4, 4 * n // batch_size):
             rounds += 1
-            prompts = []
-            for _ in range(batch_size):
-                group = same_form[forms[rng.randrange(len(questions))][0]]
-                prompts.append("Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(group, min(shots, len(group))))
-                               + "-")
+            prompts = ["Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(questions, min(shots, len(questions))))
+                       + "-" for _ in range(batch_size)]
             batch = tokenizer.pad({"input_ids": [encode_text(tokenizer, p) for p in prompts]},  # BOS once, no EOS
                                   return_tensors="pt", padding=True).to(device)
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
