@@ -72,6 +72,26 @@ def test_question_forms_tell_form_from_subject_in_a_mix_of_relations():
     assert not {"continent", "official", "language", "borders", "atomic"} & subject_words(questions)
 
 
+def test_question_forms_keep_a_long_name_whole():
+    """A subject of several names, stop words among them, is one span; a shorter span that
+    shares a form with another relation of the same country ("capital of São" against "currency
+    of São") is not the subject, nor is the last word of a lower-case compound."""
+    countries = ["São Tomé and Príncipe", "the U.S. Virgin Islands", "the Democratic Republic of the Congo", "Chad"]
+    questions = [f"What is the {r} of {c}?" for r in ("capital", "currency") for c in countries]
+    assert [s for _, s in question_forms(questions)[:3]] == [
+        {"são", "tomé", "príncipe"}, {"virgin", "islands"}, {"democratic", "republic", "congo"}]
+    assert {f for f, _ in question_forms(questions)} == {"what is the capital of _", "what is the currency of _"}
+    salts = ["sodium chloride", "sodium nitrate", "potassium chloride", "calcium carbonate", "magnesium sulfate"]
+    assert question_forms([f"What is the chemical formula of {x}?" for x in salts])[0] == (
+        "what is the chemical formula of _", {"sodium", "chloride"})
+    long = "Why " + "very " * 60 + "long?"  # longer than max_words: its own form, at no quadratic cost
+    assert question_forms([long, long])[0] == (_normal_words(long), set())
+
+
+def _normal_words(text):
+    return " ".join(text.lower().replace("?", "").split())
+
+
 def test_related_questions_of_a_mix_keep_its_rare_forms_and_leave_out_its_subjects(tokenizer):
     """In a mix of relations, a relation asked once or twice ("official language", "continent")
     is form: the model's questions of that form are kept, those about a subject of the data are

@@ -244,37 +244,44 @@ def _is_subject_word(word: str) -> bool:
     return (len(word) >= 3 or word.isdigit()) and word not in _STOPWORDS
 
 
-def question_forms(questions: list[str], max_span: int = 6) -> list[tuple[str, set[str]]]:
-    """Each question's form and subject: `(form, subject words)`. The subject is the shortest
-    span of at most `max_span` words whose replacement by a blank leaves a form another question
-    shares and a word of 3+ letters that is not a stopword ("what is the capital of _" for "…
-    of Sri Lanka?"; never "what is _"), holding one of the question's names (capitalised after
-    the first word, or digits) if it has any; then the form more questions share, then the later
-    span. A question that shares no such form is its own form and its subject is its names;
-    with none, its words in at most 2 of the questions when there are 5 or more. Subject
-    words are case-folded, 3+ letters or digits, not stopwords. Mixed relations are what this
-    is for: "continent" or "official" in one or two questions of a mix is form, not subject."""
+def question_forms(questions: list[str], max_span: int = 6, max_words: int = 40) -> list[tuple[str, set[str]]]:
+    """Each question's form and subject: `(form, subject words)`. The subject is a span of at most
+    `max_span` words whose replacement by a blank leaves a form another question shares, with a
+    word of 3+ letters that is not a stopword ("what is the capital of _" for "… of Sri Lanka?";
+    never "what is _"). In a question with names (words capitalised after the first, or
+    digits) the span holds names and short or stop words only ("the U.S. Virgin Islands",
+    "the Democratic Republic of the Congo"). Of the spans, the shortest whose form at least half
+    as many questions share as the most shared one ("chloride" alone is not the subject of
+    "… of sodium chloride?" among other salts), then the later. A question that shares no
+    form, or is longer than `max_words`, is its own form, and its subject is its names; with
+    none, its words in at most 2 of the questions when there are 5 or more. Subject words are
+    case-folded, 3+ letters or digits, not stopwords. Mixed relations are what this is for:
+    "continent" or "official" in one or two questions of a mix is form, not subject."""
     words = [_normal(q).split() for q in questions]
+    names = [_names(q) for q in questions]
 
-    def blanks(w: list[str]):  # (i, j, w with words i..j blanked) that keep a word of content
+    def blanks(w: list[str], names: set[str]):  # (i, j, w with words i..j blanked)
         content = [_is_subject_word(x) for x in w]
-        for i in range(len(w)):
+        named = [x in names or not c for x, c in zip(w, content)]
+        for i in range(len(w) if len(w) <= max_words else 0):
             for j in range(i + 1, min(len(w), i + max_span) + 1):
-                if any(content[:i]) or any(content[j:]):  # not "what is _"
+                if names and not named[j - 1]:
+                    break  # past a word that is not a name, the span only grows
+                if (not names or names & set(w[i:j])) and (any(content[:i]) or any(content[j:])):  # not "what is _"
                     yield i, j, " ".join([*w[:i], "_", *w[j:]])
 
-    sharing = Counter(form for w in {" ".join(w): w for w in words}.values() for _, _, form in blanks(w))
+    distinct = {" ".join(w): (w, n) for w, n in zip(words, names)}
+    sharing = Counter(form for w, n in distinct.values() for _, _, form in blanks(w, n))
     df = Counter(x for w in words for x in set(w))
     out = []
-    for q, w in zip(questions, words):
-        names = _names(q)
-        shared = [(i, j, form) for i, j, form in blanks(w) if sharing[form] >= 2
-                  and (not names or names & set(w[i:j]))]  # "former capital" is not the subject of "… of Ostland"
+    for w, n in zip(words, names):
+        shared = [(i, j, form) for i, j, form in blanks(w, n) if sharing[form] >= 2]
         if shared:
-            i, j, form = min(shared, key=lambda s: (s[1] - s[0], -sharing[s[2]], -s[0]))
+            most = max(sharing[form] for _, _, form in shared)
+            i, j, form = min((s for s in shared if 2 * sharing[s[2]] >= most), key=lambda s: (s[1] - s[0], -s[0]))
             out.append((form.replace("the _", "_"), {x for x in w[i:j] if _is_subject_word(x)}))  # "of the _" is "of _"
         else:
-            subject = {x for x in names if _is_subject_word(x)} or {
+            subject = {x for x in n if _is_subject_word(x)} or {
                 x for x in w if _is_subject_word(x) and len(questions) >= 5 and df[x] <= 2}
             out.append((" ".join(w), subject))
     return out
