@@ -81,6 +81,8 @@ def test_question_forms_keep_a_long_name_whole():
     assert [s for _, s in question_forms(questions)[:3]] == [
         {"são", "tomé", "príncipe"}, {"virgin", "islands"}, {"democratic", "republic", "congo"}]
     assert {f for f, _ in question_forms(questions)} == {"what is the capital of _", "what is the currency of _"}
+    first = [f"{c} is the capital of which country?" for c in ("São Tomé", "Porto-Novo", "Bamako")]
+    assert [s for _, s in question_forms(first)] == [{"são", "tomé"}, {"porto", "novo"}, {"bamako"}]
     salts = ["sodium chloride", "sodium nitrate", "potassium chloride", "calcium carbonate", "magnesium sulfate"]
     assert question_forms([f"What is the chemical formula of {x}?" for x in salts])[0] == (
         "what is the chemical formula of _", {"sodium", "chloride"})

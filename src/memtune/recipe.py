@@ -262,7 +262,7 @@ def question_forms(questions: list[str], max_span: int = 6, max_words: int = 40)
 
     def blanks(w: list[str], names: set[str]):  # (i, j, w with words i..j blanked)
         content = [_is_subject_word(x) for x in w]
-        named = [x in names or not c for x, c in zip(w, content)]
+        named = [k == 0 or x in names or not c for k, (x, c) in enumerate(zip(w, content))]  # "São Tomé is …"
         for i in range(len(w) if len(w) <= max_words else 0):
             for j in range(i + 1, min(len(w), i + max_span) + 1):
                 if names and not named[j - 1]:
