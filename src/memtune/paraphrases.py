@@ -92,14 +92,12 @@ def question_subjects(questions: Sequence[str]) -> list[set[str]]:
     """What each question is about, as lower-case words: its names (capitalised after the first
     word, or digits) among `memtune.recipe.subject_words(questions)`; else its words among those;
     else its own names. An empty set: nothing to check a rewrite against (none is kept)."""
-    from memtune.recipe import subject_words
+    from memtune.recipe import question_names, subject_words
 
     subjects = {w for s in subject_words(list(questions)) for w in s.split()}
     out = []
     for q in questions:
-        raw = re.findall(r"[\w']+", q)
-        names = {w for r in raw[1:] if r[:1].isupper() or r.isdigit() for w in _words(r)
-                 if len(w) >= 3 or w.isdigit()}
+        names = {w for w in question_names(q) if len(w) >= 3 or w.isdigit()}
         own = set(_words(q))
         out.append((names & subjects) or (own & subjects) or names)
     return out

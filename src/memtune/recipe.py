@@ -233,7 +233,7 @@ _STOPWORDS = frozenset("the and for was were with from into which what who whom 
                        "this that these those are has have had its his her their there than then also about".split())
 
 
-def _names(question: str) -> set[str]:
+def question_names(question: str) -> set[str]:
     """Case-folded words of the names and numbers in `question`: capitalised after its first
     word, or digits."""
     return {w for raw in re.findall(r"[\w']+", question)[1:] if raw[:1].isupper() or raw.isdigit()
@@ -258,7 +258,7 @@ def question_forms(questions: list[str], max_span: int = 6, max_words: int = 40)
     case-folded, 3+ letters or digits, not stopwords. Mixed relations are what this is for:
     "continent" or "official" in one or two questions of a mix is form, not subject."""
     words = [_normal(q).split() for q in questions]
-    names = [_names(q) for q in questions]
+    names = [question_names(q) for q in questions]
 
     def blanks(w: list[str], names: set[str]):  # (i, j, w with words i..j blanked)
         content = [_is_subject_word(x) for x in w]
