@@ -72,13 +72,14 @@ AUTO, NONE = "auto", "none"
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
-                   "align_phrasings")
+                   "align_phrasings", "neighbourhood")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
-                     "rewrite_statements", "check_rewrites", "align_phrasings")
+                     "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
-LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False}
+LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
+             "neighbourhood": 0}
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -101,6 +102,11 @@ class RecipeConfig:
     protect: str = field(default=AUTO, metadata={
         "help": "SMF: slots never updated: auto (those the related and --keep questions read in the model's own "
                 "answers), none, or a folder from `memtune background`"})
+    neighbourhood: int = field(default=0, metadata={
+        "help": "SMF, facts, experimental (issue 17): each fact asked again about N other subjects (those of the "
+                "related questions, the same form first), its statement cut before the answer; the slots these "
+                "neighbourhood prompts read where the answer would follow are protected and in the background, so "
+                "a fact is written where only its own subject reads (memtune.recipe.neighbourhood_examples). 0: none"})
     keep: str | None = field(default=None, metadata={
         "help": "a file of questions (.txt, one per line, or JSONL/CSV with 'question') whose current answers "
                 "must be kept: their slots are protected"})
@@ -156,7 +162,7 @@ class RecipeConfig:
         if not is_int(self.n_keys) or self.n_keys < 2:
             raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
         for name, least, kind in (("related", 0, "non-negative"), ("word_dropout", 0, "non-negative"),
-                                  ("self_paraphrases", 0, "non-negative"),
+                                  ("self_paraphrases", 0, "non-negative"), ("neighbourhood", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
             if not is_int(value) or value < least:
@@ -292,6 +298,61 @@ def subject_words(questions: list[str]) -> set[str]:
     of `question_forms`. "Vermont" and "francium" are subjects of a set of state and element
     questions; "capital" is form, and so is "continent" in a mix of relations."""
     return {x for _, subject in question_forms(questions) for x in subject}
+
+
+def subject_span(text: str, words: set[str]) -> tuple[int, int] | None:
+    """Where `text` names its subject: the characters from its first word in `words` (case-folded
+    subject words, as `question_forms` gives them) to the last of the run that follows, across
+    short and stop words ("Democratic Republic of the Congo"). None when no word is in `words`."""
+    start = end = None
+    for m in re.finditer(r"\w+", text):
+        word = m.group().lower()
+        if word in words:
+            start, end = m.start() if start is None else start, m.end()
+        elif start is not None and _is_subject_word(word):
+            break
+    return None if start is None else (start, end)
+
+
+def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int, seed: int = 0,
+                           statements: bool = True, max_length: int = 256) -> list[Example]:
+    """Neighbourhood prompts (MEMIT's, Meng et al. 2023) as examples: each fact's question and the
+    opening of its statement (its words before the answer), with the subject swapped for `n`
+    subjects of `others` — questions about other things, such as the related questions. Those of
+    the fact's form (`question_forms`) come first, then others at random. "What is the capital
+    of Chad?" -> "The capital of Chad is N'Djamena." gives "What is the capital of Peru?" -> "The
+    capital of Peru is". The loss, and so SMF's counted positions, is on that opening and the end
+    of the turn after it: the position that would predict the answer counts. With
+    `statements=False` (a bare-answer target) or a statement that starts with its answer, the
+    opening is empty. A fact whose subject is not found in its question gets none. Returns up to
+    `n` examples per fact, facts in order."""
+    if n <= 0 or not others or not items:
+        return []
+    rng = random.Random(seed)
+    forms = question_forms([q.question for q in items] + list(others))
+    fillers: dict[str, tuple[str, str]] = {}  # subject (case-folded) -> (its form, as written)
+    for question, (form, words) in zip(others, forms[len(items):]):
+        span = subject_span(question, words)
+        if span:
+            fillers.setdefault(question[span[0]:span[1]].lower(), (form, question[span[0]:span[1]]))
+    pairs = []
+    for item, (form, words) in zip(items, forms[: len(items)]):
+        span = subject_span(item.question, words)
+        if span is None:
+            continue
+        own = item.question[span[0]:span[1]].lower()
+        at = item.statement.rfind(item.answer) if statements and item.statement else -1
+        opening = item.statement[:at] if at > 0 else ""
+        said = subject_span(opening, words)
+        same = [f for key, (f_form, f) in fillers.items() if f_form == form and key != own]
+        rest = [f for key, (f_form, f) in fillers.items() if f_form != form and key != own]
+        rng.shuffle(same)
+        rng.shuffle(rest)
+        for filler in (same + rest)[:n]:
+            question = item.question[: span[0]] + filler + item.question[span[1]:]
+            text = opening[: said[0]] + filler + opening[said[1]:] if said else opening
+            pairs.append((question, text.rstrip()))
+    return encode_qa(tokenizer, pairs, max_length) if pairs else []
 
 
 @torch.no_grad()
@@ -636,6 +697,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if smf:
         # the related questions' own answers: protected, and (with the training examples) the background
         guard_stats = None
+        if facts and recipe.neighbourhood and AUTO in (recipe.background, recipe.protect):
+            neighbours = neighbourhood_examples(tokenizer, items, guarded, recipe.neighbourhood, config.seed,
+                                                recipe.target == "statement", config.max_length)
+            report["neighbourhood"] = {"per_fact": recipe.neighbourhood, "examples": len(neighbours),
+                                       "example": tokenizer.decode(neighbours[0].input_ids) if neighbours else None}
+            guard_examples = guard_examples + neighbours
         if guard_examples and AUTO in (recipe.background, recipe.protect):
             guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
                                            config.count_positions, progress)
