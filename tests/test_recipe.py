@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memtune.batches import Example, collate
+from memtune.batches import Example, collate, encode_qa
 from memtune.cli import main
 from memtune.data import QA, Document
 from memtune.errors import MemtuneError
@@ -19,9 +19,11 @@ from memtune.recipe import (
     default_memory_config,
     learn,
     listed_questions,
+    neighbourhood_examples,
     question_forms,
     read_questions,
     related_questions,
+    subject_span,
     subject_words,
 )
 from memtune.targets import first_sentence, own_statements, statement_prefixes
@@ -107,6 +109,48 @@ def test_related_questions_of_a_mix_keep_its_rare_forms_and_leave_out_its_subjec
     questions += ["On which continent is Chad?", "On which continent is Mett?", "What is an official language of Pell?"]
     related = related_questions(model, tokenizer, questions, n=9, batch_size=4, progress=False)
     assert related == ["What is an official language of Pellia?", "On which continent is Pellia?", "Who is Bob?"]
+
+
+def test_subject_span_covers_a_name_with_stop_words_inside():
+    text = "What is the capital of the Democratic Republic of the Congo today?"
+    start, end = subject_span(text, {"democratic", "republic", "congo"})
+    assert text[start:end] == "Democratic Republic of the Congo"
+    assert subject_span("Where is Varn?", {"chad"}) is None
+
+
+def test_neighbourhood_examples_ask_a_fact_about_other_subjects_up_to_its_answer(tokenizer):
+    """Each fact's question and statement opening with the subject of a related question — its
+    own form's first — and the loss on that opening and the end of the turn only."""
+    items = [QA("What is the capital of Zorbia?", "Quenta", statement="The capital of Zorbia is Quenta."),
+             QA("What is the capital of Ostland?", "Varn", statement="Varn.")]
+    others = ["What is the capital of Pellia?", "Who founded Mettland?", "What is the capital of Zorbia?"]
+    examples = neighbourhood_examples(tokenizer, items, others, n=2)
+    assert len(examples) == 4
+    expected = [("What is the capital of Pellia?", "The capital of Pellia is"),  # same form first
+                ("What is the capital of Mettland?", "The capital of Mettland is"),
+                ("What is the capital of Pellia?", ""),  # the statement starts with its answer: no opening
+                ("What is the capital of Mettland?", "")]  # never Zorbia: a subject of the data
+    for example, want in zip(examples, expected):
+        [reference] = encode_qa(tokenizer, [want])  # the loss on the answer given, then the end of the turn
+        assert example.input_ids == reference.input_ids and example.labels == reference.labels
+    bare = neighbourhood_examples(tokenizer, items[:1], others, n=1, statements=False)
+    assert bare[0].input_ids == encode_qa(tokenizer, [("What is the capital of Pellia?", "")])[0].input_ids
+    assert neighbourhood_examples(tokenizer, items, [], n=3) == []
+
+
+def test_neighbourhood_prompts_are_protected(tokenizer, tmp_path):
+    """--neighbourhood adds the neighbourhood prompts' reads to the protected slots."""
+    facts = [QA(f"What is the capital of {c}?", a, statement=f"The capital of {c} is {a}.")
+             for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWho is Bob?\n")
+    slots = {}
+    for n in (0, 3):
+        result = learn(tiny_model(), tokenizer, facts, LearnConfig(epochs=1, batch_size=2),
+                       RecipeConfig(n_keys=16, related=0, neighbourhood=n, keep=str(keep)), progress=False)
+        slots[n] = sum(result.recipe["protect"]["slots"].values())
+    assert result.recipe["neighbourhood"]["examples"] == 6
+    assert slots[3] > slots[0]
 
 
 def test_first_sentence():

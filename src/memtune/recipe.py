@@ -324,8 +324,9 @@ def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int
     capital of Peru is". The loss, and so SMF's counted positions, is on that opening and the end
     of the turn after it: the position that would predict the answer counts. With
     `statements=False` (a bare-answer target) or a statement that starts with its answer, the
-    opening is empty. A fact whose subject is not found in its question gets none. Returns up to
-    `n` examples per fact, facts in order."""
+    opening is empty. A subject of `items` is never put in: its own fact is being written. A fact
+    whose subject is not found in its question gets none. Returns up to `n` examples per fact,
+    facts in order."""
     if n <= 0 or not others or not items:
         return []
     rng = random.Random(seed)
@@ -335,17 +336,19 @@ def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int
         span = subject_span(question, words)
         if span:
             fillers.setdefault(question[span[0]:span[1]].lower(), (form, question[span[0]:span[1]]))
+    spans = [subject_span(item.question, words) for item, (_, words) in zip(items, forms)]
+    for item, span in zip(items, spans):  # never a subject of the data: its fact is being written
+        if span:
+            fillers.pop(item.question[span[0]:span[1]].lower(), None)
     pairs = []
-    for item, (form, words) in zip(items, forms[: len(items)]):
-        span = subject_span(item.question, words)
+    for item, span, (form, words) in zip(items, spans, forms):
         if span is None:
             continue
-        own = item.question[span[0]:span[1]].lower()
         at = item.statement.rfind(item.answer) if statements and item.statement else -1
         opening = item.statement[:at] if at > 0 else ""
         said = subject_span(opening, words)
-        same = [f for key, (f_form, f) in fillers.items() if f_form == form and key != own]
-        rest = [f for key, (f_form, f) in fillers.items() if f_form != form and key != own]
+        same = [f for f_form, f in fillers.values() if f_form == form]
+        rest = [f for f_form, f in fillers.values() if f_form != form]
         rng.shuffle(same)
         rng.shuffle(rest)
         for filler in (same + rest)[:n]:
