@@ -72,7 +72,7 @@ AUTO, NONE = "auto", "none"
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
-                   "align_phrasings", "neighbourhood")
+                   "align_phrasings", "neighbourhood", "protect_prompts")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
@@ -102,6 +102,10 @@ class RecipeConfig:
     protect: str = field(default=AUTO, metadata={
         "help": "SMF: slots never updated: auto (those the related and --keep questions read in the model's own "
                 "answers), none, or a folder from `memtune background`"})
+    protect_prompts: bool = field(default=False, metadata={
+        "help": "SMF, experimental (issue 17): the slots the related and --keep questions read at every position are "
+                "protected, their prompts too (the chat template's system prompt, the question), not only where their "
+                "own answers are predicted: every question reads its prompt's slots"})
     neighbourhood: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact asked again about N other subjects (those of the "
                 "related questions, the same form first), its statement cut before the answer; the slots these "
@@ -170,7 +174,7 @@ class RecipeConfig:
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
                                f"{', '.join(REWRITE_STATEMENTS)}")
-        for name in ("end_loss", "check_rewrites", "align_phrasings"):
+        for name in ("end_loss", "check_rewrites", "align_phrasings", "protect_prompts"):
             if not isinstance(getattr(self, name), bool):
                 raise MemtuneError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
         if self.rewrite_statements == "own" and not (self.self_paraphrases and self.target == "statement"):
@@ -708,7 +712,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             guard_examples = guard_examples + neighbours
         if guard_examples and AUTO in (recipe.background, recipe.protect):
             guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
-                                           config.count_positions, progress)
+                                           "all" if recipe.protect_prompts else config.count_positions, progress)
         if recipe.background == AUTO and config.ranker in NEEDS_BACKGROUND:
             background = background_stats(model, examples, pad, len(examples), config.batch_size,
                                           config.count_positions, progress)
