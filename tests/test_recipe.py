@@ -153,6 +153,19 @@ def test_neighbourhood_prompts_are_protected(tokenizer, tmp_path):
     assert slots[3] > slots[0]
 
 
+def test_protect_prompts_protects_the_related_questions_prompt_reads_too(tokenizer, tmp_path):
+    """--protect-prompts counts the --keep (and related) questions' reads at every position, the
+    prompt's too: a superset of the slots their answers read."""
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of Pellia?\nWho is Bob?\n")
+    slots = {}
+    for flag in (False, True):
+        result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
+                       RecipeConfig(n_keys=16, related=0, protect_prompts=flag, keep=str(keep)), progress=False)
+        slots[flag] = result.recipe["protect"]["slots"]
+    assert all(slots[True][k] > slots[False][k] for k in slots[False])
+
+
 def test_first_sentence():
     assert first_sentence("The capital of Chad is N'Djamena. It lies on a river.") == "The capital of Chad is N'Djamena"
     assert first_sentence("Dushanbe\nmore") == "Dushanbe"
@@ -220,7 +233,9 @@ def test_read_questions(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [({"calibrate": "zca"}, "calibrate='zca'"),
                                              ({"background": "nowhere"}, "background='nowhere'"),
                                              ({"related": -1}, "related=-1"), ({"target": "x"}, "target='x'"),
-                                             ({"keep": "missing.txt"}, "keep='missing.txt'")])
+                                             ({"keep": "missing.txt"}, "keep='missing.txt'"),
+                                             ({"neighbourhood": -1}, "neighbourhood=-1"),
+                                             ({"protect_prompts": "yes"}, "protect_prompts='yes'")])
 def test_recipe_config_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):
         RecipeConfig(**kwargs)
