@@ -102,10 +102,10 @@ class RecipeConfig:
     protect: str = field(default=AUTO, metadata={
         "help": "SMF: slots never updated: auto (those the related and --keep questions read in the model's own "
                 "answers), none, or a folder from `memtune background`"})
-    protect_prompts: bool = field(default=False, metadata={
-        "help": "SMF, experimental (issue 17): the slots the related and --keep questions read at every position are "
-                "protected, their prompts too (the chat template's system prompt, the question), not only where their "
-                "own answers are predicted: every question reads its prompt's slots"})
+    protect_prompts: bool = field(default=True, metadata={
+        "help": "SMF: the slots the related and --keep questions read at every position are protected, their prompts "
+                "too (the chat template's system prompt, the question), not only where their own answers are "
+                "predicted: a question reads its prompt's slots before its answer (issue 17). Off: answers only"})
     neighbourhood: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact asked again about N other subjects (those of the "
                 "related questions, the same form first), its statement cut before the answer; the slots these "
