@@ -1,0 +1,105 @@
+"""Which reads of a known question make it lost: un-write (zero) the rows a learn call wrote that
+a set of prompts reads, then ask the known facts and the learned facts again (issue 17, ninth
+round in BENCHMARKS.md).
+
+A parallel memory starts with zero values, so zeroing a written row gives it back its base
+value: whatever a known fact recovers was lost through reads of those rows. The prompts
+(`--prompts`, each ended where its answer would start, every position's reads counted):
+
+- `known`: the known facts' own questions (an oracle: a recipe cannot know them);
+- `related`: the related questions the run wrote (`config.json`, `steps.related_questions`);
+- `prefix`: the chat template and words the known questions share ("... user\\nIn which country
+  is the city of");
+- `system`: the chat template up to the user's question only.
+
+    python benchmarks/ablate_written_rows.py --run runs/levers7/cities-default/smf/call1 \
+        --known runs/domains/cities/known.jsonl --facts runs/levers7/cities-default/facts1.jsonl \
+        --prompts prefix
+
+Prints the known and learned facts answered right (as `memtune learn`'s until-learned check
+asks them) before and after, and the rows zeroed per memory layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from memtune.batches import encode_qa
+from memtune.checkpoint import load_memory_model
+from memtune.data import load_qa
+from memtune.recipe import AnswerCheck
+from memtune.retrofit import get_memory_bank
+
+PROMPTS = ("known", "related", "prefix", "system")
+
+
+def prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
+    """Each question's chat prompt, up to where its answer starts."""
+    return [e.input_ids[: next(i for i, y in enumerate(e.labels) if y != -100)]
+            for e in encode_qa(tokenizer, [(q, "x") for q in questions])]
+
+
+def common_prefix(sequences: list[list[int]]) -> list[int]:
+    shared = sequences[0]
+    for ids in sequences[1:]:
+        shared = shared[: next((i for i, (a, b) in enumerate(zip(shared, ids)) if a != b), len(shared))]
+    return shared
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="a learn call's folder (model/ and config.json)")
+    p.add_argument("--known", required=True, help="known facts (JSONL); the first --limit are asked")
+    p.add_argument("--facts", required=True, help="the facts the call learned (JSONL)")
+    p.add_argument("--prompts", choices=PROMPTS, required=True)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_memory_model(Path(args.run) / "model")
+    model.eval()
+    bank = get_memory_bank(model)
+    known, facts = load_qa(args.known)[: args.limit], load_qa(args.facts)
+    check_known, check_facts = AnswerCheck(tokenizer, known), AnswerCheck(tokenizer, facts)
+    before = sum(check_known(model)), sum(check_facts(model))
+
+    asked = [q.question for q in known]
+    if args.prompts == "related":
+        config = json.loads((Path(args.run) / "config.json").read_text())
+        asked = config["steps"]["related_questions"]["questions"]
+    prompts = prompt_ids(tokenizer, asked)
+    if args.prompts == "prefix":
+        prompts = [common_prefix(prompts)]
+    elif args.prompts == "system":  # two one-word questions share the template only
+        prompts = [common_prefix(prompt_ids(tokenizer, ["Who?", "Why?"]))]
+
+    reads: dict[str, list[torch.Tensor]] = {name: [] for name in bank.layers}
+    bank.set_record(True)
+    with torch.no_grad():
+        for ids in prompts:
+            model(input_ids=torch.tensor([ids]), use_cache=False)
+            for name, layer in bank.layers.items():
+                reads[name].append(layer.last_indices.reshape(-1))
+    bank.set_record(False)
+    zeroed = {}
+    with torch.no_grad():
+        for name in bank.layers:
+            table = bank.table_index(int(name))
+            read = torch.cat(reads[name]).unique()
+            rows = read[torch.isin(read, bank.ledger.learned_rows(table))]
+            bank.values[table].weight[rows] = 0
+            zeroed[name] = (int(rows.numel()), int(read.numel()))
+    after = sum(check_known(model)), sum(check_facts(model))
+    print(f"prompts: {args.prompts} ({len(prompts)})")
+    for name, (rows, read) in zeroed.items():
+        print(f"layer {name}: {rows} written rows zeroed of {read} read")
+    print(f"known right: {before[0]} -> {after[0]} of {len(known)}; learned right: {before[1]} -> {after[1]} of {len(facts)}")
+
+
+if __name__ == "__main__":
+    main()
