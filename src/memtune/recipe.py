@@ -15,10 +15,13 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    question also trained with one or two of its words left out, 2 variants, so that a fact is
    found when asked in other words (issue 17: held-out paraphrases 41 → 62 % on countries,
    39 → 51 % on US states; BENCHMARKS.md);
-5. **background** statistics of the training examples and the related questions' own answers,
-   so the ranker avoids slots that every question of this form reads;
+5. **background** statistics of the training examples and the related questions' own answers
+   (counted where `protect` counts them), so the ranker avoids slots that every question of
+   this form reads;
 6. **protect**: the slots the model reads answering the related (and `--keep`) questions in its
-   own words are never updated;
+   own words are never updated — at every position, the prompt's too (`protect_prompts`: a
+   question reads its system prompt and words before it answers; issue 17, ninth round: 1 of
+   50 known cities lost instead of 3, 0 of 28 states instead of 1);
 7. **learn until learned** (`memtune.train`), each fact trained 5 passes more once it is first
    answered right (`LearnConfig.consolidate`: a margin, so that rephrased questions find it),
    then **keep what was learned**: every slot the data's text reads is frozen for later calls,
@@ -101,7 +104,7 @@ class RecipeConfig:
                 "answers), none, or a folder from `memtune background`"})
     protect: str = field(default=AUTO, metadata={
         "help": "SMF: slots never updated: auto (those the related and --keep questions read in the model's own "
-                "answers), none, or a folder from `memtune background`"})
+                "answers, and in their prompts: --protect-prompts), none, or a folder from `memtune background`"})
     protect_prompts: bool = field(default=True, metadata={
         "help": "SMF: the slots the related and --keep questions read at every position are protected, their prompts "
                 "too (the chat template's system prompt, the question), not only where their own answers are "
@@ -725,6 +728,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
             report["protect"] = {"source": "auto: own answers to related and --keep questions",
+                                 "positions": "all" if recipe.protect_prompts else config.count_positions,
                                  "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
         elif protect is not None:
