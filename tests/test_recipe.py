@@ -123,7 +123,8 @@ def test_neighbourhood_examples_ask_a_fact_about_other_subjects_up_to_its_answer
     own form's first — and the loss on that opening and the end of the turn only."""
     items = [QA("What is the capital of Zorbia?", "Quenta", statement="The capital of Zorbia is Quenta."),
              QA("What is the capital of Ostland?", "Varn", statement="Varn.")]
-    others = ["What is the capital of Pellia?", "Who founded Mettland?", "What is the capital of Zorbia?"]
+    others = ["What is the capital of Pellia?", "Who founded Mettland?", "What is the capital of Zorbia?",
+              "Who leads the Republic of Zorbia?"]  # never Zorbia, nor a subject that names it
     examples = neighbourhood_examples(tokenizer, items, others, n=2)
     assert len(examples) == 4
     expected = [("What is the capital of Pellia?", "The capital of Pellia is"),  # same form first
@@ -133,6 +134,10 @@ def test_neighbourhood_examples_ask_a_fact_about_other_subjects_up_to_its_answer
     for example, want in zip(examples, expected):
         [reference] = encode_qa(tokenizer, [want])  # the loss on the answer given, then the end of the turn
         assert example.input_ids == reference.input_ids and example.labels == reference.labels
+    twice = QA("Is the capital of Zorbia its largest city?", "yes", statement="Zorbia's capital, in Zorbia: yes")
+    [example] = neighbourhood_examples(tokenizer, [twice], others[:1], n=1)
+    assert example.input_ids == encode_qa(tokenizer, [("Is the capital of Pellia its largest city?",
+                                                       "Pellia's capital, in Pellia:")])[0].input_ids
     bare = neighbourhood_examples(tokenizer, items[:1], others, n=1, statements=False)
     assert bare[0].input_ids == encode_qa(tokenizer, [("What is the capital of Pellia?", "")])[0].input_ids
     assert neighbourhood_examples(tokenizer, items, [], n=3) == []
@@ -480,18 +485,23 @@ def test_keep_questions_are_protected(tiny_model_dir, tmp_path):
 
 def test_background_and_protect_count_where_training_counts(tiny_model_dir, tmp_path):
     """--count-positions all: the background and the protected slots are counted at every token
-    too, so the ranker compares like with like (the question's reads are not all "unseen")."""
+    too, so the ranker compares like with like (the question's reads are not all "unseen").
+    --protect-prompts (the default) counts the protected questions at every token whatever
+    --count-positions says."""
     keep = tmp_path / "keep.txt"
     keep.write_text("What is the capital of France?\nWhich region is Chile in?\n")
     steps = {}
-    for positions in ("loss", "all"):
-        run = tmp_path / positions
+    for positions, prompts in (("loss", "--no-protect-prompts"), ("all", "--no-protect-prompts"),
+                               ("loss", "--protect-prompts")):
+        run = tmp_path / f"{positions}{prompts}"
         assert main(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl"),
-                     "--n-keys", "16", "--related", "0", "--keep", str(keep), "--epochs", "1",
+                     "--n-keys", "16", "--related", "0", "--keep", str(keep), "--epochs", "1", prompts,
                      "--count-positions", positions, "--out", str(run)]) == 0
-        steps[positions] = json.loads((run / "config.json").read_text())["steps"]
-    for name, slots in steps["all"]["protect"]["slots"].items():
-        assert slots > steps["loss"]["protect"]["slots"][name]  # the questions' tokens read more slots
+        steps[positions, prompts] = json.loads((run / "config.json").read_text())["steps"]["protect"]
+    loss, every, prompts = steps.values()
+    for name, slots in every["slots"].items():
+        assert slots > loss["slots"][name]  # the questions' tokens read more slots
+    assert prompts["slots"] == every["slots"] and prompts["positions"] == "all"
 
 
 def test_collate_of_examples_used_here():

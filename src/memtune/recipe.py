@@ -112,7 +112,8 @@ class RecipeConfig:
     neighbourhood: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact asked again about N other subjects (those of the "
                 "related questions, the same form first), its statement cut before the answer; the slots these "
-                "neighbourhood prompts read where the answer would follow are protected and in the background, so "
+                "neighbourhood prompts read where the answer would follow (every position, with --protect-prompts) "
+                "are protected and in the background, so "
                 "a fact is written where only its own subject reads (memtune.recipe.neighbourhood_examples). 0: none"})
     keep: str | None = field(default=None, metadata={
         "help": "a file of questions (.txt, one per line, or JSONL/CSV with 'question') whose current answers "
@@ -331,22 +332,20 @@ def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int
     capital of Peru is". The loss, and so SMF's counted positions, is on that opening and the end
     of the turn after it: the position that would predict the answer counts. With
     `statements=False` (a bare-answer target) or a statement that starts with its answer, the
-    opening is empty. A subject of `items` is never put in: its own fact is being written. A fact
-    whose subject is not found in its question gets none. Returns up to `n` examples per fact,
-    facts in order."""
+    opening is empty. A subject that shares a word with a subject of `items` is never put in:
+    its fact is being written. A fact whose subject is not found in its question gets none.
+    Returns up to `n` examples per fact, facts in order."""
     if n <= 0 or not others or not items:
         return []
     rng = random.Random(seed)
     forms = question_forms([q.question for q in items] + list(others))
+    data_words = {w for _, words in forms[: len(items)] for w in words}
     fillers: dict[str, tuple[str, str]] = {}  # subject (case-folded) -> (its form, as written)
     for question, (form, words) in zip(others, forms[len(items):]):
         span = subject_span(question, words)
-        if span:
+        if span and not words & data_words:  # never a subject of the data: its fact is being written
             fillers.setdefault(question[span[0]:span[1]].lower(), (form, question[span[0]:span[1]]))
     spans = [subject_span(item.question, words) for item, (_, words) in zip(items, forms)]
-    for item, span in zip(items, spans):  # never a subject of the data: its fact is being written
-        if span:
-            fillers.pop(item.question[span[0]:span[1]].lower(), None)
     pairs = []
     for item, span, (form, words) in zip(items, spans, forms):
         if span is None:
@@ -358,10 +357,10 @@ def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int
         rest = [f for f_form, f in fillers.values() if f_form != form]
         rng.shuffle(same)
         rng.shuffle(rest)
-        for filler in (same + rest)[:n]:
-            question = item.question[: span[0]] + filler + item.question[span[1]:]
-            text = opening[: said[0]] + filler + opening[said[1]:] if said else opening
-            pairs.append((question, text.rstrip()))
+        subject, named = item.question[span[0]:span[1]], opening[said[0]:said[1]] if said else None
+        for filler in (same + rest)[:n]:  # (every place it is named)
+            text = opening.replace(named, filler) if named else opening
+            pairs.append((item.question.replace(subject, filler), text.rstrip()))
     return encode_qa(tokenizer, pairs, max_length) if pairs else []
 
 
@@ -712,6 +711,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                                 recipe.target == "statement", config.max_length)
             report["neighbourhood"] = {"per_fact": recipe.neighbourhood, "examples": len(neighbours),
                                        "example": tokenizer.decode(neighbours[0].input_ids) if neighbours else None}
+            if not neighbours:
+                log.warning("--neighbourhood %d: no neighbourhood prompts (they take their subjects from the "
+                            "related and --keep questions: none had a subject to put in)", recipe.neighbourhood)
             guard_examples = guard_examples + neighbours
         if guard_examples and AUTO in (recipe.background, recipe.protect):
             guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
@@ -721,7 +723,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                           config.count_positions, progress)
             if guard_stats is not None:
                 background = background + guard_stats
-            report["background"] = {"source": "auto: training examples + related questions' own answers",
+            report["background"] = {"source": "auto: training examples + own answers to related and --keep "
+                                              "questions (counted where protect counts them)",
                                     "examples": len(examples) + len(guard_examples), "batches": background.n_batches}
         elif background is not None:
             report["background"] = {"source": recipe.background, "batches": background.n_batches}
