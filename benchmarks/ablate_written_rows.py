@@ -17,7 +17,8 @@ value: whatever a known fact recovers was lost through reads of those rows. The 
         --prompts prefix
 
 Prints the known and learned facts answered right (as `memtune learn`'s until-learned check
-asks them) before and after, and the rows zeroed per memory layer.
+asks them) before and after, and per memory layer the rows zeroed and the share of the
+prompts' reads (every position, every head's top-k) that land in written rows.
 """
 
 from __future__ import annotations
@@ -86,18 +87,21 @@ def main() -> None:
             for name, layer in bank.layers.items():
                 reads[name].append(layer.last_indices.reshape(-1))
     bank.set_record(False)
-    zeroed = {}
+    zeroed, shares = {}, {}  # per layer: (rows zeroed, rows read); the prompts' reads in written rows
     with torch.no_grad():
         for name in bank.layers:
             table = bank.table_index(int(name))
             read = torch.cat(reads[name]).unique()
-            rows = read[torch.isin(read, bank.ledger.learned_rows(table))]
+            written = bank.ledger.learned_rows(table)
+            rows = read[torch.isin(read, written)]
+            shares[name] = torch.isin(torch.cat(reads[name]), written).float().mean().item()
             bank.values[table].weight[rows] = 0
             zeroed[name] = (int(rows.numel()), int(read.numel()))
     after = sum(check_known(model)), sum(check_facts(model))
     print(f"prompts: {args.prompts} ({len(prompts)})")
     for name, (rows, read) in zeroed.items():
-        print(f"layer {name}: {rows} written rows zeroed of {read} read")
+        print(f"layer {name}: {rows} written rows zeroed of {read} read; {100 * shares[name]:.1f} % of the "
+              "prompts' reads are in written rows")
     print(f"known right: {before[0]} -> {after[0]} of {len(known)}; learned right: {before[1]} -> {after[1]} of {len(facts)}")
 
 
