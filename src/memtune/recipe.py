@@ -101,7 +101,7 @@ class RecipeConfig:
                 "own answers make the background and the protected slots. 0: none"})
     background: str = field(default=AUTO, metadata={
         "help": "SMF: slot statistics for the ranker: auto (the training data and the related questions' own "
-                "answers), none, or a folder from `memtune background`"})
+                "answers, and prompts with --protect-prompts), none, or a folder from `memtune background`"})
     protect: str = field(default=AUTO, metadata={
         "help": "SMF: slots never updated: auto (those the related and --keep questions read in the model's own "
                 "answers, and in their prompts: --protect-prompts), none, or a folder from `memtune background`"})
