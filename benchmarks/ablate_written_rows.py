@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from memtune.batches import encode_qa
+from memtune.batches import IGNORE, encode_qa
 from memtune.checkpoint import load_memory_model
 from memtune.data import load_qa
 from memtune.recipe import AnswerCheck
@@ -40,7 +40,7 @@ PROMPTS = ("known", "related", "prefix", "system")
 
 def prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
     """Each question's chat prompt, up to where its answer starts."""
-    return [e.input_ids[: next(i for i, y in enumerate(e.labels) if y != -100)]
+    return [e.input_ids[: next(i for i, y in enumerate(e.labels) if y != IGNORE)]
             for e in encode_qa(tokenizer, [(q, "x") for q in questions])]
 
 

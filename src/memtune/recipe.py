@@ -706,6 +706,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if smf:
         # the related questions' own answers: protected, and (with the training examples) the background
         guard_stats = None
+        guard_positions = "all" if recipe.protect_prompts else config.count_positions
         if facts and recipe.neighbourhood and AUTO in (recipe.background, recipe.protect):
             neighbours = neighbourhood_examples(tokenizer, items, guarded, recipe.neighbourhood, config.seed,
                                                 recipe.target == "statement", config.max_length)
@@ -717,7 +718,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             guard_examples = guard_examples + neighbours
         if guard_examples and AUTO in (recipe.background, recipe.protect):
             guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
-                                           "all" if recipe.protect_prompts else config.count_positions, progress)
+                                           guard_positions, progress)
         if recipe.background == AUTO and config.ranker in NEEDS_BACKGROUND:
             background = background_stats(model, examples, pad, len(examples), config.batch_size,
                                           config.count_positions, progress)
@@ -731,7 +732,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
             report["protect"] = {"source": "auto: own answers to related and --keep questions",
-                                 "positions": "all" if recipe.protect_prompts else config.count_positions,
+                                 "positions": guard_positions,
                                  "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
         elif protect is not None:
