@@ -155,6 +155,18 @@ def test_word_dropout_leaves_out_one_or_two_free_words_never_the_subject():
     assert variants[6] == []  # "Where Chad?": too short
 
 
+def test_word_dropout_varies_a_question_whose_subject_is_a_symbol():
+    from memtune.paraphrases import word_dropout
+
+    symbols = ["As", "Er", "V", "Fe", "Ts"]
+    items = [QA(f"Which chemical element has the symbol {s}?", "x") for s in symbols]
+    assert question_subjects([q.question for q in items]) == [{s.lower()} for s in symbols]
+    variants = word_dropout(items, 100)
+    # free words: chemical, element, has, the, symbol (5): 5 + 10 drops
+    assert [len(v) for v in variants] == [15] * 5
+    assert "Which element has the symbol As?" in variants[0] and all(v.endswith(" As?") for v in variants[0])
+
+
 def test_word_dropout_never_gives_a_variant_two_answers():
     from memtune.paraphrases import word_dropout
 

@@ -19,6 +19,7 @@ from memtune.recipe import (
     default_memory_config,
     learn,
     listed_questions,
+    named_subjects,
     neighbourhood_examples,
     question_forms,
     read_questions,
@@ -90,6 +91,23 @@ def test_question_forms_keep_a_long_name_whole():
         "what is the chemical formula of _", {"sodium", "chloride"})
     long = "Why " + "very " * 60 + "long?"  # longer than max_words: its own form, at no quadratic cost
     assert question_forms([long, long])[0] == (_normal_words(long), set())
+
+
+def test_a_symbol_or_a_code_is_a_subject_where_it_is_a_name():
+    """A subject of one or two letters (an element symbol, a code) is the subject of its question,
+    but counts in other text only where it is written as a name: "In which year" and "known as"
+    do not name the indium or arsenic of the data (before, such questions had no subject, so no
+    word-dropout variant)."""
+    questions = [f"Which chemical element has the symbol {s}?" for s in ("As", "In", "I", "Fe", "Ts")]
+    questions += ["What is the atomic number of iron?", "What is the atomic number of neon?"]
+    forms = question_forms(questions)
+    assert forms[:5] == [("which chemical element has the symbol _", {s}) for s in ("as", "in", "i", "fe", "ts")]
+    assert forms[5] == ("what is the atomic number of _", {"iron"})
+    subjects = subject_words(questions)
+    assert named_subjects("In which year was iron known as a metal?", subjects) == {"iron"}
+    assert named_subjects("Which element has the symbol In?", subjects) == {"in"}
+    assert named_subjects("Is I the symbol of iodine?", subjects) == {"i"}
+    assert subject_span("In which group is In?", {"in"}) == (18, 20)  # the name, not the first word
 
 
 def _normal_words(text):

@@ -90,16 +90,16 @@ def _has_phrase(words: list[str], phrase: list[str]) -> bool:
 
 def question_subjects(questions: Sequence[str]) -> list[set[str]]:
     """What each question is about, as lower-case words: its names (capitalised after the first
-    word, or digits) among `memtune.recipe.subject_words(questions)`; else its words among those;
-    else its own names. An empty set: nothing to check a rewrite against (none is kept)."""
-    from memtune.recipe import question_names, subject_words
+    word, or digits) among `memtune.recipe.subject_words(questions)` (a symbol "As" among them);
+    else its words among those; else its own names of 3+ letters or digits. An empty set:
+    nothing to check a rewrite against (none is kept)."""
+    from memtune.recipe import named_subjects, question_names, subject_words
 
     subjects = {w for s in subject_words(list(questions)) for w in s.split()}
     out = []
     for q in questions:
-        names = {w for w in question_names(q) if len(w) >= 3 or w.isdigit()}
-        own = set(_words(q))
-        out.append((names & subjects) or (own & subjects) or names)
+        named = named_subjects(q, subjects)
+        out.append((named & question_names(q)) or named or {w for w in question_names(q) if len(w) >= 3 or w.isdigit()})
     return out
 
 

@@ -269,8 +269,10 @@ def question_forms(questions: list[str], max_span: int = 6, max_words: int = 40)
     "… of sodium chloride?" among other salts), then the later. A question that shares no
     form, or is longer than `max_words`, is its own form, and its subject is its names; with
     none, its words in at most 2 of the questions when there are 5 or more. Subject words are
-    case-folded, 3+ letters or digits, not stopwords. Mixed relations are what this is for:
-    "continent" or "official" in one or two questions of a mix is form, not subject."""
+    case-folded, 3+ letters or digits, not stopwords — but a blanked span of short names only
+    is its subject as it is (a symbol or a code: "… has the symbol As?" is about "as"; see
+    `named_subjects`). Mixed relations are what this is for: "continent" or "official" in one
+    or two questions of a mix is form, not subject."""
     words = [_normal(q).split() for q in questions]
     names = [question_names(q) for q in questions]
 
@@ -293,7 +295,8 @@ def question_forms(questions: list[str], max_span: int = 6, max_words: int = 40)
         if shared:
             most = max(sharing[form] for _, _, form in shared)
             i, j, form = min((s for s in shared if 2 * sharing[s[2]] >= most), key=lambda s: (s[1] - s[0], -s[0]))
-            out.append((form.replace("the _", "_"), {x for x in w[i:j] if _is_subject_word(x)}))  # "of the _" is "of _"
+            subject = {x for x in w[i:j] if _is_subject_word(x)} or {x for x in w[i:j] if x in n}  # a symbol: "As"
+            out.append((form.replace("the _", "_"), subject))  # "of the _" is "of _"
         else:
             subject = {x for x in n if _is_subject_word(x)} or {
                 x for x in w if _is_subject_word(x) and len(questions) >= 5 and df[x] <= 2}
@@ -308,14 +311,24 @@ def subject_words(questions: list[str]) -> set[str]:
     return {x for _, subject in question_forms(questions) for x in subject}
 
 
+def named_subjects(text: str, subjects: set[str]) -> set[str]:
+    """The words of `subjects` (case-folded subject words, as `subject_words` gives them) that
+    `text` names. A short one — an element symbol "As", a code "MT" — counts only where it is
+    written as a name (capitalised after the first word), so that "as" in "known as" or "in" in
+    "In which year" does not."""
+    words = set(_normal(text).split())
+    return {x for x in subjects & words if _is_subject_word(x)} | (subjects & question_names(text))
+
+
 def subject_span(text: str, words: set[str]) -> tuple[int, int] | None:
     """Where `text` names its subject: the characters from its first word in `words` (case-folded
-    subject words, as `question_forms` gives them) to the last of the run that follows, across
-    short and stop words ("Democratic Republic of the Congo"). None when no word is in `words`."""
+    subject words, as `question_forms` gives them; a short one only capitalised, as in
+    `named_subjects`) to the last of the run that follows, across short and stop words
+    ("Democratic Republic of the Congo"). None when no word is in `words`."""
     start = end = None
-    for m in re.finditer(r"\w+", text):
+    for k, m in enumerate(re.finditer(r"\w+", text)):
         word = m.group().lower()
-        if word in words:
+        if word in words and (_is_subject_word(word) or (k and m.group()[:1].isupper())):
             start, end = m.start() if start is None else start, m.end()
         elif start is not None and _is_subject_word(word):
             break
@@ -401,7 +414,7 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
             for text in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
                 for q in listed_questions("-" + text):
                     key = _normal(q)
-                    if key not in own and key not in found and len(found) < n and not subjects & set(key.split()):
+                    if key not in own and key not in found and len(found) < n and not named_subjects(q, subjects):
                         found[key] = q
                         bar.update(1)
         bar.close()
