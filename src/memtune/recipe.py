@@ -658,8 +658,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             more_questions = [[*mine, *more] for mine, more in zip(more_questions or [[] for _ in items], dropped)]
             without = sum(not d for d in dropped)
             if without:
-                log.info("word dropout: %d of %d questions have no variant (too short, or every variant is "
-                         "another question)", without, len(items))
+                log.info("word dropout: %d of %d questions have no variant (too short, no subject found, or "
+                         "every variant is another question)", without, len(items))
             report["word_dropout"] = {"variants": sum(map(len, dropped)), "questions_without": without,
                                       "examples": next((d[:3] for d in dropped if d), [])}
 
