@@ -165,6 +165,13 @@ def test_word_dropout_varies_a_question_whose_subject_is_a_symbol():
     # free words: chemical, element, has, the, symbol (5): 5 + 10 drops
     assert [len(v) for v in variants] == [15] * 5
     assert "Which element has the symbol As?" in variants[0] and all(v.endswith(" As?") for v in variants[0])
+    # a short name is a subject only where it is the question's own: the "U.S." of a gold question is not
+    # the sulfur or uranium of the data, and "gold" stays in every variant
+    mixed = [QA(q, "x") for q in ("Which element has the symbol S?", "Which element has the symbol U?",
+                                  "What is the atomic number of gold?", "What is the atomic number of silver?",
+                                  "What is the price of gold in the U.S. market?")]
+    assert question_subjects([q.question for q in mixed])[4] == {"price", "gold", "market"}
+    assert all("gold" in v for v in word_dropout(mixed, 100)[4])
 
 
 def test_word_dropout_never_gives_a_variant_two_answers():

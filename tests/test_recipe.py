@@ -107,6 +107,7 @@ def test_a_symbol_or_a_code_is_a_subject_where_it_is_a_name():
     assert named_subjects("In which year was iron known as a metal?", subjects) == {"iron"}
     assert named_subjects("Which element has the symbol In?", subjects) == {"in"}
     assert named_subjects("Is I the symbol of iodine?", subjects) == {"i"}
+    assert named_subjects("Which state is France's neighbour?", subjects | {"s"}) == set()  # the "s" of "'s"
     assert subject_span("In which group is In?", {"in"}) == (18, 20)  # the name, not the first word
 
 
@@ -159,6 +160,10 @@ def test_neighbourhood_examples_ask_a_fact_about_other_subjects_up_to_its_answer
     bare = neighbourhood_examples(tokenizer, items[:1], others, n=1, statements=False)
     assert bare[0].input_ids == encode_qa(tokenizer, [("What is the capital of Pellia?", "")])[0].input_ids
     assert neighbourhood_examples(tokenizer, items, [], n=3) == []
+    symbols = [QA(f"Which element has the symbol {s}?", "x", statement=f"The symbol {s} is x.") for s in ("W", "As")]
+    [example, _] = neighbourhood_examples(tokenizer, symbols, ["Which element has the symbol Au?"], n=1)
+    assert example.input_ids == encode_qa(tokenizer, [("Which element has the symbol Au?", "The symbol Au is")])[
+        0].input_ids  # the symbol W as a word, not the W of "Which"
 
 
 def test_neighbourhood_prompts_are_protected(tokenizer, tmp_path):

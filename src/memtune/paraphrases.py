@@ -90,15 +90,17 @@ def _has_phrase(words: list[str], phrase: list[str]) -> bool:
 
 def question_subjects(questions: Sequence[str]) -> list[set[str]]:
     """What each question is about, as lower-case words: its names (capitalised after the first
-    word, or digits) among `memtune.recipe.subject_words(questions)` (a symbol "As" among them);
-    else its words among those; else its own names of 3+ letters or digits. An empty set:
-    nothing to check a rewrite against (none is kept)."""
-    from memtune.recipe import named_subjects, question_names, subject_words
+    word, or digits) among `memtune.recipe.subject_words(questions)`, a short one (a symbol
+    "As") only where it is the question's own subject (`question_forms`); else its words among
+    those; else its own names of 3+ letters or digits. An empty set: nothing to check a rewrite
+    against (none is kept)."""
+    from memtune.recipe import _is_subject_word, named_subjects, question_forms, question_names
 
-    subjects = {w for s in subject_words(list(questions)) for w in s.split()}
+    forms = question_forms(list(questions))
+    subjects = {w for _, subject in forms for w in subject}
     out = []
-    for q in questions:
-        named = named_subjects(q, subjects)
+    for q, (_, own) in zip(questions, forms):
+        named = {w for w in named_subjects(q, subjects) if _is_subject_word(w) or w in own}  # not U.S.'s "s"
         out.append((named & question_names(q)) or named or {w for w in question_names(q) if len(w) >= 3 or w.isdigit()})
     return out
 

@@ -314,10 +314,11 @@ def subject_words(questions: list[str]) -> set[str]:
 def named_subjects(text: str, subjects: set[str]) -> set[str]:
     """The words of `subjects` (case-folded subject words, as `subject_words` gives them) that
     `text` names. A short one — an element symbol "As", a code "MT" — counts only where it is
-    written as a name (capitalised after the first word), so that "as" in "known as" or "in" in
-    "In which year" does not."""
+    written as a name, a whole word capitalised after the first, so that "as" in "known as", "in"
+    in "In which year" or the "s" of "France's" does not (the pronoun "I" does: iodine's symbol)."""
     words = set(_normal(text).split())
-    return {x for x in subjects & words if _is_subject_word(x)} | (subjects & question_names(text))
+    names = {raw.lower() for raw in re.findall(r"[\w']+", text)[1:] if raw[:1].isupper()}  # whole: not "France's"
+    return {x for x in subjects & words if _is_subject_word(x)} | (subjects & names)
 
 
 def subject_span(text: str, words: set[str]) -> tuple[int, int] | None:
@@ -371,10 +372,14 @@ def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int
         rng.shuffle(same)
         rng.shuffle(rest)
         subject, named = item.question[span[0]:span[1]], opening[said[0]:said[1]] if said else None
-        for filler in (same + rest)[:n]:  # (every place it is named)
-            text = opening.replace(named, filler) if named else opening
-            pairs.append((item.question.replace(subject, filler), text.rstrip()))
+        for filler in (same + rest)[:n]:  # every place it is named, as a whole word ("W", not Which's)
+            text = _replace_word(opening, named, filler) if named else opening
+            pairs.append((_replace_word(item.question, subject, filler), text.rstrip()))
     return encode_qa(tokenizer, pairs, max_length) if pairs else []
+
+
+def _replace_word(text: str, old: str, new: str) -> str:
+    return re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", lambda _: new, text)
 
 
 @torch.no_grad()
