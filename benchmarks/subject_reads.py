@@ -25,8 +25,8 @@ import argparse
 from pathlib import Path
 
 import torch
+from ablate_written_rows import prompt_ids  # benchmarks/, beside this script
 
-from memtune.batches import IGNORE, encode_qa
 from memtune.checkpoint import load_memory_model
 from memtune.data import load_qa
 from memtune.recipe import question_forms, subject_span
@@ -38,14 +38,13 @@ PLACES = ("subject", "last")
 
 def prompt_reads(model, tokenizer, bank, text: str, words: set[str]) -> dict[str, dict[str, torch.Tensor]] | None:
     """reads[place][layer] of one phrasing's prompt; None when it does not name its subject."""
-    ids = encode_qa(tokenizer, [(text, "x")])[0]
-    ids = ids.input_ids[: next(i for i, y in enumerate(ids.labels) if y != IGNORE)]
+    [ids] = prompt_ids(tokenizer, [text])
     prompt = tokenizer.decode(ids)
-    span = subject_span(prompt[prompt.rfind(text):], words)  # in the question, not the template
+    begin = prompt.rfind(text)  # the subject in the question, not in the template
+    span = subject_span(prompt[begin:], words)
     if span is None:
         return None
-    start = prompt.rfind(text) + span[0]
-    end = prompt.rfind(text) + span[1]
+    start, end = begin + span[0], begin + span[1]
     offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     at = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
     with torch.no_grad():
