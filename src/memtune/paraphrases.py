@@ -94,13 +94,13 @@ def question_subjects(questions: Sequence[str]) -> list[set[str]]:
     "As") only where it is the question's own subject (`question_forms`); else its words among
     those; else its own names of 3+ letters or digits. An empty set: nothing to check a rewrite
     against (none is kept)."""
-    from memtune.recipe import _is_subject_word, named_subjects, question_forms, question_names
+    from memtune.recipe import named_subjects, question_forms, question_names
 
     forms = question_forms(list(questions))
     subjects = {w for _, subject in forms for w in subject}
     out = []
     for q, (_, own) in zip(questions, forms):
-        named = {w for w in named_subjects(q, subjects) if _is_subject_word(w) or w in own}  # not U.S.'s "s"
+        named = {w for w in named_subjects(q, subjects) if len(w) >= 3 or w.isdigit() or w in own}  # not U.S.'s "s"
         out.append((named & question_names(q)) or named or {w for w in question_names(q) if len(w) >= 3 or w.isdigit()})
     return out
 
