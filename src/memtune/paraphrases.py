@@ -100,8 +100,9 @@ def question_subjects(questions: Sequence[str]) -> list[set[str]]:
     subjects = {w for _, subject in forms for w in subject}
     out = []
     for q, (_, own) in zip(questions, forms):
-        named = {w for w in named_subjects(q, subjects) if len(w) >= 3 or w.isdigit() or w in own}  # not U.S.'s "s"
-        out.append((named & question_names(q)) or named or {w for w in question_names(q) if len(w) >= 3 or w.isdigit()})
+        names = question_names(q)
+        named = {w for w in named_subjects(q, subjects) if w in own or len(w) >= 3 or w.isdigit()}  # not U.S.'s "s"
+        out.append((named & names) or named or {w for w in names if len(w) >= 3 or w.isdigit()})
     return out
 
 
