@@ -45,8 +45,11 @@ def prompt_reads(model, tokenizer, bank, text: str, words: set[str]) -> dict[str
     if span is None:
         return None
     start, end = begin + span[0], begin + span[1]
-    offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    at = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+    encoded = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    if encoded["input_ids"] != ids:  # the offsets must be those of the ids the model reads
+        raise SystemExit(f"the prompt of {text!r} does not tokenize back to the ids learn trains; "
+                         "subject positions cannot be found")
+    at = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start]
     with torch.no_grad():
         model(input_ids=torch.tensor([ids]), use_cache=False)
     return {"subject": {n: layer.last_indices[0, at].reshape(-1) for n, layer in bank.layers.items()},
