@@ -157,6 +157,7 @@ class SparseMemoryFinetuning:
         self.kept: dict[int, Tensor] = {}  # table -> rows frozen by `keep_reads` (for the ledger)
         self.earlier: dict[int, Tensor] = {}  # table -> rows earlier learn calls froze (the ledger's)
         self.frozen: dict[int, Tensor] = {}  # table -> rows that may not be updated (sorted)
+        self.originals: dict[int, list[tuple[Tensor, Tensor]]] | None = None  # table -> (rows, values before)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         bank = require_memory_bank(model)
@@ -217,6 +218,39 @@ class SparseMemoryFinetuning:
                  "rows_protected": sum(int(r.numel()) for r in self.protected.values())}
         return self.bank.ledger.record(entry, self.touched, frozen, state)
 
+    def remember_originals(self) -> None:
+        """From now on, keep each row's value from before its first update, so `unwrite` can give
+        it back (rows x value dim floats per table: off unless asked)."""
+        if self.originals is None:
+            self.originals = {}
+
+    def unwrite(self, stats: Background) -> int:
+        """Un-write the rows this method updated that `stats` show read (any layer sharing the
+        table): each gets back its value from before its first update (`remember_originals` must
+        have been called before training) and is protected from the next `train` call on, so
+        what needs it is learned elsewhere. Returns the number of rows un-written."""
+        if self.originals is None:
+            raise RuntimeError("unwrite needs the values from before training: call remember_originals() first")
+        n = 0
+        for t, table in enumerate(self.bank.values):
+            touched = self.touched.get(t)
+            if touched is None:
+                continue
+            read = torch.cat([stats.df[k].nonzero().flatten() for k, owner in self.table_of.items() if owner == t])
+            rows = torch.unique(read[torch.isin(read, touched)])
+            if rows.numel() == 0:
+                continue
+            kept, before = (torch.cat(parts) for parts in zip(*self.originals[t]))
+            order = kept.argsort()
+            kept, before = kept[order], before[order]
+            at = torch.searchsorted(kept, rows)  # every touched row has its value from before
+            with torch.no_grad():
+                table.weight[rows.to(table.weight.device)] = before[at].to(table.weight.device, table.weight.dtype)
+            self.touched[t] = touched[~torch.isin(touched, rows)]
+            self.protected[t] = _union(self.protected.get(t), rows)
+            n += int(rows.numel())
+        return n
+
     def begin(self) -> None:
         parts = [self.protected, self.kept, self.earlier, self.touched if self.freeze_learned else {}]
         self.frozen = {t: torch.unique(torch.cat([p[t] for p in parts if t in p])) for t in set().union(*parts)}
@@ -251,6 +285,9 @@ class SparseMemoryFinetuning:
             layers = [k for k, owner in self.table_of.items() if owner == t]
             rows = torch.unique(torch.cat([selected[k] for k in layers]))
             distributed.reduce_row_grads(table, rows.to(table.weight.device))  # sum over ranks, selected rows only
+            if self.originals is not None:  # rows updated for the first time: their values before, for unwrite
+                new = rows[~torch.isin(rows, self.touched[t])] if t in self.touched else rows
+                self.originals.setdefault(t, []).append((new, table.weight[new.to(table.weight.device)].detach().cpu()))
             updated += self.optimizer.step(table.weight, rows.to(table.weight.device))
             table.weight.grad = None
             self.touched[t] = _union(self.touched.get(t), rows)

@@ -62,6 +62,7 @@ from memtune.targets import (
     check_target,
     encode_facts,
     fact_examples,
+    first_sentence,
     mask_predicted,
     own_statements,
 )
@@ -75,14 +76,16 @@ AUTO, NONE = "auto", "none"
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
-                   "align_phrasings", "neighbourhood", "protect_prompts")
+                   "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
-                     "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood")
+                     "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
-             "neighbourhood": 0}
+             "neighbourhood": 0, "neighbourhood_check": 0}
+# rounds of the neighbourhood check: un-write what changed answers read, learn again
+NEIGHBOURHOOD_ROUNDS = 3
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -115,6 +118,13 @@ class RecipeConfig:
                 "neighbourhood prompts read where the answer would follow (every position, with --protect-prompts) "
                 "are protected and in the background, so "
                 "a fact is written where only its own subject reads (memtune.recipe.neighbourhood_examples). 0: none"})
+    neighbourhood_check: int = field(default=0, metadata={
+        "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
+                "--neighbourhood asks it) and answered by the model before learning; after learning, where such an "
+                "answer changed (its first sentence), the rows this call wrote that the question reads where its "
+                "answer is predicted are given back their values and protected, and the facts are trained again "
+                f"until learned; up to {NEIGHBOURHOOD_ROUNDS} rounds (memtune.recipe.AnswersKept). config.json "
+                "records how many changed each round: forgetting on the data's own forms. 0: none"})
     keep: str | None = field(default=None, metadata={
         "help": "a file of questions (.txt, one per line, or JSONL/CSV with 'question') whose current answers "
                 "must be kept: their slots are protected"})
@@ -171,6 +181,7 @@ class RecipeConfig:
             raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
         for name, least, kind in (("related", 0, "non-negative"), ("word_dropout", 0, "non-negative"),
                                   ("self_paraphrases", 0, "non-negative"), ("neighbourhood", 0, "non-negative"),
+                                  ("neighbourhood_check", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
             if not is_int(value) or value < least:
@@ -338,17 +349,23 @@ def subject_span(text: str, words: set[str]) -> tuple[int, int] | None:
 
 def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int, seed: int = 0,
                            statements: bool = True, max_length: int = 256) -> list[Example]:
-    """Neighbourhood prompts (MEMIT's, Meng et al. 2023) as examples: each fact's question and the
-    opening of its statement (its words before the answer), with the subject swapped for `n`
-    subjects of `others` — questions about other things, such as the related questions. Those of
-    the fact's form (`question_forms`) come first, then others at random. "What is the capital
-    of Chad?" -> "The capital of Chad is N'Djamena." gives "What is the capital of Peru?" -> "The
-    capital of Peru is". The loss, and so SMF's counted positions, is on that opening and the end
-    of the turn after it: the position that would predict the answer counts. With
-    `statements=False` (a bare-answer target) or a statement that starts with its answer, the
-    opening is empty. A subject that shares a word with a subject of `items` is never put in:
-    its fact is being written. A fact whose subject is not found in its question gets none.
-    Returns up to `n` examples per fact, facts in order."""
+    """`neighbourhood_prompts` as examples: the loss, and so SMF's counted positions, is on the
+    opening and the end of the turn after it: the position that would predict the answer counts."""
+    pairs = neighbourhood_prompts(items, others, n, seed, statements)
+    return encode_qa(tokenizer, pairs, max_length) if pairs else []
+
+
+def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int = 0,
+                          statements: bool = True) -> list[tuple[str, str]]:
+    """Neighbourhood prompts (MEMIT's, Meng et al. 2023): each fact's question and the opening of
+    its statement (its words before the answer), with the subject swapped for `n` subjects of
+    `others` — questions about other things, such as the related questions. Those of the fact's
+    form (`question_forms`) come first, then others at random. "What is the capital of Chad?" ->
+    "The capital of Chad is N'Djamena." gives ("What is the capital of Peru?", "The capital of
+    Peru is"). With `statements=False` (a bare-answer target) or a statement that starts with its
+    answer, the opening is empty. A subject that shares a word with a subject of `items` is never
+    put in: its fact is being written. A fact whose subject is not found in its question gets
+    none. Returns up to `n` (question, opening) pairs per fact, facts in order."""
     if n <= 0 or not others or not items:
         return []
     rng = random.Random(seed)
@@ -375,7 +392,7 @@ def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int
         for filler in (same + rest)[:n]:  # every place it is named, as a whole word ("W", not Which's)
             text = _replace_word(opening, named, filler) if named else opening
             pairs.append((_replace_word(item.question, subject, filler), text.rstrip()))
-    return encode_qa(tokenizer, pairs, max_length) if pairs else []
+    return pairs
 
 
 def _replace_word(text: str, old: str, new: str) -> str:
@@ -451,6 +468,34 @@ def own_answer_stats(model: nn.Module, tokenizer, questions: list[str], max_new_
     if not examples:
         raise MemtuneError(f"the model answered none of the {len(questions)} questions to keep")
     return background_stats(model, examples, tokenizer.pad_token_id, len(examples), batch_size, progress=progress)
+
+
+class AnswersKept:
+    """Which questions a model no longer answers as it did: made with the model before it learns
+    (its greedy answers recorded; questions it answers with nothing are left out), called with
+    the model after, it returns the indices (into `questions`) whose answer's first sentence
+    (`first_sentence`) changed: "The demonym for people from Togo is Togolese." -> "... is Ghana."
+    `examples` are the questions with those first answers (`encode_qa`: loss on the answer), for
+    the slots they read where the answer is predicted."""
+
+    def __init__(self, model: nn.Module, tokenizer, questions: list[str], max_new_tokens: int = 24,
+                 progress: bool = True):
+        from memtune.probes.qa import answer_questions
+
+        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
+        answered = [(q, a) for q, a in zip(questions, answer_questions(
+            model, tokenizer, questions, max_new_tokens=max_new_tokens, progress=progress)) if a]
+        self.questions, self.answers = [q for q, _ in answered], [a for _, a in answered]
+        self.examples = encode_qa(tokenizer, answered) if answered else []
+
+    def __call__(self, model: nn.Module) -> list[int]:
+        from memtune.probes.qa import answer_questions
+
+        if not self.questions:
+            return []
+        now = answer_questions(model, self.tokenizer, self.questions, max_new_tokens=self.max_new_tokens,
+                               progress=False)
+        return [i for i, (a, b) in enumerate(zip(now, self.answers)) if first_sentence(a) != first_sentence(b)]
 
 
 def example_questions(items: list[QA], augment: int = 0) -> list[QA]:
@@ -617,7 +662,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     # -- what the model must keep: questions of the data's form it writes itself, and --keep
     keep_questions = read_questions(recipe.keep) if recipe.keep else []
     related: list[str] = []
-    needs_related = smf and facts and recipe.related > 0 and AUTO in (recipe.background, recipe.protect)
+    needs_related = (smf and facts and recipe.related > 0
+                     and (AUTO in (recipe.background, recipe.protect) or recipe.neighbourhood_check))
     if needs_related:
         related = related_questions(model, tokenizer, [q.question for q in data], recipe.related, seed=config.seed,
                                     progress=progress)
@@ -627,6 +673,15 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     guard_examples: list[Example] = []
     if guarded:
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
+    kept_check = None  # the data's questions about other subjects, answered before learning
+    if smf and facts and recipe.neighbourhood_check:
+        asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, guarded, recipe.neighbourhood_check,
+                                                                       config.seed, statements=False)))
+        if not asked:
+            log.warning("--neighbourhood-check %d: no questions about other subjects (they take their subjects "
+                        "from the related and --keep questions: none had a subject to put in)",
+                        recipe.neighbourhood_check)
+        kept_check = AnswersKept(model, tokenizer, asked, recipe.max_new_tokens, progress)
 
     # -- training targets (the base model's own words: before anything is learned in this call)
     more_questions = more_statements = None  # the model's own rewrites (self_paraphrases) ...
@@ -758,9 +813,29 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     report["setup_s"] = round(time.perf_counter() - start, 1)
 
     method = make_method(config, background, protect)
+    if kept_check is not None:
+        method.remember_originals()
     t = time.perf_counter()
+    learned_check = None if check is None else ExampleCheck(check, owners)
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
-                           learned=None if check is None else ExampleCheck(check, owners))
+                           learned=learned_check)
+    if kept_check is not None:
+        rounds = []
+        for r in range(NEIGHBOURHOOD_ROUNDS + 1):
+            changed = kept_check(model)
+            rounds.append({"changed": len(changed)})
+            if not changed or r == NEIGHBOURHOOD_ROUNDS:
+                break
+            reads = background_stats(model, [kept_check.examples[i] for i in changed], pad, len(changed),
+                                     config.batch_size, "loss", progress=False)
+            rounds[-1]["rows_unwritten"] = method.unwrite(reads)
+            offset = len(history)  # step numbers go on from the first training
+            model, more = train(model, tokenizer, examples, config, method, progress=progress, learned=learned_check,
+                                on_step=None if on_step is None else lambda m: on_step({**m, "step": m["step"] + offset}))
+            history += [{**m, "step": m["step"] + offset} for m in more]
+        log.info("neighbourhood check: %s of %d questions about other subjects answered otherwise after "
+                 "each round", " -> ".join(str(x["changed"]) for x in rounds), len(kept_check.questions))
+        report["neighbourhood_check"] = {"questions": len(kept_check.questions), "rounds": rounds}
     report["train_s"] = round(time.perf_counter() - t, 1)
     learned = everything = None  # per fact; per question asked (the facts, then their rewrites)
     if check is not None:  # until learned, train's last check saw the final model
