@@ -15,6 +15,7 @@ from memtune.data import QA, Document
 from memtune.errors import MemtuneError
 from memtune.recipe import (
     AnswerCheck,
+    AnswersKept,
     RecipeConfig,
     default_memory_config,
     learn,
@@ -181,6 +182,39 @@ def test_neighbourhood_prompts_are_protected(tokenizer, tmp_path):
     assert slots[3] > slots[0]
 
 
+def test_answers_kept_compares_first_sentences(tokenizer):
+    model = tiny_model(init_range=0.5)
+    kept = AnswersKept(model, tokenizer, ["What is the capital of Pellia?", "Who is Bob?", "Who rules Ostland?"],
+                       max_new_tokens=6, progress=False)
+    assert len(kept.questions) == len(kept.examples) == 3 and kept(model) == []
+    kept.answers[0] = first_sentence(kept.answers[0]) + ". Then other words."  # a later sentence: still kept
+    kept.answers[2] = "Quenta rules it."
+    assert kept(model) == [2]
+
+
+def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again(learnable_model_dir, tmp_path):
+    """Questions of the data's form about other subjects (from --keep here) are answered otherwise
+    after learning when nothing protects them; the rows they read are given back their values
+    (zero: a fresh memory), and the facts are trained again around them."""
+    from memtune.models import load_model
+
+    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWhat is the capital of Frobia?\n")
+    model, tokenizer = load_model(str(learnable_model_dir))
+    result = learn(model, tokenizer, facts, LearnConfig(epochs=20, batch_size=1, lr=20),
+                   RecipeConfig(n_keys=16, related=0, neighbourhood_check=3, keep=str(keep), protect="none"),
+                   progress=False)
+    check = result.recipe["neighbourhood_check"]
+    assert check["questions"] == 3 and check["rounds"][0]["changed"] > 0 and check["rounds"][0]["rows_unwritten"] > 0
+    steps = [m["step"] for m in result.history]
+    assert len(check["rounds"]) > 1 and steps == list(range(1, len(steps) + 1))  # trained again, numbered on
+    method = result.method
+    back = method.protected[0]
+    assert back.numel() >= check["rounds"][0]["rows_unwritten"] and not torch.isin(back, method.touched[0]).any()
+    assert not result.model.memory.values[0].weight.detach()[back].any()  # their values before: zero
+
+
 def test_protect_prompts_protects_the_related_questions_prompt_reads_too(tokenizer, tmp_path):
     """--protect-prompts counts the --keep (and related) questions' reads at every position, the
     prompt's too: a superset of the slots their answers read."""
@@ -263,6 +297,7 @@ def test_read_questions(tmp_path):
                                              ({"related": -1}, "related=-1"), ({"target": "x"}, "target='x'"),
                                              ({"keep": "missing.txt"}, "keep='missing.txt'"),
                                              ({"neighbourhood": -1}, "neighbourhood=-1"),
+                                             ({"neighbourhood_check": 1.5}, "neighbourhood_check=1.5"),
                                              ({"protect_prompts": "yes"}, "protect_prompts='yes'")])
 def test_recipe_config_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):
@@ -663,7 +698,8 @@ def test_word_dropout_is_the_only_lever_on_by_default(tokenizer):
 @pytest.mark.parametrize("kwargs, given", [({"self_paraphrases": 2}, "--self-paraphrases=2"),
                                            ({"renderings": ("chat", "short")}, "--renderings=chat,short"),
                                            ({"target": "answer"}, "--target=answer"), ({"consolidate": 3}, "--consolidate=3"),
-                                           ({"end_loss": False}, "--no-end-loss")])  # a flag as it is typed
+                                           ({"end_loss": False}, "--no-end-loss"),
+                                           ({"neighbourhood_check": 2}, "--neighbourhood-check=2")])  # a flag as typed
 def test_documents_refuse_options_for_facts(tokenizer, kwargs, given):
     config = LearnConfig(epochs=1, **{k: v for k, v in kwargs.items() if k == "consolidate"})
     recipe = RecipeConfig(n_keys=16, related=0, **{k: v for k, v in kwargs.items() if k != "consolidate"})

@@ -233,6 +233,36 @@ def test_protect_reads_keeps_every_row_earlier_data_reads(tokenizer):
         assert changed.numel() > 0 and not torch.isin(changed, read).any()
 
 
+def test_unwrite_gives_read_rows_their_values_from_before_training_and_protects_them(tokenizer):
+    model = memory_model()
+    with torch.no_grad():  # values already written, as in a memory that learned before
+        for table in model.memory.values:
+            table.weight.normal_()
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2)
+    method = SparseMemoryFinetuning(cfg.smf())
+    start = [t.weight.detach().clone() for t in model.memory.values]
+    reads = compute_background(model, iter([collate(encode_qa(tokenizer, PAIRS[:1]), tokenizer.pad_token_id, "loss")]),
+                               progress=False)  # where the first question's answer is predicted
+    with pytest.raises(RuntimeError, match="remember_originals"):
+        method.prepare(model)
+        method.unwrite(reads)
+    method.remember_originals()
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
+    trained = [t.weight.detach().clone() for t in model.memory.values]
+    touched = {t: rows.clone() for t, rows in method.touched.items()}
+    read = torch.unique(torch.cat([reads.df[k].nonzero().flatten() for k in model.memory.layers]))
+    back = torch.unique(read[torch.isin(read, touched[0])])
+    assert 0 < back.numel() < touched[0].numel()
+    assert method.unwrite(reads) == back.numel()
+    weight = model.memory.values[0].weight.detach()
+    assert torch.equal(weight[back], start[0][back])  # bitwise: the value before its first update
+    rest = touched[0][~torch.isin(touched[0], back)]
+    assert torch.equal(weight[rest], trained[0][rest]) and not torch.equal(weight[rest], start[0][rest])
+    assert not torch.isin(back, method.touched[0]).any() and torch.isin(back, method.protected[0]).all()
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
+    assert torch.equal(model.memory.values[0].weight.detach()[back], start[0][back])  # protected from then on
+
+
 def test_protected_slots_are_never_updated(tokenizer):
     model = memory_model()
     protect_batch = collate(encode_qa(tokenizer, PAIRS[:2]), tokenizer.pad_token_id, "loss")

@@ -829,6 +829,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             reads = background_stats(model, [kept_check.examples[i] for i in changed], pad, len(changed),
                                      config.batch_size, "loss", progress=False)
             rounds[-1]["rows_unwritten"] = method.unwrite(reads)
+            if not rounds[-1]["rows_unwritten"]:  # what changed them is not this call's rows at their answers
+                break
             offset = len(history)  # step numbers go on from the first training
             model, more = train(model, tokenizer, examples, config, method, progress=progress, learned=learned_check,
                                 on_step=None if on_step is None else lambda m: on_step({**m, "step": m["step"] + offset}))
