@@ -10,7 +10,12 @@ value: whatever a known fact recovers was lost through reads of those rows. The 
 - `related`: the related questions the run wrote (`config.json`, `steps.related_questions`);
 - `prefix`: the chat template and words the known questions share ("... user\\nIn which country
   is the city of");
-- `system`: the chat template up to the user's question only.
+- `system`: the chat template up to the user's question only;
+- `neighbours`: the learned facts' questions about 5 other subjects each (`memtune.recipe.
+  neighbourhood_prompts`, subjects from the related questions) whose answer's first sentence
+  the call changed (`memtune.recipe.AnswersKept`; the base answers from the memory with every
+  value zeroed), their reads where their base answer is predicted only: what
+  `memtune learn --neighbourhood-check` un-writes in its first round.
 
     python benchmarks/ablate_written_rows.py --run runs/levers7/cities-default/smf/call1 \
         --known runs/domains/cities/known.jsonl --facts runs/levers7/cities-default/facts1.jsonl \
@@ -32,10 +37,11 @@ import torch
 from memtune.batches import IGNORE, encode_qa
 from memtune.checkpoint import load_memory_model
 from memtune.data import load_qa
-from memtune.recipe import AnswerCheck
+from memtune.recipe import AnswerCheck, AnswersKept, neighbourhood_prompts
+from memtune.stats import background_stats
 from memtune.retrofit import get_memory_bank
 
-PROMPTS = ("known", "related", "prefix", "system")
+PROMPTS = ("known", "related", "prefix", "system", "neighbours")
 
 
 def prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
@@ -70,9 +76,32 @@ def main() -> None:
     before = sum(check_known(model)), sum(check_facts(model))
 
     asked = [q.question for q in known]
-    if args.prompts == "related":
+    if args.prompts in ("related", "neighbours"):
         config = json.loads((Path(args.run) / "config.json").read_text())
         asked = config["steps"]["related_questions"]["questions"]
+    if args.prompts == "neighbours":
+        neighbours = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(facts, asked, 5, statements=False)))
+        trained = [v.weight.detach().clone() for v in bank.values]
+        with torch.no_grad():  # a parallel memory's values start at zero: the base model
+            for v in bank.values:
+                v.weight.zero_()
+        kept = AnswersKept(model, tokenizer, neighbours, progress=False)
+        with torch.no_grad():
+            for v, w in zip(bank.values, trained):
+                v.weight.copy_(w)
+        changed = kept(model)
+        print(f"neighbours: {len(changed)} of {len(kept.questions)} answered otherwise")
+        reads = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id,
+                                 len(changed), 8, "loss", progress=False)
+        with torch.no_grad():
+            for name in bank.layers:
+                table = bank.table_index(int(name))
+                read = reads.df[name].nonzero().flatten()
+                bank.values[table].weight[read[torch.isin(read, bank.ledger.learned_rows(table))]] = 0
+        after = sum(check_known(model)), sum(check_facts(model))
+        print(f"known right: {before[0]} -> {after[0]} of {len(known)}; learned right: {before[1]} -> {after[1]} "
+              f"of {len(facts)}")
+        return
     prompts = prompt_ids(tokenizer, asked)
     if args.prompts == "prefix":
         prompts = [common_prefix(prompts)]

@@ -207,12 +207,22 @@ def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again
                    progress=False)
     check = result.recipe["neighbourhood_check"]
     assert check["questions"] == 3 and check["rounds"][0]["changed"] > 0 and check["rounds"][0]["rows_unwritten"] > 0
+    assert check["right_before"] == 2 and 0 <= check["right_after"] <= 2  # (16² slots: room to learn again is scarce)
     steps = [m["step"] for m in result.history]
     assert len(check["rounds"]) > 1 and steps == list(range(1, len(steps) + 1))  # trained again, numbered on
     method = result.method
     back = method.protected[0]
     assert back.numel() >= check["rounds"][0]["rows_unwritten"] and not torch.isin(back, method.touched[0]).any()
     assert not result.model.memory.values[0].weight.detach()[back].any()  # their values before: zero
+
+
+def test_neighbourhood_check_without_questions_to_ask_learns_without_it(tokenizer, caplog):
+    result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
+                   RecipeConfig(n_keys=16, related=0, neighbourhood_check=2), progress=False)
+    assert "neighbourhood_check" not in result.recipe and "no questions about other subjects" in caplog.text
+    with pytest.raises(MemtuneError, match="--neighbourhood-check 2 learns the facts again until learned"):
+        learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, until_learned=False),
+              RecipeConfig(n_keys=16, related=0, neighbourhood_check=2), progress=False)
 
 
 def test_protect_prompts_protects_the_related_questions_prompt_reads_too(tokenizer, tmp_path):

@@ -259,8 +259,23 @@ def test_unwrite_gives_read_rows_their_values_from_before_training_and_protects_
     rest = touched[0][~torch.isin(touched[0], back)]
     assert torch.equal(weight[rest], trained[0][rest]) and not torch.equal(weight[rest], start[0][rest])
     assert not torch.isin(back, method.touched[0]).any() and torch.isin(back, method.protected[0]).all()
+    assert not torch.isin(back, method.optimizer.state[id(model.memory.values[0].weight)].rows).any()  # state gone
     model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
     assert torch.equal(model.memory.values[0].weight.detach()[back], start[0][back])  # protected from then on
+    moved = changed_rows(trained[0][rest], model.memory.values[0].weight.detach()[rest])
+    assert moved.numel() > 0  # learning the same data again may move its own rows (freeze_learned or not)
+
+
+def test_unwrite_refuses_rows_updated_before_their_values_were_kept(tokenizer):
+    model = memory_model()
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=1, batch_size=2)
+    method = SparseMemoryFinetuning(cfg.smf())
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
+    method.remember_originals()
+    reads = compute_background(model, iter([collate(encode_qa(tokenizer, PAIRS[:2]), tokenizer.pad_token_id, "loss")]),
+                               progress=False)
+    with pytest.raises(RuntimeError, match="before remember_originals"):
+        method.unwrite(reads)
 
 
 def test_protected_slots_are_never_updated(tokenizer):

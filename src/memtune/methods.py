@@ -158,6 +158,7 @@ class SparseMemoryFinetuning:
         self.earlier: dict[int, Tensor] = {}  # table -> rows earlier learn calls froze (the ledger's)
         self.frozen: dict[int, Tensor] = {}  # table -> rows that may not be updated (sorted)
         self.originals: dict[int, list[tuple[Tensor, Tensor]]] | None = None  # table -> (rows, values before)
+        self.relearn = False  # the next train call learns the same data again (after unwrite)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         bank = require_memory_bank(model)
@@ -227,10 +228,14 @@ class SparseMemoryFinetuning:
     def unwrite(self, stats: Background) -> int:
         """Un-write the rows this method updated that `stats` show read (any layer sharing the
         table): each gets back its value from before its first update (`remember_originals` must
-        have been called before training) and is protected from the next `train` call on, so
-        what needs it is learned elsewhere. Returns the number of rows un-written."""
+        have been called before training), loses its optimizer state and is protected from the
+        next `train` call on, so what needs it is learned elsewhere. That call learns the same
+        data again: the rows this method updated and kept stay free to it, whatever
+        `freeze_learned`. Returns the number of rows un-written. RuntimeError if an un-written
+        row has no value from before (`remember_originals` came after training began)."""
         if self.originals is None:
             raise RuntimeError("unwrite needs the values from before training: call remember_originals() first")
+        self.relearn = True
         n = 0
         for t, table in enumerate(self.bank.values):
             touched = self.touched.get(t)
@@ -240,19 +245,27 @@ class SparseMemoryFinetuning:
             rows = torch.unique(read[torch.isin(read, touched)])
             if rows.numel() == 0:
                 continue
-            kept, before = (torch.cat(parts) for parts in zip(*self.originals[t]))
+            saved = self.originals.get(t, [(rows[:0], table.weight[:0].cpu())])
+            kept, before = (torch.cat(parts) for parts in zip(*saved))
+            if not torch.isin(rows, kept).all():
+                raise RuntimeError("some rows to un-write were updated before remember_originals() was called: "
+                                   "their values from before are unknown")
             order = kept.argsort()
             kept, before = kept[order], before[order]
-            at = torch.searchsorted(kept, rows)  # every touched row has its value from before
+            at = torch.searchsorted(kept, rows)
             with torch.no_grad():
                 table.weight[rows.to(table.weight.device)] = before[at].to(table.weight.device, table.weight.dtype)
+            self.optimizer.forget(table.weight, rows.to(table.weight.device))
             self.touched[t] = touched[~torch.isin(touched, rows)]
             self.protected[t] = _union(self.protected.get(t), rows)
             n += int(rows.numel())
         return n
 
     def begin(self) -> None:
-        parts = [self.protected, self.kept, self.earlier, self.touched if self.freeze_learned else {}]
+        # the same data learned again after unwrite may move its own rows; other data may not
+        mine = self.touched if self.freeze_learned and not self.relearn else {}
+        parts = [self.protected, self.kept, self.earlier, mine]
+        self.relearn = False
         self.frozen = {t: torch.unique(torch.cat([p[t] for p in parts if t in p])) for t in set().union(*parts)}
 
     def set_lr(self, lr: float) -> None:

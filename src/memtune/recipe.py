@@ -43,7 +43,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -621,6 +621,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             else:
                 given = f"--{flag}=" + (",".join(value) if isinstance(value, tuple) else str(value))
             raise MemtuneError(f"{given} is for facts ({{question, answer}} items), but the data is documents: drop it")
+    if recipe.neighbourhood_check and not config.until_learned:
+        raise MemtuneError(f"--neighbourhood-check {recipe.neighbourhood_check} learns the facts again until learned "
+                           "after un-writing: drop --no-until-learned (or --neighbourhood-check)")
     pad = tokenizer.pad_token_id
     report: dict = {"source": source, "items": len(data), "kind": "qa" if facts else "documents"}
     start = time.perf_counter()
@@ -677,11 +680,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if smf and facts and recipe.neighbourhood_check:
         asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, guarded, recipe.neighbourhood_check,
                                                                        config.seed, statements=False)))
-        if not asked:
-            log.warning("--neighbourhood-check %d: no questions about other subjects (they take their subjects "
-                        "from the related and --keep questions: none had a subject to put in)",
+        if asked:
+            kept_check = AnswersKept(model, tokenizer, asked, recipe.max_new_tokens, progress)
+        else:
+            log.warning("--neighbourhood-check %d: no questions about other subjects, no check (they take their "
+                        "subjects from the related and --keep questions: none had a subject to put in)",
                         recipe.neighbourhood_check)
-        kept_check = AnswersKept(model, tokenizer, asked, recipe.max_new_tokens, progress)
 
     # -- training targets (the base model's own words: before anything is learned in this call)
     more_questions = more_statements = None  # the model's own rewrites (self_paraphrases) ...
@@ -820,24 +824,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
                            learned=learned_check)
     if kept_check is not None:
-        rounds = []
-        for r in range(NEIGHBOURHOOD_ROUNDS + 1):
-            changed = kept_check(model)
-            rounds.append({"changed": len(changed)})
-            if not changed or r == NEIGHBOURHOOD_ROUNDS:
-                break
-            reads = background_stats(model, [kept_check.examples[i] for i in changed], pad, len(changed),
-                                     config.batch_size, "loss", progress=False)
-            rounds[-1]["rows_unwritten"] = method.unwrite(reads)
-            if not rounds[-1]["rows_unwritten"]:  # what changed them is not this call's rows at their answers
-                break
-            offset = len(history)  # step numbers go on from the first training
-            model, more = train(model, tokenizer, examples, config, method, progress=progress, learned=learned_check,
-                                on_step=None if on_step is None else lambda m: on_step({**m, "step": m["step"] + offset}))
-            history += [{**m, "step": m["step"] + offset} for m in more]
-        log.info("neighbourhood check: %s of %d questions about other subjects answered otherwise after "
-                 "each round", " -> ".join(str(x["changed"]) for x in rounds), len(kept_check.questions))
-        report["neighbourhood_check"] = {"questions": len(kept_check.questions), "rounds": rounds}
+        report["neighbourhood_check"] = neighbourhood_check(model, tokenizer, examples, config, method, kept_check,
+                                                            learned_check, history, t, on_step, progress)
     report["train_s"] = round(time.perf_counter() - t, 1)
     learned = everything = None  # per fact; per question asked (the facts, then their rewrites)
     if check is not None:  # until learned, train's last check saw the final model
@@ -857,6 +845,47 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             "learned": report.get("learned"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.perf_counter() - start, 1)}, freeze_updated=not config.protect_learned)
     return LearnResult(model, method, history, report, len(examples), learned)
+
+
+def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], config: LearnConfig, method,
+                        kept: AnswersKept, learned: ExampleCheck, history: list[dict], start: float,
+                        on_step=None, progress: bool = True) -> dict:
+    """`RecipeConfig.neighbourhood_check` after the first training of `examples` by `method`
+    (SMF, `remember_originals` called before it; `learned` its until-learned check, `history` its
+    metrics, extended here; `start` its `time.perf_counter()`): up to NEIGHBOURHOOD_ROUNDS times,
+    the questions of `kept` answered otherwise have the rows they read where their first answer
+    is predicted un-written (`SparseMemoryFinetuning.unwrite`), and the examples are trained again
+    until learned, within what is left of `config.max_steps` and `config.max_minutes`. Returns
+    the report: per round the questions answered otherwise and the rows un-written, and the
+    examples answered right before the check and after it."""
+    right = lambda: sum(ok is True for ok in learned.check.right)  # noqa: E731 (the check's latest answers)
+    rounds, before = [], right()
+    for r in range(NEIGHBOURHOOD_ROUNDS + 1):
+        changed = kept(model)
+        rounds.append({"changed": len(changed)})
+        steps_left = None if config.max_steps is None else config.max_steps - len(history)
+        minutes_left = None if config.max_minutes is None else config.max_minutes - (time.perf_counter() - start) / 60
+        if not changed or r == NEIGHBOURHOOD_ROUNDS or (steps_left is not None and steps_left <= 0) or (
+                minutes_left is not None and minutes_left <= 0):
+            break
+        reads = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id, len(changed),
+                                 config.batch_size, "loss", progress=False)
+        rounds[-1]["rows_unwritten"] = method.unwrite(reads)
+        if not rounds[-1]["rows_unwritten"]:  # what changed them is not this call's rows where they answer
+            break
+        offset = len(history)  # step numbers go on from the first training
+        model, more = train(model, tokenizer, examples, replace(config, max_steps=steps_left, max_minutes=minutes_left),
+                            method, progress=progress, learned=learned,
+                            on_step=None if on_step is None else lambda m: on_step({**m, "step": m["step"] + offset}))
+        history += [{**m, "step": m["step"] + offset} for m in more]
+    after = right()
+    log.info("neighbourhood check: %s of %d questions about other subjects answered otherwise, round by round; "
+             "%d of %d facts right before it, %d after", " -> ".join(str(x["changed"]) for x in rounds),
+             len(kept.questions), before, len(learned.check.items), after)
+    if after < before:
+        log.warning("neighbourhood check: %d facts answered right before it are not after it (learned again, "
+                    "they read the rows it protected)", before - after)
+    return {"questions": len(kept.questions), "rounds": rounds, "right_before": before, "right_after": after}
 
 
 def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrites: list[list[str]],

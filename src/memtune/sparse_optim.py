@@ -51,6 +51,9 @@ class SparseSGD:
     def load_state_tensors(self, tables: list[nn.Parameter], tensors: dict[str, Tensor]) -> None:
         pass
 
+    def forget(self, table: nn.Parameter, rows: Tensor) -> None:
+        pass  # stateless
+
 
 @dataclass
 class _RowState:
@@ -110,6 +113,13 @@ class SparseAdam:
         update = (m / bc1) / ((s / bc2).sqrt() + self.eps)
         table.index_add_(0, ids, update.to(table.dtype), alpha=-self.lr)
         return ids.numel()
+
+    def forget(self, table: nn.Parameter, rows: Tensor) -> None:
+        """Drop the state of `rows` of `table`: a row updated again starts as if never updated."""
+        st = self.state.get(id(table))
+        if st is not None:
+            keep = ~torch.isin(st.rows, rows.to(st.rows.device))
+            self.state[id(table)] = _RowState(st.rows[keep], st.exp_avg[keep], st.exp_avg_sq[keep], st.steps[keep])
 
     def rows_with_state(self) -> int:
         return sum(st.rows.numel() for st in self.state.values())
