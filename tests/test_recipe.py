@@ -216,6 +216,23 @@ def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again
     assert not result.model.memory.values[0].weight.detach()[back].any()  # their values before: zero
 
 
+def test_neighbourhood_check_trains_again_only_facts_that_were_learned(learnable_model_dir, tmp_path):
+    """A fact the first training did not learn had its passes: nothing is un-written for it, nor
+    trained again (one pass here learns neither fact, though the answers about others change)."""
+    from memtune.models import load_model
+
+    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWhat is the capital of Frobia?\n")
+    model, tokenizer = load_model(str(learnable_model_dir))
+    result = learn(model, tokenizer, facts, LearnConfig(epochs=1, batch_size=1, lr=20),
+                   RecipeConfig(n_keys=16, related=0, neighbourhood_check=3, keep=str(keep), protect="none"),
+                   progress=False)
+    check = result.recipe["neighbourhood_check"]
+    assert check["right_before"] == 0 and check["rounds"] == [{"changed": 3, "rows_unwritten": 0}]
+    assert len(result.history) == result.examples  # one pass, batch size 1: nothing trained again
+
+
 def test_neighbourhood_check_without_questions_to_ask_learns_without_it(tokenizer, caplog):
     result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
                    RecipeConfig(n_keys=16, related=0, neighbourhood_check=2), progress=False)

@@ -854,8 +854,9 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
     (SMF, `remember_originals` called before it; `learned` its until-learned check, `history` its
     metrics, extended here; `start` its `time.perf_counter()`): up to NEIGHBOURHOOD_ROUNDS times,
     the questions of `kept` answered otherwise have the rows they read where their first answer
-    is predicted un-written (`SparseMemoryFinetuning.unwrite`), and the examples are trained again
-    until learned, within what is left of `config.max_steps` and `config.max_minutes`. Returns
+    is predicted un-written (`SparseMemoryFinetuning.unwrite`), and the examples of the facts
+    right before it are trained again until learned (a fact the first training did not learn
+    had its passes), within what is left of `config.max_steps` and `config.max_minutes`. Returns
     the report: per round the questions answered otherwise and the rows un-written, and the
     examples answered right before the check and after it."""
     right = lambda: sum(ok is True for ok in learned.check.right)  # noqa: E731 (the check's latest answers)
@@ -870,12 +871,15 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
             break
         reads = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id, len(changed),
                                  config.batch_size, "loss", progress=False)
-        rounds[-1]["rows_unwritten"] = method.unwrite(reads)
-        if not rounds[-1]["rows_unwritten"]:  # what changed them is not this call's rows where they answer
+        right_now = {i for i, ok in enumerate(learned.check.right) if ok}
+        again = [j for j, i in enumerate(learned.owners) if i in right_now]  # examples to learn again
+        rounds[-1]["rows_unwritten"] = method.unwrite(reads) if again else 0
+        if not rounds[-1]["rows_unwritten"]:  # nothing learned, or what changed them is not where they answer
             break
         offset = len(history)  # step numbers go on from the first training
-        model, more = train(model, tokenizer, examples, replace(config, max_steps=steps_left, max_minutes=minutes_left),
-                            method, progress=progress, learned=learned,
+        model, more = train(model, tokenizer, [examples[j] for j in again],
+                            replace(config, max_steps=steps_left, max_minutes=minutes_left), method, progress=progress,
+                            learned=ExampleCheck(learned.check, [learned.owners[j] for j in again]),
                             on_step=None if on_step is None else lambda m: on_step({**m, "step": m["step"] + offset}))
         history += [{**m, "step": m["step"] + offset} for m in more]
     after = right()
