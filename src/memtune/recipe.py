@@ -858,7 +858,7 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
     right before it are trained again until learned (a fact the first training did not learn
     had its passes), within what is left of `config.max_steps` and `config.max_minutes`. Returns
     the report: per round the questions answered otherwise and the rows un-written, and the
-    examples answered right before the check and after it."""
+    facts (the check's items) answered right before the check and after it."""
     right = lambda: sum(ok is True for ok in learned.check.right)  # noqa: E731 (the check's latest answers)
     rounds, before = [], right()
     for r in range(NEIGHBOURHOOD_ROUNDS + 1):
