@@ -192,19 +192,25 @@ def test_answers_kept_compares_first_sentences(tokenizer):
     assert kept(model) == [2]
 
 
-def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again(learnable_model_dir, tmp_path):
-    """Questions of the data's form about other subjects (from --keep here) are answered otherwise
-    after learning when nothing protects them; the rows they read are given back their values
-    (zero: a fresh memory), and the facts are trained again around them."""
+def _learn_capitals_checked(model_dir, tmp_path, epochs: int):
+    """Two capitals learned by the learnable tiny model with --neighbourhood-check 3, the other
+    subjects from --keep questions of their form, nothing protected."""
     from memtune.models import load_model
 
     facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
     keep = tmp_path / "keep.txt"
     keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWhat is the capital of Frobia?\n")
-    model, tokenizer = load_model(str(learnable_model_dir))
-    result = learn(model, tokenizer, facts, LearnConfig(epochs=20, batch_size=1, lr=20),
-                   RecipeConfig(n_keys=16, related=0, neighbourhood_check=3, keep=str(keep), protect="none"),
-                   progress=False)
+    model, tokenizer = load_model(str(model_dir))
+    return learn(model, tokenizer, facts, LearnConfig(epochs=epochs, batch_size=1, lr=20),
+                 RecipeConfig(n_keys=16, related=0, neighbourhood_check=3, keep=str(keep), protect="none"),
+                 progress=False)
+
+
+def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again(learnable_model_dir, tmp_path):
+    """Questions of the data's form about other subjects (from --keep here) are answered otherwise
+    after learning when nothing protects them; the rows they read are given back their values
+    (zero: a fresh memory), and the facts are trained again around them."""
+    result = _learn_capitals_checked(learnable_model_dir, tmp_path, epochs=20)
     check = result.recipe["neighbourhood_check"]
     assert check["questions"] == 3 and check["rounds"][0]["changed"] > 0 and check["rounds"][0]["rows_unwritten"] > 0
     assert check["right_before"] == 2 and 0 <= check["right_after"] <= 2  # (16² slots: room to learn again is scarce)
@@ -219,15 +225,7 @@ def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again
 def test_neighbourhood_check_trains_again_only_facts_that_were_learned(learnable_model_dir, tmp_path):
     """A fact the first training did not learn had its passes: nothing is un-written for it, nor
     trained again (one pass here learns neither fact, though the answers about others change)."""
-    from memtune.models import load_model
-
-    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
-    keep = tmp_path / "keep.txt"
-    keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWhat is the capital of Frobia?\n")
-    model, tokenizer = load_model(str(learnable_model_dir))
-    result = learn(model, tokenizer, facts, LearnConfig(epochs=1, batch_size=1, lr=20),
-                   RecipeConfig(n_keys=16, related=0, neighbourhood_check=3, keep=str(keep), protect="none"),
-                   progress=False)
+    result = _learn_capitals_checked(learnable_model_dir, tmp_path, epochs=1)
     check = result.recipe["neighbourhood_check"]
     assert check["right_before"] == 0 and check["rounds"] == [{"changed": 3, "rows_unwritten": 0}]
     assert len(result.history) == result.examples  # one pass, batch size 1: nothing trained again
