@@ -50,6 +50,14 @@ def prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
             for e in encode_qa(tokenizer, [(q, "x") for q in questions])]
 
 
+def load_run(run: str, threads: int):
+    """A learn call's model (eval mode), tokenizer and memory bank, on `threads` CPU threads."""
+    torch.set_num_threads(threads)
+    model, tokenizer = load_memory_model(Path(run) / "model")
+    model.eval()
+    return model, tokenizer, get_memory_bank(model)
+
+
 def common_prefix(sequences: list[list[int]]) -> list[int]:
     shared = sequences[0]
     for ids in sequences[1:]:
@@ -66,11 +74,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model, tokenizer = load_memory_model(Path(args.run) / "model")
-    model.eval()
-    bank = get_memory_bank(model)
+    model, tokenizer, bank = load_run(args.run, args.threads)
     known, facts = load_qa(args.known)[: args.limit], load_qa(args.facts)
     check_known, check_facts = AnswerCheck(tokenizer, known), AnswerCheck(tokenizer, facts)
     before = sum(check_known(model)), sum(check_facts(model))
@@ -91,31 +95,24 @@ def main() -> None:
                 v.weight.copy_(w)
         changed = kept(model)
         print(f"neighbours: {len(changed)} of {len(kept.questions)} answered otherwise")
-        reads = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id,
+        stats = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id,
                                  len(changed), 8, "loss", progress=False)
+        prompts = changed  # each slot as often as it was read, where the base answers are predicted
+        reads = {name: [torch.repeat_interleave(torch.arange(len(c)), c)] for name, c in stats.counts.items()}
+    else:
+        prompts = prompt_ids(tokenizer, asked)
+        if args.prompts == "prefix":
+            prompts = [common_prefix(prompts)]
+        elif args.prompts == "system":  # two one-word questions share the template only
+            prompts = [common_prefix(prompt_ids(tokenizer, ["Who?", "Why?"]))]
+        reads = {name: [] for name in bank.layers}
+        bank.set_record(True)
         with torch.no_grad():
-            for name in bank.layers:
-                table = bank.table_index(int(name))
-                read = reads.df[name].nonzero().flatten()
-                bank.values[table].weight[read[torch.isin(read, bank.ledger.learned_rows(table))]] = 0
-        after = sum(check_known(model)), sum(check_facts(model))
-        print(f"known right: {before[0]} -> {after[0]} of {len(known)}; learned right: {before[1]} -> {after[1]} "
-              f"of {len(facts)}")
-        return
-    prompts = prompt_ids(tokenizer, asked)
-    if args.prompts == "prefix":
-        prompts = [common_prefix(prompts)]
-    elif args.prompts == "system":  # two one-word questions share the template only
-        prompts = [common_prefix(prompt_ids(tokenizer, ["Who?", "Why?"]))]
-
-    reads: dict[str, list[torch.Tensor]] = {name: [] for name in bank.layers}
-    bank.set_record(True)
-    with torch.no_grad():
-        for ids in prompts:
-            model(input_ids=torch.tensor([ids]), use_cache=False)
-            for name, layer in bank.layers.items():
-                reads[name].append(layer.last_indices.reshape(-1))
-    bank.set_record(False)
+            for ids in prompts:
+                model(input_ids=torch.tensor([ids]), use_cache=False)
+                for name, layer in bank.layers.items():
+                    reads[name].append(layer.last_indices.reshape(-1))
+        bank.set_record(False)
     zeroed, shares = {}, {}  # per layer: (rows zeroed, rows read); the prompts' reads in written rows
     with torch.no_grad():
         for name in bank.layers:

@@ -22,15 +22,12 @@ reads in written rows.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
-from ablate_written_rows import prompt_ids  # benchmarks/, beside this script
+from ablate_written_rows import load_run, prompt_ids  # benchmarks/, beside this script
 
-from memtune.checkpoint import load_memory_model
 from memtune.data import load_qa
 from memtune.recipe import question_forms, subject_span
-from memtune.retrofit import get_memory_bank
 from memtune.slot_access import share_of_reads, unrelated_pairs
 
 PLACES = ("subject", "last")
@@ -67,11 +64,7 @@ def main() -> None:
     p.add_argument("--domain", required=True, help="the same facts with their paraphrases (JSONL)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-
-    model, tokenizer = load_memory_model(Path(args.run) / "model")
-    model.eval()
-    bank = get_memory_bank(model)
+    model, tokenizer, bank = load_run(args.run, args.threads)
     full = {q.question: q for q in load_qa(args.domain)}
     facts = [full[q.question] for q in load_qa(args.facts)]
     subjects = [words for _, words in question_forms([q.question for q in facts])]
