@@ -452,11 +452,7 @@ def own_answer_examples(model: nn.Module, tokenizer, questions: list[str], max_n
                         progress: bool = True) -> list[Example]:
     """Examples question -> the model's own greedy answer (loss, and so counted positions, on
     every answer token); questions it answers with nothing are left out."""
-    from memtune.probes.qa import answer_questions
-
-    answers = answer_questions(model, tokenizer, questions, max_new_tokens=max_new_tokens, progress=progress)
-    kept = [(q, a) for q, a in zip(questions, answers) if a]
-    return encode_qa(tokenizer, kept) if kept else []
+    return AnswersKept(model, tokenizer, questions, max_new_tokens, progress).examples
 
 
 def own_answer_stats(model: nn.Module, tokenizer, questions: list[str], max_new_tokens: int = 24,
