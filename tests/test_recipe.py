@@ -131,44 +131,6 @@ def test_related_questions_of_a_mix_keep_its_rare_forms_and_leave_out_its_subjec
     assert related == ["What is an official language of Pellia?", "On which continent is Pellia?", "Who is Bob?"]
 
 
-def test_related_questions_top_up_a_form_the_lists_left_out(tokenizer):
-    """A form of the data with fewer than `per_form` related questions of its form gets lists of
-    its own questions alone, until it has them (the lists of mixed forms drift to the capitals):
-    only questions of its form, no more than it lacks, and nothing for a form that has enough or
-    with per_form=0."""
-    model = tiny_model()
-    capitals = " What is the capital of Pellia?\n- What is the capital of Mett?\n- What is the capital of Dunn?"
-    demonyms = (" Who is Bob?\n- What is the demonym for people from Pellia?\n- What is the demonym for people from Mett?"
-                "\n- What is the demonym for people from Dunn?\n- What is the demonym for people from Fask?")
-    prompts = []
-
-    def generate(input_ids, **_):  # each list continued with more of its own first question's form
-        rows = []
-        for ids in input_ids:
-            text = tokenizer.decode(ids)
-            prompts.append(text)
-            more = demonyms if "demonym" in text.split("- ")[1] and "capital" not in text else capitals
-            rows.append(torch.cat([ids, torch.tensor(tokenizer.encode(more, add_special_tokens=False))]))
-        width = max(len(r) for r in rows)
-        return torch.stack([torch.cat([r, r.new_full((width - len(r),), 0)]) for r in rows])
-
-    model.generate = generate
-    questions = [f"What is the capital of {c}?" for c in ("Zorbia", "Ostland", "Varn", "Quenta", "Lorr")]
-    questions += ["What is the demonym for people from Chad?"]
-    related = related_questions(model, tokenizer, questions, n=3, batch_size=4, per_form=2, progress=False)
-    assert related[:3] == ["What is the capital of Pellia?", "What is the capital of Mett?",
-                           "What is the capital of Dunn?"]
-    assert related[3:] == ["What is the demonym for people from Pellia?", "What is the demonym for people from Mett?"]
-    top_up = prompts[4:]  # after the one round of mixed lists: the demonym question's lists alone
-    assert len(top_up) == 4 and all("Chad" in p and "capital" not in p for p in top_up)
-    prompts.clear()
-    assert related_questions(model, tokenizer, questions, n=3, batch_size=4, per_form=0, progress=False) == related[:3]
-    assert len(prompts) == 4  # no top-up
-    prompts.clear()
-    enough = related_questions(model, tokenizer, questions[:5], n=3, batch_size=4, per_form=2, progress=False)
-    assert enough == related[:3] and len(prompts) == 4  # every form has 2 or more
-
-
 def test_subject_span_covers_a_name_with_stop_words_inside():
     text = "What is the capital of the Democratic Republic of the Congo today?"
     start, end = subject_span(text, {"democratic", "republic", "congo"})

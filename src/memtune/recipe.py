@@ -86,13 +86,6 @@ LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, 
              "neighbourhood": 0, "neighbourhood_check": 0}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
-# related_questions: each form of the data gets at least this many related questions of its form
-# (issue 17, twelfth round: in a mix of relations, the forms with fewer lose their known facts;
-# on one-relation data every form has 9 or more of 200) ...
-RELATED_PER_FORM = 8
-# ... written in up to this many rounds of TOP_UP_LISTS lists of that form alone per form
-RELATED_TOP_UP_ROUNDS = 3
-TOP_UP_LISTS = 4
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -409,22 +402,13 @@ def _replace_word(text: str, old: str, new: str) -> str:
 @torch.no_grad()
 def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int, seed: int = 0,
                       shots: int = 4, batch_size: int = 32, max_new_tokens: int = 64,
-                      per_form: int = RELATED_PER_FORM, progress: bool = True) -> list[str]:
+                      progress: bool = True) -> list[str]:
     """Up to `n` distinct questions of the same form as `questions`, written by the model: it
     continues a list of `shots` of them (plain text, no chat template; sampled, temperature 0.8),
     and the lines that are questions are kept. A small model writes about the subjects it knows
     ("What is the capital of France?"), which makes them a sample of what it must keep.
     Questions about a subject of `questions` (`subject_words`) are left out: the model's own
-    answer to those is what is being corrected, not something to keep.
-
-    Then each form of `questions` (`question_forms`, over them and the written ones) with fewer
-    than `per_form` written questions of its form gets `TOP_UP_LISTS` lists of its own questions
-    alone, and keeps what they hold of its form, at most what it lacks, in up to `RELATED_TOP_UP_ROUNDS` rounds of at most
-    2 × `batch_size` lists (the thinnest forms first); these may take the total past `n`. In a
-    mix of relations the model's lists drift to the forms it knows ("What is the capital of
-    _?"), and a relation asked once or twice got none: its known facts, unprotected, were the
-    ones lost (issue 17, twelfth round). On one-relation data every form has more: nothing is
-    added."""
+    answer to those is what is being corrected, not something to keep."""
     if n <= 0 or not questions:
         return []
     device = next(model.parameters()).device
@@ -436,47 +420,25 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     model.eval()
-
-    def write(pools: list[list[str]], lists: int, limits: list[int], same_form: bool = False) -> None:
-        """Continue `lists` lists of questions drawn from each of `pools`; keep up to `limits[k]`
-        new ones from the lists of `pools[k]` (with `same_form`, only those of its form)."""
-        owners = [k for k in range(len(pools)) for _ in range(lists)]
-        prompts = ["Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(pools[k], min(shots, len(pools[k]))))
-                   + "-" for k in owners]
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encode_text(tokenizer, p) for p in chunk]},  # BOS once, no EOS
-                                  return_tensors="pt", padding=True).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
-                                 top_p=0.95, pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            for k, text in zip(owners[start:], texts):
-                for q in listed_questions("-" + text):
-                    key = _normal(q)
-                    if (limits[k] > 0 and key not in own and key not in found and not named_subjects(q, subjects)
-                            and not (same_form and not _same_form(pools[k], q))):
-                        found[key] = q
-                        limits[k] -= 1
-                        bar.update(1)
-
+    rounds = 0
     try:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="related questions", disable=not progress)
-        rounds = 0
         while len(found) < n and rounds < max(4, 4 * n // batch_size):
             rounds += 1
-            write([questions], batch_size, [n - len(found)])
-        for _ in range(RELATED_TOP_UP_ROUNDS if per_form > 0 else 0):
-            forms = [form for form, _ in question_forms([*questions, *found.values()])]
-            have = Counter(forms[len(questions):])
-            thin = sorted({f for f in forms[: len(questions)] if have[f] < per_form}, key=lambda f: (have[f], f))
-            thin = thin[: max(1, 2 * batch_size // TOP_UP_LISTS)]
-            if not thin:
-                break
-            bar.total += sum(per_form - have[f] for f in thin)
-            write([[q for q, g in zip(questions, forms) if g == f] for f in thin], TOP_UP_LISTS,
-                  [per_form - have[f] for f in thin], same_form=True)
+            prompts = ["Questions:\n" + "".join(f"- {q}\n" for q in rng.sample(questions, min(shots, len(questions))))
+                       + "-" for _ in range(batch_size)]
+            batch = tokenizer.pad({"input_ids": [encode_text(tokenizer, p) for p in prompts]},  # BOS once, no EOS
+                                  return_tensors="pt", padding=True).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.8,
+                                 top_p=0.95, pad_token_id=tokenizer.pad_token_id)
+            for text in tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True):
+                for q in listed_questions("-" + text):
+                    key = _normal(q)
+                    if key not in own and key not in found and len(found) < n and not named_subjects(q, subjects):
+                        found[key] = q
+                        bar.update(1)
         bar.close()
     finally:
         tokenizer.padding_side = side
@@ -484,13 +446,6 @@ def related_questions(model: nn.Module, tokenizer, questions: list[str], n: int,
     if len(found) < n:
         log.warning("the model wrote %d distinct related questions of the %d asked for", len(found), n)
     return list(found.values())
-
-
-def _same_form(pool: list[str], question: str) -> bool:
-    """Whether `question` has the form of `pool`'s first question, among the two and the rest of
-    `pool` (`question_forms`)."""
-    forms = question_forms([*pool, question])
-    return forms[-1][0] == forms[0][0]
 
 
 def own_answer_examples(model: nn.Module, tokenizer, questions: list[str], max_new_tokens: int = 24,
