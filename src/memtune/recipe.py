@@ -855,8 +855,8 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
     had its passes), within what is left of `config.max_steps` and `config.max_minutes`. Returns
     the report: per round the questions answered otherwise and the rows un-written, and the
     facts (the check's items) answered right before the check and after it."""
-    right = lambda: sum(ok is True for ok in learned.check.right)  # noqa: E731 (the check's latest answers)
-    rounds, before = [], right()
+    right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
+    rounds, before = [], len(right())
     for r in range(NEIGHBOURHOOD_ROUNDS + 1):
         changed = kept(model)
         rounds.append({"changed": len(changed)})
@@ -867,18 +867,19 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
             break
         reads = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id, len(changed),
                                  config.batch_size, "loss", progress=False)
-        right_now = {i for i, ok in enumerate(learned.check.right) if ok}
+        right_now = right()
         again = [j for j, i in enumerate(learned.owners) if i in right_now]  # examples to learn again
         rounds[-1]["rows_unwritten"] = method.unwrite(reads) if again else 0
         if not rounds[-1]["rows_unwritten"]:  # nothing learned, or what changed them is not where they answer
             break
         offset = len(history)  # step numbers go on from the first training
+        shifted = lambda m, offset=offset: {**m, "step": m["step"] + offset}  # noqa: E731
         model, more = train(model, tokenizer, [examples[j] for j in again],
                             replace(config, max_steps=steps_left, max_minutes=minutes_left), method, progress=progress,
                             learned=ExampleCheck(learned.check, [learned.owners[j] for j in again]),
-                            on_step=None if on_step is None else lambda m: on_step({**m, "step": m["step"] + offset}))
-        history += [{**m, "step": m["step"] + offset} for m in more]
-    after = right()
+                            on_step=None if on_step is None else lambda m: on_step(shifted(m)))
+        history += [shifted(m) for m in more]
+    after = len(right())
     log.info("neighbourhood check: %s of %d questions about other subjects answered otherwise, round by round; "
              "%d of %d facts right before it, %d after", " -> ".join(str(x["changed"]) for x in rounds),
              len(kept.questions), before, len(learned.check.items), after)
