@@ -3,7 +3,7 @@ import torch
 
 from memtune import bypass_memory, freeze_base, memory_parameters, retrofit
 from memtune.errors import MemtuneError
-from memtune.retrofit import MemoryFFN, decoder_layers, parameter_counts
+from memtune.retrofit import MemoryFFN, decoder_layers, forward_to_memory, parameter_counts
 from tiny import tiny_memory_config, tiny_model
 
 ARCHS = ["llama", "qwen2"]
@@ -104,6 +104,31 @@ def test_generate_works_on_retrofitted_model(tokenizer):
     ids = tokenizer("The capital of France", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (1, ids["input_ids"].shape[1] + 5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_to_memory_reads_as_a_whole_pass_and_skips_what_is_above(arch):
+    """The slots read (and the deepest layer's input) are a full forward's; the layers above the
+    deepest memory layer and the LM head do not run; the model is whole again after."""
+    model = retrofit(tiny_model(arch, layers=4), tiny_memory_config(layers=[0, 2], value_init="normal"))
+    ids = _ids()
+    bank = model.memory
+    bank.set_record(True)
+    with torch.no_grad():
+        logits = model(ids).logits
+        full = {k: layer.last_indices.clone() for k, layer in bank.layers.items()}
+        for layer in bank.layers.values():
+            layer.last_indices = None
+        ran = []
+        handles = [m.register_forward_hook(lambda *_, name=name: ran.append(name))
+                   for name, m in [("layer3", decoder_layers(model)[3]), ("head", model.lm_head)]]
+        forward_to_memory(model, input_ids=ids)
+        assert ran == []
+        for k, layer in bank.layers.items():
+            assert torch.equal(layer.last_indices, full[k])
+        assert torch.equal(model(ids).logits, logits) and ran == ["layer3", "head"]  # the stop is gone
+        for h in handles:
+            h.remove()
 
 
 def test_parameter_counts_split_memory_and_base():

@@ -28,7 +28,7 @@ from memtune.batches import Example, collate
 from memtune.config import CALIBRATIONS
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir
-from memtune.retrofit import bypass_memory, memory_ffns, require_memory_bank
+from memtune.retrofit import bypass_memory, forward_to_memory, memory_ffns, require_memory_bank
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def _each_counted_input(model: nn.Module, batches: Iterable[dict[str, Tensor]], 
         with bypass_memory(model):
             for b in tqdm(batches, total=n_batches, desc=desc, disable=not progress):
                 mask["count"] = b["count_mask"].to(device, torch.bool)
-                model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                      use_cache=False)
+                forward_to_memory(model, input_ids=b["input_ids"].to(device),
+                                  attention_mask=b["attention_mask"].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -125,6 +125,34 @@ def memory_ffns(model: nn.Module) -> list[MemoryFFN]:
     return [m for m in model.modules() if isinstance(m, MemoryFFN)]
 
 
+class _MemoryRead(Exception):
+    """Raised once the deepest memory layer has run (`forward_to_memory`)."""
+
+
+def forward_to_memory(model: nn.Module, **inputs) -> None:
+    """Run `model(**inputs)` only as far as its deepest memory layer: for passes that use what
+    the memory layers read or are given (`MemoryBank.set_record`, hooks on `MemoryFFN`) and not
+    the model's output, which is not computed. The decoder layers above the deepest memory
+    layer and the LM head are skipped: on SmolLM2-135M with memory at layers 8 / 16 / 24 of 30,
+    about a third of a forward pass (BENCHMARKS.md, `benchmarks/bench_setup.py`). A model
+    without memory layers runs whole."""
+    wrappers = memory_ffns(model)
+    if not wrappers:
+        model(**inputs)
+        return
+
+    def stop(*_):
+        raise _MemoryRead
+
+    handle = wrappers[-1].register_forward_hook(stop)  # modules() lists the layers in their order
+    try:
+        model(**inputs)
+    except _MemoryRead:
+        pass
+    finally:
+        handle.remove()
+
+
 @contextlib.contextmanager
 def bypass_memory(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model is the original: memory skipped, FFNs restored."""

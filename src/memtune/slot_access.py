@@ -33,7 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from memtune.batches import collate
 from memtune.data import QA
-from memtune.retrofit import require_memory_bank
+from memtune.retrofit import forward_to_memory, require_memory_bank
 from memtune.stats import read_slots
 from memtune.targets import Loss, Target, fact_examples
 
@@ -67,7 +67,8 @@ def answer_reads(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: Se
     try:
         for s in range(0, len(examples), batch_size):
             b = collate(examples[s : s + batch_size], tokenizer.pad_token_id, count_positions="loss")
-            model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+            forward_to_memory(model, input_ids=b["input_ids"].to(device),
+                              attention_mask=b["attention_mask"].to(device), use_cache=False)
             for row in range(b["input_ids"].shape[0]):
                 flat.append({name: read_slots(layer.last_indices[row], b["count_mask"][row]).cpu()
                              for name, layer in bank.layers.items()})

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from memtune.errors import MemtuneError
 from memtune.io import atomic_dir
 from memtune.memory import MemoryBank
-from memtune.retrofit import require_memory_bank
+from memtune.retrofit import forward_to_memory, require_memory_bank
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,8 @@ def compute_background(
     try:
         for batch in tqdm(batches, total=n_batches, desc="background", disable=not progress):
             mask = batch.get("count_mask", batch["attention_mask"]).bool()
-            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device), use_cache=False)
+            forward_to_memory(model, input_ids=batch["input_ids"].to(device),
+                              attention_mask=batch["attention_mask"].to(device), use_cache=False)
             for name, layer in bank.layers.items():
                 slots, c = torch.unique(read_slots(layer.last_indices, mask).cpu(), return_counts=True)
                 df[name][slots] += 1
