@@ -98,3 +98,28 @@ def test_answers_with_margins_match_a_token_by_token_greedy_reference():
         assert answer == tok.decode(gen).strip()
         assert margin == pytest.approx(min(gaps[:end]), abs=1e-4)
     assert is_correct(got[0][0], early)
+
+
+def test_still_greedy_accepts_the_greedy_answer_and_nothing_else():
+    from memtune.generation import greedy_ids, still_greedy
+
+    model, tok = tiny_model(init_range=0.3), tiny_tokenizer()
+    questions = ["What is the capital of France?", "Yen?", "Which region is Chile in, and why?"]
+    ids = greedy_ids(model, tok, questions, max_new_tokens=6, batch_size=2)
+    assert ids == [_greedy_by_hand(model, tok, q, 6)[0] for q in questions] and all(len(a) == 6 for a in ids)
+    assert still_greedy(model, tok, questions, ids, max_new_tokens=6, batch_size=2) == [True] * 3
+    other = [a[:-1] + [(a[-1] + 1) % 300 + 6] for a in ids]  # the last token another
+    assert still_greedy(model, tok, questions, other, max_new_tokens=6) == [False] * 3
+    # cut short: greedy decoding would not stop there (no stop token is the pick)
+    assert still_greedy(model, tok, questions, [a[:4] for a in ids], max_new_tokens=6) == [False] * 3
+    # with the pick after 3 tokens a stop token, the answer ends there, and only there
+    first = ids[0]
+    assert first[3] not in first[:3]
+    model.generation_config.eos_token_id = [tok.eos_token_id, first[3]]
+    stopped = greedy_ids(model, tok, questions[:1], max_new_tokens=6)
+    assert stopped == [first[:3]]
+    assert still_greedy(model, tok, questions[:1], stopped, max_new_tokens=6) == [True]
+    assert still_greedy(model, tok, questions[:1], [first[:2]], max_new_tokens=6) == [False]
+    # greedy decoding under a repetition penalty is not the logits' argmax: never taken as unchanged
+    model.generation_config.repetition_penalty = 1.3
+    assert still_greedy(model, tok, questions[:1], stopped, max_new_tokens=6) == [False]

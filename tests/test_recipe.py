@@ -35,6 +35,18 @@ from tiny import tiny_memory_config, tiny_model, tiny_tokenizer
 FACTS = [QA("Who founded Zorbia?", "Quenta"), QA("What is the capital of Ostland?", "Varn")]
 
 
+def answer_with(monkeypatch, answers):
+    """The model's greedy answers, as text (own answers, statements) and as the until-learned
+    check's token ids, are `answers(model, tokenizer, questions)`; none is taken as unchanged."""
+    from memtune import generation
+    from memtune.probes import qa
+
+    monkeypatch.setattr(qa, "answer_questions", answers)
+    monkeypatch.setattr(qa, "answer_ids", lambda m, t, questions, *a, **kw: [
+        t(x, add_special_tokens=False)["input_ids"] for x in answers(m, t, questions, *a, **kw)])
+    monkeypatch.setattr(generation, "still_greedy", lambda m, t, questions, *a, **kw: [False] * len(questions))
+
+
 def write_facts(path, facts=FACTS):
     path.write_text("".join(json.dumps({"question": q.question, "answer": q.answer}) + "\n" for q in facts))
     return str(path)
@@ -419,6 +431,26 @@ def test_answer_check_scores_greedy_answers_like_the_probe(tokenizer):
         is_correct(a, q.answers) for a, q in zip(answers, items)]
 
 
+def test_answer_check_generates_only_answers_that_changed(tokenizer):
+    """Asked again, an item whose last answer greedy decoding still gives is not generated; the
+    verdicts stay those of generating every answer."""
+    from memtune.probes.qa import answer_questions, is_correct
+
+    model = tiny_model(init_range=0.3)
+    questions = ["What is the capital of France?", "Yen?", "Which region is Chile in, and why?"]
+    first = answer_questions(model, tokenizer, questions, max_new_tokens=4, progress=False)
+    items = [QA(questions[0], first[0]), QA(questions[1], "never said"), QA(questions[2], first[2])]
+    check = AnswerCheck(tokenizer, items, max_new_tokens=4)
+    assert check(model) == [True, False, True] and check.generated == 3
+    assert check(model, [2, 1]) == [True, False] and check.generated == 3  # nothing changed: none generated
+    with torch.no_grad():
+        model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight))  # every answer changes
+    now = answer_questions(model, tokenizer, questions, max_new_tokens=4, progress=False)
+    assert now != first
+    assert check(model) == [is_correct(a, q.answers) for a, q in zip(now, items)]
+    assert check.generated == 3 + sum(a != b for a, b in zip(now, first))
+
+
 def test_answer_check_takes_the_loss_again_from_where_the_model_now_diverges(tokenizer):
     from memtune.targets import fact_examples, mask_predicted
 
@@ -624,7 +656,6 @@ STATED = [QA("Who founded Zorbia?", "Quenta", statement="Zorbia was founded by Q
 def test_renderings_train_every_form_and_learn_per_fact(tokenizer, monkeypatch):
     """chat + plain: two examples per fact; the check asks each fact's chat question (never a
     plain text), and what is kept at the end is every example of the facts answered right."""
-    from memtune.probes import qa
     from memtune.methods import SparseMemoryFinetuning
 
     asked, kept = [], []
@@ -639,7 +670,7 @@ def test_renderings_train_every_form_and_learn_per_fact(tokenizer, monkeypatch):
         kept.extend(examples)
         return real_keep(self, model, examples, *args)
 
-    monkeypatch.setattr(qa, "answer_questions", answers)
+    answer_with(monkeypatch, answers)
     monkeypatch.setattr(SparseMemoryFinetuning, "keep_learned", keep)
     result = learn(tiny_model(), tokenizer, STATED, LearnConfig(epochs=3, batch_size=2),
                    RecipeConfig(n_keys=16, related=0, word_dropout=0, renderings=("chat", "plain")), progress=False)
@@ -686,10 +717,9 @@ def test_word_dropout_trains_each_variant_to_the_same_answer_and_asks_only_the_q
     """Hand example: "What is the capital of Ostland?" with 2 variants; each variant is an example
     of its fact whose loss is on the answer only (target answer), and the check asks the question."""
     from memtune import recipe as recipe_module
-    from memtune.probes import qa
 
     asked, trained = [], []
-    monkeypatch.setattr(qa, "answer_questions", lambda m, t, questions, *a, **kw: asked.append(list(questions))
+    answer_with(monkeypatch, lambda m, t, questions, *a, **kw: asked.append(list(questions))
                         or ["no idea"] * len(questions))
     real_train = recipe_module.train
     monkeypatch.setattr(recipe_module, "train", lambda model, tok, examples, *a, **kw: trained.extend(examples)
@@ -791,12 +821,11 @@ def test_until_learned_asks_the_learned_examples_again_every_few_passes(tokenize
 
 
 def test_own_rewrite_statements_answer_each_rewrite_in_its_own_words(tokenizer, monkeypatch):
-    from memtune.probes import qa
     from memtune.recipe import own_rewrite_statements
 
     said = {"Which city is Ostland's capital?": "Ostland's capital city is Blorp, by the sea.",
             "Name the capital of Ostland.": "Blorp."}
-    monkeypatch.setattr(qa, "answer_questions", lambda m, t, questions, *a, **kw: [said[q] for q in questions])
+    answer_with(monkeypatch, lambda m, t, questions, *a, **kw: [said[q] for q in questions])
     rewritten, parents = own_rewrite_statements(tiny_model(), tokenizer, FACTS,
                                                 [[], ["Which city is Ostland's capital?", "Name the capital of Ostland."]],
                                                 progress=False)
@@ -813,7 +842,6 @@ def test_own_rewrite_statements_answer_each_rewrite_in_its_own_words(tokenizer, 
 
 def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_questions(tokenizer, monkeypatch):
     from memtune import paraphrases
-    from memtune.probes import qa
 
     asked = []
     said = {"Who founded Zorbia?": "Zorbia was founded by Blorp.", "Who was the founder of Zorbia?":
@@ -823,7 +851,7 @@ def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_quest
         asked.append(list(questions))
         return [said.get(q, "no idea") for q in questions]
 
-    monkeypatch.setattr(qa, "answer_questions", answers)
+    answer_with(monkeypatch, answers)
     monkeypatch.setattr(paraphrases, "sample_rewrites",
                         lambda m, t, texts, k, *a, **kw: [["Who was the founder of Zorbia?"] if "Zorbia" in x else []
                                                           for x in texts])

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from memtune.prompts import encode_prompt, stop_token_ids
 
@@ -57,6 +57,76 @@ def generate(
                                     max_new_tokens=max_new_tokens, **kwargs):
         answers += [t.strip() for t in tokenizer.batch_decode(out.sequences[:, n:], skip_special_tokens=True)]
     return answers
+
+
+@torch.no_grad()
+def greedy_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    chat: bool | None = None,
+    progress: bool = False,
+) -> list[list[int]]:
+    """Greedy answers as token ids, up to (not including) the token that ended each: decoded
+    with `skip_special_tokens` and stripped, the text `generate` returns."""
+    stop = {*stop_ids(model, tokenizer, chat), tokenizer.pad_token_id}
+    results = []
+    for n, out in _generate_batches(model, tokenizer, questions, batch_size, chat, progress,
+                                    max_new_tokens=max_new_tokens, do_sample=False):
+        for ids in out.sequences[:, n:].tolist():
+            results.append(ids[: next((t for t, i in enumerate(ids) if i in stop), len(ids))])
+    return results
+
+
+# Generation settings under which greedy decoding is not the argmax of the model's logits
+_PROCESSED = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
+              "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "min_length", "min_new_tokens",
+              "sequence_bias", "exponential_decay_length_penalty", "encoder_repetition_penalty")
+
+
+@torch.no_grad()
+def still_greedy(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    answers: list[list[int]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    chat: bool | None = None,
+) -> list[bool]:
+    """Whether greedy decoding (`greedy_ids`) would still answer questions[i] with the token ids
+    answers[i], checked in one forward pass over prompt + answer instead of one decoding step
+    per token: every answer token must be the argmax after the ones before it and, for an
+    answer shorter than `max_new_tokens`, a stop token the argmax after the last. A model under
+    the check learns: an answer it gave before and still gives need not be generated again.
+    All False when the model's generation config changes what greedy decoding picks
+    (repetition penalty, suppressed tokens ...): the answers must then be generated."""
+    if not questions:
+        return []
+    config, plain = getattr(model, "generation_config", None), GenerationConfig()
+    if config is not None and any(getattr(config, k, None) != getattr(plain, k, None) for k in _PROCESSED):
+        return [False] * len(questions)
+    model.eval()
+    device = next(model.parameters()).device
+    stop = torch.tensor(sorted({*stop_ids(model, tokenizer, chat), tokenizer.pad_token_id}))
+    prompts = encode_prompt(tokenizer, questions, chat)
+    out: list[bool] = []
+    for s in range(0, len(prompts), batch_size):
+        rows = [p + a for p, a in zip(prompts[s : s + batch_size], answers[s : s + batch_size])]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):  # right padding: each row's positions are its own, unpadded
+            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
+        picked = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.argmax(-1).cpu()
+        for r, (p, a) in enumerate(zip(prompts[s : s + batch_size], answers[s : s + batch_size])):
+            given = picked[r, len(p) - 1 : len(p) + len(a)]  # the pick after the prompt, after each answer token
+            same = torch.equal(given[: len(a)], torch.tensor(a, dtype=given.dtype))
+            ended = len(a) >= max_new_tokens or bool(torch.isin(given[len(a)], stop))
+            out.append(same and ended)
+    return out
 
 
 @torch.no_grad()

@@ -508,7 +508,13 @@ class AnswerCheck:
     With `examples` (trained with `loss="diverge"`; example j belongs to item `owners[j]`, by
     default item j), the examples of the items still answered wrong get their loss again from
     where the model's words leave the target *now*: learning other facts can move the model's
-    own words before the answer, and greedy decoding follows those."""
+    own words before the answer, and greedy decoding follows those.
+
+    An item asked again whose last answer greedy decoding still gives (`still_greedy`: one
+    forward pass) keeps that answer's verdict without generating; only answers that changed, or
+    were never given, are generated. `asked` counts the answers asked for, `generated` those
+    generated: most items rechecked once learned are not. The verdicts are those of generating
+    every time (up to float rounding: a near-tie can break either way, as between batches)."""
 
     def __init__(self, tokenizer, items: list[QA], max_new_tokens: int = 24, batch_size: int = 32,
                  examples: list[Example] | None = None, targets: list[list[int]] | None = None,
@@ -523,17 +529,27 @@ class AnswerCheck:
         for j, i in enumerate(owners):
             self.by_item.setdefault(i, []).append(j)
         self.right: list[bool | None] = [None] * len(items)
+        self.answers: dict[int, list[int]] = {}  # item -> its latest greedy answer (token ids)
+        self.asked = self.generated = 0  # answers asked for, and generated (the others unchanged)
 
     def __call__(self, model: nn.Module, indices: list[int] | None = None) -> list[bool]:
-        from memtune.probes.qa import answer_questions, is_correct
+        from memtune.generation import still_greedy
+        from memtune.probes.qa import answer_ids, is_correct
 
         indices = list(range(len(self.items))) if indices is None else list(indices)
-        asked = [self.items[i] for i in indices]
-        answers = answer_questions(model, self.tokenizer, [q.question for q in asked],
-                                   max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, progress=False)
-        right = [is_correct(a, q.answers, q.question) for a, q in zip(answers, asked)]
-        for i, ok in zip(indices, right):
-            self.right[i] = ok
+        known = [i for i in indices if i in self.answers]
+        same = still_greedy(model, self.tokenizer, [self.items[i].question for i in known],
+                            [self.answers[i] for i in known], self.max_new_tokens, self.batch_size)
+        new = [i for i in indices if i not in self.answers] + [i for i, s in zip(known, same) if not s]
+        given = answer_ids(model, self.tokenizer, [self.items[i].question for i in new], self.max_new_tokens,
+                           self.batch_size, progress=False) if new else []
+        for i, ids in zip(new, given):
+            q = self.items[i]
+            self.answers[i] = ids
+            self.right[i] = is_correct(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), q.answers,
+                                       q.question)
+        self.asked, self.generated = self.asked + len(indices), self.generated + len(new)
+        right = [bool(self.right[i]) for i in indices]
         if self.examples is not None:
             wrong = [j for i, ok in zip(indices, right) if not ok for j in self.by_item.get(i, [])]
             for j in wrong:
@@ -828,6 +844,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         everything = check.right if config.until_learned else check(model)
         learned = everything[: len(data)]
         report["learned"] = {"right": sum(learned), "items": len(learned)}
+        report["check"] = {"asked": check.asked, "generated": check.generated}  # (the rest unchanged: not generated)
         if len(everything) > len(data):
             report["rewrites_learned"] = {"right": sum(everything[len(data):]), "items": len(everything) - len(data)}
     if smf:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from memtune.data import QA
-from memtune.generation import generate, greedy_gaps
+from memtune.generation import generate, greedy_gaps, greedy_ids
 from memtune.probes.match import SHORT, exact_match, fold, is_correct, normalize_answer, token_f1
 
 __all__ = ["SHORT", "answer_questions", "answers_with_margins", "exact_match", "fold", "is_correct",
@@ -60,6 +60,20 @@ def answer_questions(
 ) -> list[str]:
     """Greedy answers in the input order."""
     return _in_length_order(questions, lambda qs: generate(
+        model, tokenizer, qs, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, progress=progress))
+
+
+def answer_ids(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+    chat: bool | None = None,
+    progress: bool = True,
+) -> list[list[int]]:
+    """Greedy answers as token ids (`memtune.generation.greedy_ids`), in the input order."""
+    return _in_length_order(questions, lambda qs: greedy_ids(
         model, tokenizer, qs, max_new_tokens=max_new_tokens, batch_size=batch_size, chat=chat, progress=progress))
 
 
