@@ -100,10 +100,11 @@ def test_answers_with_margins_match_a_token_by_token_greedy_reference():
     assert is_correct(got[0][0], early)
 
 
-def test_still_greedy_accepts_the_greedy_answer_and_nothing_else():
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_still_greedy_accepts_the_greedy_answer_and_nothing_else(arch):
     from memtune.generation import greedy_ids, still_greedy
 
-    model, tok = tiny_model(init_range=0.3), tiny_tokenizer()
+    model, tok = tiny_model(arch, init_range=0.3), tiny_tokenizer()
     questions = ["What is the capital of France?", "Yen?", "Which region is Chile in, and why?"]
     ids = greedy_ids(model, tok, questions, max_new_tokens=6, batch_size=2)
     assert ids == [_greedy_by_hand(model, tok, q, 6)[0] for q in questions] and all(len(a) == 6 for a in ids)
@@ -120,6 +121,8 @@ def test_still_greedy_accepts_the_greedy_answer_and_nothing_else():
     assert stopped == [first[:3]]
     assert still_greedy(model, tok, questions[:1], stopped, max_new_tokens=6) == [True]
     assert still_greedy(model, tok, questions[:1], [first[:2]], max_new_tokens=6) == [False]
+    mixed = greedy_ids(model, tok, questions, max_new_tokens=6)  # answers of other lengths in one batch
+    assert mixed[0] == first[:3] and still_greedy(model, tok, questions, mixed, max_new_tokens=6) == [True] * 3
     # greedy decoding under a repetition penalty is not the logits' argmax: never taken as unchanged
     model.generation_config.repetition_penalty = 1.3
     assert still_greedy(model, tok, questions[:1], stopped, max_new_tokens=6) == [False]

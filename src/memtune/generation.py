@@ -114,15 +114,19 @@ def still_greedy(
     prompts = encode_prompt(tokenizer, questions, chat)
     out: list[bool] = []
     for s in range(0, len(prompts), batch_size):
-        rows = [p + a for p, a in zip(prompts[s : s + batch_size], answers[s : s + batch_size])]
-        width = max(map(len, rows))
+        chunk = answers[s : s + batch_size]
+        rows = [p + a for p, a in zip(prompts[s : s + batch_size], chunk)]
+        width, keep = max(map(len, rows)), max(map(len, chunk)) + 1
         ids = torch.full((len(rows), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):  # right padding: each row's positions are its own, unpadded
-            ids[r, : len(row)], mask[r, : len(row)] = torch.tensor(row), 1
-        picked = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.argmax(-1).cpu()
-        for r, (p, a) in enumerate(zip(prompts[s : s + batch_size], answers[s : s + batch_size])):
-            given = picked[r, len(p) - 1 : len(p) + len(a)]  # the pick after the prompt, after each answer token
+        for r, row in enumerate(rows):  # left padding, as generation pads: every answer ends at the right
+            ids[r, width - len(row) :], mask[r, width - len(row) :] = torch.tensor(row), 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row's own, as generation numbers them
+        # logits only where an answer is read: the last `keep` positions (the LM head is most of the cost)
+        picked = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       use_cache=False, logits_to_keep=keep).logits.argmax(-1).cpu()
+        for r, a in enumerate(chunk):
+            given = picked[r, keep - len(a) - 1 :]  # the pick after the prompt, after each answer token
             same = torch.equal(given[: len(a)], torch.tensor(a, dtype=given.dtype))
             ended = len(a) >= max_new_tokens or bool(torch.isin(given[len(a)], stop))
             out.append(same and ended)
