@@ -327,11 +327,12 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
         for s in range(0, len(candidates), batch_size):
             part = candidates[s : s + batch_size]
             b = collate([Example(ids, ids) for _, _, ids, _ in part], tokenizer.pad_token_id)
-            logp = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                         use_cache=False).logits.float().log_softmax(-1).cpu()
-            for row, (i, prefix, ids, start) in zip(logp, part):
-                t = torch.arange(start, len(ids))
-                score = float(row[t - 1, torch.tensor(ids[start:])].sum())
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                           use_cache=False).logits  # (B, T, V)
+            for row, (i, prefix, ids, start) in zip(logits, part):
+                t = torch.arange(start, len(ids))  # the answer's positions: normalised there only
+                logp = row[t - 1].float().log_softmax(-1).cpu()  # (answer tokens, V)
+                score = float(logp[torch.arange(len(t)), torch.tensor(ids[start:])].sum())
                 if i not in best or score > best[i][0]:
                     best[i] = (score, prefix)
     finally:
