@@ -122,7 +122,7 @@ def still_greedy(
         for r, row in enumerate(rows):  # left padding, as generation pads: every answer ends at the right
             ids[r, width - len(row) :], mask[r, width - len(row) :] = torch.tensor(row), 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # each row's own, as generation numbers them
-        # logits only where an answer is read: the last `keep` positions (the LM head is most of the cost)
+        # logits only where an answer token is picked: the last `keep` positions
         picked = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                        use_cache=False, logits_to_keep=keep).logits.argmax(-1).cpu()
         for r, a in enumerate(chunk):
