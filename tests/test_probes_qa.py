@@ -123,6 +123,33 @@ def test_still_greedy_accepts_the_greedy_answer_and_nothing_else(arch):
     assert still_greedy(model, tok, questions[:1], [first[:2]], max_new_tokens=6) == [False]
     mixed = greedy_ids(model, tok, questions, max_new_tokens=6)  # answers of other lengths in one batch
     assert mixed[0] == first[:3] and still_greedy(model, tok, questions, mixed, max_new_tokens=6) == [True] * 3
-    # greedy decoding under a repetition penalty is not the logits' argmax: never taken as unchanged
-    model.generation_config.repetition_penalty = 1.3
-    assert still_greedy(model, tok, questions[:1], stopped, max_new_tokens=6) == [False]
+    # a setting at a value that changes nothing leaves it on; greedy decoding under a repetition
+    # penalty or with beams is not the logits' argmax: never taken as unchanged
+    model.generation_config.repetition_penalty, model.generation_config.num_beams = 1.0, 1
+    assert still_greedy(model, tok, questions[:1], stopped, max_new_tokens=6) == [True]
+    for name, value in (("repetition_penalty", 1.3), ("num_beams", 2), ("guidance_scale", 5.0)):
+        setattr(model.generation_config, name, value)
+        assert still_greedy(model, tok, questions[:1], stopped, max_new_tokens=6) == [False]
+        setattr(model.generation_config, name, 1.0 if name != "num_beams" else 1)
+
+
+def test_greedy_ids_end_only_at_an_end_token(tokenizer):
+    """A pad token the model picks mid-answer (pad is not an end token here) is part of the
+    answer, as `generate` keeps going past it: the same text."""
+    import torch
+
+    from memtune.generation import generate, greedy_ids, still_greedy
+    from memtune.prompts import encode_prompt
+
+    model = tiny_model(init_range=0.3)
+    question = ["What is the capital of France?"]
+    first = greedy_ids(model, tokenizer, question, max_new_tokens=6)[0]
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id and tokenizer.pad_token_id not in first
+    with torch.no_grad():  # the pad token becomes the pick where the third token was
+        prompt = encode_prompt(tokenizer, question)[0]
+        top = model(torch.tensor([prompt + first[:2]])).logits[0, -1, first[2]]
+        model.lm_head.weight[tokenizer.pad_token_id] = (1.05 if top > 0 else 0.95) * model.lm_head.weight[first[2]]
+    ids = greedy_ids(model, tokenizer, question, max_new_tokens=6)[0]
+    assert tokenizer.pad_token_id in ids[:-1] and len(ids) == 6  # picked mid-answer, and it goes on
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == generate(model, tokenizer, question, 6)[0]
+    assert still_greedy(model, tokenizer, question, [ids], max_new_tokens=6) == [True]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from memtune.prompts import encode_prompt, stop_token_ids
 
@@ -69,9 +69,9 @@ def greedy_ids(
     chat: bool | None = None,
     progress: bool = False,
 ) -> list[list[int]]:
-    """Greedy answers as token ids, up to (not including) the token that ended each: decoded
-    with `skip_special_tokens` and stripped, the text `generate` returns."""
-    stop = {*stop_ids(model, tokenizer, chat), tokenizer.pad_token_id}
+    """Greedy answers as token ids, up to (not including) the end token (`stop_ids`) that ended
+    each: decoded with `skip_special_tokens` and stripped, the text `generate` returns."""
+    stop = set(stop_ids(model, tokenizer, chat))
     results = []
     for n, out in _generate_batches(model, tokenizer, questions, batch_size, chat, progress,
                                     max_new_tokens=max_new_tokens, do_sample=False):
@@ -80,10 +80,30 @@ def greedy_ids(
     return results
 
 
-# Generation settings under which greedy decoding is not the argmax of the model's logits
-_PROCESSED = ("repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "suppress_tokens",
-              "begin_suppress_tokens", "forced_bos_token_id", "forced_eos_token_id", "min_length", "min_new_tokens",
-              "sequence_bias", "exponential_decay_length_penalty", "encoder_repetition_penalty")
+# A model's generation settings that leave greedy decoding the argmax of its logits, stopped at
+# its end tokens (`stop_ids`): those of sampling, caching and output, whatever their value ...
+_GREEDY_SAFE = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "do_sample", "temperature",
+                "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff", "max_length",
+                "max_new_tokens", "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config",
+                "disable_compile", "low_memory", "prefill_chunk_size", "renormalize_logits", "remove_invalid_values",
+                "output_attentions", "output_hidden_states", "output_scores", "output_logits",
+                "return_dict_in_generate", "transformers_version", "_from_model_config"}
+# ... and the others at the values that change nothing
+_NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+            "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+            "min_length": 0, "min_new_tokens": 0, "guidance_scale": 1.0, "length_penalty": 1.0, "diversity_penalty": 0.0,
+            "early_stopping": False}
+
+
+def plain_greedy(model: nn.Module) -> bool:
+    """Whether `model.generate(do_sample=False)` picks the argmax of its logits at every step
+    and stops only at its end tokens: False when its generation config sets anything else
+    (beams, a repetition penalty, suppressed tokens, stop strings, ...) to a value that matters."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return True
+    return all(k in _GREEDY_SAFE or v is None or (k in _NEUTRAL and v == _NEUTRAL[k])
+               for k, v in config.to_diff_dict().items())
 
 
 @torch.no_grad()
@@ -101,16 +121,15 @@ def still_greedy(
     per token: every answer token must be the argmax after the ones before it and, for an
     answer shorter than `max_new_tokens`, a stop token the argmax after the last. A model under
     the check learns: an answer it gave before and still gives need not be generated again.
-    All False when the model's generation config changes what greedy decoding picks
-    (repetition penalty, suppressed tokens ...): the answers must then be generated."""
+    All False when the model's generation config makes greedy decoding anything else
+    (`plain_greedy`: beams, a repetition penalty ...): the answers must then be generated."""
     if not questions:
         return []
-    config, plain = getattr(model, "generation_config", None), GenerationConfig()
-    if config is not None and any(getattr(config, k, None) != getattr(plain, k, None) for k in _PROCESSED):
+    if not plain_greedy(model):
         return [False] * len(questions)
     model.eval()
     device = next(model.parameters()).device
-    stop = torch.tensor(sorted({*stop_ids(model, tokenizer, chat), tokenizer.pad_token_id}))
+    stop = torch.tensor(stop_ids(model, tokenizer, chat), dtype=torch.long)
     prompts = encode_prompt(tokenizer, questions, chat)
     out: list[bool] = []
     for s in range(0, len(prompts), batch_size):
