@@ -515,6 +515,33 @@ def learnable_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.mark.parametrize("method", ["smf", "full"])
+def test_learning_is_the_same_whether_unchanged_answers_are_confirmed_or_generated(learnable_model_dir, method,
+                                                                                 monkeypatch):
+    """The until-learned check's shortcut (`still_greedy`) changes what is generated, not what
+    is learned: the same steps, losses, verdicts and weights as generating every answer."""
+    from memtune import generation
+    from memtune.models import load_model
+
+    facts = [QA("What is the capital of Ostland?", "Varn"), QA("Who founded Zorbia?", "Quenta")]
+    config = LearnConfig(method=method, epochs=12, batch_size=1, lr=20 if method == "smf" else 1e-2, consolidate=2)
+    recipe = RecipeConfig(n_keys=16, related=2) if method == "smf" else RecipeConfig()
+    runs = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(generation, "still_greedy", lambda m, t, questions, *a, **kw: [False] * len(questions))
+        model, tokenizer = load_model(str(learnable_model_dir))
+        runs.append(learn(model, tokenizer, facts, config, recipe, progress=False))
+    confirmed, generated = runs
+    assert confirmed.learned == generated.learned and any(confirmed.learned)
+    assert [(h["epoch"], h["loss"]) for h in confirmed.history] == [(h["epoch"], h["loss"]) for h in generated.history]
+    assert all(torch.equal(a, b) for a, b in zip(confirmed.model.state_dict().values(),
+                                                 generated.model.state_dict().values()))
+    asked = confirmed.recipe["check"]["asked"]
+    assert generated.recipe["check"] == {"asked": asked, "generated": asked}
+    assert confirmed.recipe["check"]["generated"] < asked  # answers confirmed without generating
+
+
 def test_learning_in_two_calls_keeps_the_first_calls_rows(learnable_model_dir, tmp_path, capsys):
     first, second = tmp_path / "first", tmp_path / "second"
     common = ["--n-keys", "16", "--related", "3", "--epochs", "40", "--batch-size", "1", "--lr", "20"]
