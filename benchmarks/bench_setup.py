@@ -1,6 +1,6 @@
-"""The passes of the recipe's setup that only need what the memory layers read (query
-calibration, slot statistics): stopped at the deepest memory layer (`forward_to_memory`)
-against a whole forward pass, on the same batches, in one process.
+"""Slot statistics (`memtune.stats.compute_background`) stopped at the deepest memory layer
+(`forward_to_memory`, as query calibration and the slot analysis also run) against a whole
+forward pass, on the same batches, in one process.
 
     .venv/bin/python benchmarks/bench_setup.py --threads 1       # SmolLM2-135M, the default memory
 
