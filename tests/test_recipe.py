@@ -905,3 +905,37 @@ def test_learn_trains_rewrites_with_their_own_statements_and_asks_only_the_quest
             RecipeConfig(**bad)
     with pytest.raises(MemtuneError, match="align_phrasings='false' is invalid"):
         RecipeConfig(self_paraphrases=1, align_phrasings="false")
+
+
+def _learn_two(model_dir, extrapolate: float, **config):
+    from memtune.models import load_model
+
+    facts = [QA("What is the capital of Ostland?", "Varn"), QA("Who founded Zorbia?", "Quenta")]
+    model, tokenizer = load_model(str(model_dir))
+    return learn(model, tokenizer, facts, LearnConfig(batch_size=1, lr=20, **config),
+                 RecipeConfig(n_keys=16, related=0, extrapolate=extrapolate), progress=False)
+
+
+def test_extrapolate_scales_the_calls_update_to_the_value_rows(learnable_model_dir):
+    """Without the until-learned check, the factor is all it does: a fresh memory's rows were
+    zero, so each row updated is the factor times what the same training wrote."""
+    plain, scaled = (_learn_two(learnable_model_dir, f, epochs=2, until_learned=False) for f in (1.0, 2.5))
+    assert "extrapolate" not in plain.recipe and scaled.recipe["extrapolate"]["factor"] == 2.5
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in scaled.history]
+    before, after = plain.model.memory.values[0].weight.detach(), scaled.model.memory.values[0].weight.detach()
+    rows = plain.method.touched[0]
+    assert scaled.recipe["extrapolate"]["rows"] == rows.numel() > 0
+    assert torch.equal(after[rows], 2.5 * before[rows]) and torch.equal(torch.count_nonzero(after, 1) > 0,
+                                                                       torch.count_nonzero(before, 1) > 0)
+
+
+def test_extrapolate_learns_again_the_facts_it_undid(learnable_model_dir):
+    """A factor that overshoots makes learned facts wrong; they are trained again until learned,
+    the steps numbered on from the first training, which is the same as without the factor."""
+    plain, scaled = (_learn_two(learnable_model_dir, f, epochs=40, consolidate=2) for f in (1.0, 5.0))
+    report = scaled.recipe["extrapolate"]
+    assert report["right_before"] == sum(plain.learned) == 2 and report["right_scaled"] < 2
+    first = len(plain.history)
+    assert [h["loss"] for h in scaled.history[:first]] == [h["loss"] for h in plain.history]
+    assert len(scaled.history) > first and [h["step"] for h in scaled.history] == list(range(1, len(scaled.history) + 1))
+    assert report["right_after"] == sum(scaled.learned) == scaled.recipe["learned"]["right"] == 2

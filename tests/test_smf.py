@@ -278,6 +278,34 @@ def test_unwrite_refuses_rows_updated_before_their_values_were_kept(tokenizer):
         method.unwrite(reads)
 
 
+def test_extrapolate_scales_each_updated_rows_change_from_its_value_before(tokenizer):
+    """before + f x (after - before) on the rows updated (the values before are not zero here, as
+    in a memory that learned before), every other row as it was; learning again may move them."""
+    model = memory_model()
+    with torch.no_grad():
+        for table in model.memory.values:
+            table.weight.normal_()
+    cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2)
+    method = SparseMemoryFinetuning(cfg.smf())
+    method.prepare(model)
+    with pytest.raises(RuntimeError, match="remember_originals"):
+        method.extrapolate(1.5)
+    start = [t.weight.detach().clone() for t in model.memory.values]
+    method.remember_originals()
+    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
+    trained = [t.weight.detach().clone() for t in model.memory.values]
+    rows = method.touched[0]
+    assert torch.equal(changed_rows(start[0], trained[0]), rows)  # (the rows touched are the rows changed)
+    assert method.extrapolate(1.5) == rows.numel()
+    weight = model.memory.values[0].weight.detach()
+    expected = start[0][rows] + 1.5 * (trained[0][rows] - start[0][rows])
+    torch.testing.assert_close(weight[rows], expected)
+    assert torch.equal(changed_rows(trained[0], weight), rows)  # nothing else moved
+    method.extrapolate(1 / 1.5)  # back (the values before are still known)
+    torch.testing.assert_close(model.memory.values[0].weight.detach(), trained[0])
+    assert method.relearn  # the next train call may move this data's own rows again
+
+
 def test_protected_slots_are_never_updated(tokenizer):
     model = memory_model()
     protect_batch = collate(encode_qa(tokenizer, PAIRS[:2]), tokenizer.pad_token_id, "loss")

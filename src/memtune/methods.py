@@ -245,21 +245,49 @@ class SparseMemoryFinetuning:
             rows = torch.unique(read[torch.isin(read, touched)])
             if rows.numel() == 0:
                 continue
-            saved = self.originals.get(t, [(rows[:0], table.weight[:0].cpu())])
-            kept, before = (torch.cat(parts) for parts in zip(*saved))
-            if not torch.isin(rows, kept).all():
-                raise RuntimeError("some rows to un-write were updated before remember_originals() was called: "
-                                   "their values from before are unknown")
-            order = kept.argsort()
-            kept, before = kept[order], before[order]
-            at = torch.searchsorted(kept, rows)
             with torch.no_grad():
-                table.weight[rows.to(table.weight.device)] = before[at].to(table.weight.device, table.weight.dtype)
+                table.weight[rows.to(table.weight.device)] = self._before(t, rows)
             self.optimizer.forget(table.weight, rows.to(table.weight.device))
             self.touched[t] = touched[~torch.isin(touched, rows)]
             self.protected[t] = _union(self.protected.get(t), rows)
             n += int(rows.numel())
         return n
+
+    def extrapolate(self, factor: float) -> int:
+        """Scale this method's update by `factor`: each row it updated goes from its value now to
+        its value before + `factor` x (now - before) — task arithmetic's scaled task vector
+        (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1), on the sparse rows
+        only. A rephrased question reads part of the slots its fact was written to (BENCHMARKS.md,
+        issue 17), and a factor above 1 lets that part carry the answer. Rows keep their optimizer
+        state; the next `train` call may move them again (`relearn`). Returns the rows scaled.
+        RuntimeError if `remember_originals` was not called before training."""
+        if self.originals is None:
+            raise RuntimeError("extrapolate needs the values from before training: call remember_originals() first")
+        n = 0
+        for t, table in enumerate(self.bank.values):
+            rows = self.touched.get(t)
+            if rows is None or rows.numel() == 0:
+                continue
+            at = rows.to(table.weight.device)
+            with torch.no_grad():
+                before = self._before(t, rows)
+                table.weight[at] = before + factor * (table.weight[at] - before)
+            n += int(rows.numel())
+        self.relearn = True
+        return n
+
+    def _before(self, t: int, rows: Tensor) -> Tensor:
+        """The values of `rows` (sorted, of table `t`) from before their first update, on the
+        table's device and dtype (`remember_originals`). RuntimeError for a row updated before it."""
+        table = self.bank.values[t].weight
+        saved = self.originals.get(t, [(rows[:0], table[:0].cpu())])
+        kept, before = (torch.cat(parts) for parts in zip(*saved))
+        if not torch.isin(rows, kept).all():
+            raise RuntimeError("some rows were updated before remember_originals() was called: their values from "
+                               "before are unknown")
+        order = kept.argsort()
+        kept, before = kept[order], before[order]
+        return before[torch.searchsorted(kept, rows)].to(table.device, table.dtype)
 
     def begin(self) -> None:
         # the same data learned again after unwrite may move its own rows; other data may not

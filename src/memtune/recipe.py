@@ -76,16 +76,19 @@ AUTO, NONE = "auto", "none"
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
-                   "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts")
+                   "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts", "extrapolate")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
-                     "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check")
+                     "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check",
+                     "extrapolate")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
-             "neighbourhood": 0, "neighbourhood_check": 0}
+             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
+# the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
+EXTRAPOLATE = 1.25
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -125,6 +128,12 @@ class RecipeConfig:
                 "answer is predicted are given back their values and protected, and the facts are trained again "
                 f"until learned; up to {NEIGHBOURHOOD_ROUNDS} rounds (memtune.recipe.AnswersKept). config.json "
                 "records how many changed each round: forgetting on the data's own forms. 0: none"})
+    extrapolate: float = field(default=EXTRAPOLATE, metadata={
+        "help": "SMF, facts: once the facts are learned, this call's change to each value row it updated is scaled "
+                "by F (before + F x (after - before): task arithmetic's scaled update, Ilharco et al. 2023), and "
+                "the facts no longer answered right are trained again until learned; a rephrased question reads "
+                "part of the slots its fact was written to, and the scaled rows let that part give the answer "
+                "(issue 17; BENCHMARKS.md, fourteenth round). 1: off"})
     keep: str | None = field(default=None, metadata={
         "help": "a file of questions (.txt, one per line, or JSONL/CSV with 'question') whose current answers "
                 "must be kept: their slots are protected"})
@@ -186,6 +195,9 @@ class RecipeConfig:
             value = getattr(self, name)
             if not is_int(value) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
+        if isinstance(self.extrapolate, bool) or not isinstance(self.extrapolate, (int, float)) or not (
+                0 < self.extrapolate < float("inf")):
+            raise MemtuneError(f"extrapolate={self.extrapolate!r} is invalid: expected a number > 0 (1: off)")
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
                                f"{', '.join(REWRITE_STATEMENTS)}")
@@ -829,7 +841,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     report["setup_s"] = round(time.perf_counter() - start, 1)
 
     method = make_method(config, background, protect)
-    if kept_check is not None:
+    extrapolate = smf and facts and recipe.extrapolate != 1
+    if kept_check is not None or extrapolate:
         method.remember_originals()
     t = time.perf_counter()
     learned_check = None if check is None else ExampleCheck(check, owners)
@@ -838,6 +851,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     if kept_check is not None:
         report["neighbourhood_check"] = neighbourhood_check(model, tokenizer, examples, config, method, kept_check,
                                                             learned_check, history, t, on_step, progress)
+    if extrapolate:
+        report["extrapolate"] = extrapolate_update(model, tokenizer, examples, config, method, recipe.extrapolate,
+                                                   learned_check, history, t, on_step, progress)
     report["train_s"] = round(time.perf_counter() - t, 1)
     learned = everything = None  # per fact; per question asked (the facts, then their rewrites)
     if check is not None:  # until learned, train's last check saw the final model
@@ -889,13 +905,7 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
         rounds[-1]["rows_unwritten"] = method.unwrite(reads) if again else 0
         if not rounds[-1]["rows_unwritten"]:  # nothing learned, or what changed them is not where they answer
             break
-        offset = len(history)  # step numbers go on from the first training
-        shifted = lambda m, offset=offset: {**m, "step": m["step"] + offset}  # noqa: E731
-        model, more = train(model, tokenizer, [examples[j] for j in again],
-                            replace(config, max_steps=steps_left, max_minutes=minutes_left), method, progress=progress,
-                            learned=ExampleCheck(learned.check, [learned.owners[j] for j in again]),
-                            on_step=None if on_step is None else lambda m: on_step(shifted(m)))
-        history += [shifted(m) for m in more]
+        learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
     after = len(right())
     log.info("neighbourhood check: %s of %d questions about other subjects answered otherwise, round by round; "
              "%d of %d facts right before it, %d after", " -> ".join(str(x["changed"]) for x in rounds),
@@ -904,6 +914,50 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
         log.warning("neighbourhood check: %d facts answered right before it are not after it (learned again, "
                     "they read the rows it protected)", before - after)
     return {"questions": len(kept.questions), "rounds": rounds, "right_before": before, "right_after": after}
+
+
+def learn_again(model: nn.Module, tokenizer, examples: list[Example], again: list[int], config: LearnConfig, method,
+                learned: ExampleCheck, history: list[dict], start: float, on_step=None, progress: bool = True) -> None:
+    """Train `examples[j]` for j in `again` by `method` (which trained `examples` first, `learned`
+    its until-learned check and `history` its metrics, extended here with the step numbers going
+    on; `start` its `time.perf_counter()`), until learned, within what is left of
+    `config.max_steps` and `config.max_minutes`; nothing when none is left."""
+    steps_left = None if config.max_steps is None else config.max_steps - len(history)
+    minutes_left = None if config.max_minutes is None else config.max_minutes - (time.perf_counter() - start) / 60
+    if not again or (steps_left is not None and steps_left <= 0) or (minutes_left is not None and minutes_left <= 0):
+        return
+    offset = len(history)  # step numbers go on from the first training
+    shifted = lambda m: {**m, "step": m["step"] + offset}  # noqa: E731
+    _, more = train(model, tokenizer, [examples[j] for j in again],
+                    replace(config, max_steps=steps_left, max_minutes=minutes_left), method, progress=progress,
+                    learned=ExampleCheck(learned.check, [learned.owners[j] for j in again]),
+                    on_step=None if on_step is None else lambda m: on_step(shifted(m)))
+    history += [shifted(m) for m in more]
+
+
+def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], config: LearnConfig, method,
+                       factor: float, learned: ExampleCheck | None, history: list[dict], start: float,
+                       on_step=None, progress: bool = True) -> dict:
+    """`RecipeConfig.extrapolate` after `method` (SMF, `remember_originals` called before its
+    training) trained `examples`: its update to every value row it wrote is scaled by `factor`
+    (`SparseMemoryFinetuning.extrapolate`); then, with an until-learned check (`learned`), the
+    facts right before and wrong after are trained again until learned (`learn_again`). Returns
+    the report: the rows scaled, and the facts (the check's items) right before, right just after
+    the scaling, and right at the end."""
+    right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
+    rows = method.extrapolate(factor)
+    out = {"factor": factor, "rows": rows}
+    if learned is None or not config.until_learned:
+        return out
+    before = right()
+    learned.check(model, sorted(before))
+    now = right()
+    again = [j for j, i in enumerate(learned.owners) if i in before - now]
+    learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
+    after = len(right())
+    log.info("extrapolated the update by %g (%d rows): %d facts right before, %d just after, %d at the end",
+             factor, rows, len(before), len(now & before), after)
+    return {**out, "right_before": len(before), "right_scaled": len(now & before), "right_after": after}
 
 
 def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrites: list[list[str]],
