@@ -941,23 +941,26 @@ def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], con
     """`RecipeConfig.extrapolate` after `method` (SMF, `remember_originals` called before its
     training) trained `examples`: its update to every value row it wrote is scaled by `factor`
     (`SparseMemoryFinetuning.extrapolate`); then, with an until-learned check (`learned`), the
-    facts right before and wrong after are trained again until learned (`learn_again`). Returns
-    the report: the rows scaled, and the facts (the check's items) right before, right just after
-    the scaling, and right at the end."""
+    facts right before and wrong after are trained again until learned (`learn_again`), and every
+    fact is asked again at the end, so the check's verdicts are the final model's. Returns the
+    report: the rows scaled, and the facts (the check's items) right before, right just after the
+    scaling, and right at the end."""
     right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
     rows = method.extrapolate(factor)
     out = {"factor": factor, "rows": rows}
     if learned is None or not config.until_learned:
         return out
     before = right()
-    learned.check(model, sorted(before))
+    learned.check(model)
     now = right()
     again = [j for j, i in enumerate(learned.owners) if i in before - now]
-    learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
+    if again:
+        learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
+        learned.check(model)  # (training those again may move the others' answers)
     after = len(right())
     log.info("extrapolated the update by %g (%d rows): %d facts right before, %d just after, %d at the end",
-             factor, rows, len(before), len(now & before), after)
-    return {**out, "right_before": len(before), "right_scaled": len(now & before), "right_after": after}
+             factor, rows, len(before), len(now), after)
+    return {**out, "right_before": len(before), "right_scaled": len(now), "right_after": after}
 
 
 def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrites: list[list[str]],
