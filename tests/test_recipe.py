@@ -939,3 +939,12 @@ def test_extrapolate_learns_again_the_facts_it_undid(learnable_model_dir):
     assert [h["loss"] for h in scaled.history[:first]] == [h["loss"] for h in plain.history]
     assert len(scaled.history) > first and [h["step"] for h in scaled.history] == list(range(1, len(scaled.history) + 1))
     assert report["right_after"] == sum(scaled.learned) == scaled.recipe["learned"]["right"] == 2
+
+
+def test_extrapolate_is_skipped_when_no_step_is_left_to_learn_again(learnable_model_dir, caplog):
+    """Training that ends at --max-steps leaves no budget to learn again what the scaling would
+    undo: the update stays as trained, with a warning."""
+    plain, capped = (_learn_two(learnable_model_dir, f, epochs=40, max_steps=6) for f in (1.0, 1.25))
+    assert capped.recipe["extrapolate"] == {"factor": 1.25, "rows": 0, "skipped": "no step or time left to learn again"}
+    assert "--extrapolate 1.25 skipped" in caplog.text
+    assert torch.equal(plain.model.memory.values[0].weight, capped.model.memory.values[0].weight)

@@ -303,7 +303,9 @@ def test_extrapolate_scales_each_updated_rows_change_from_its_value_before(token
     assert torch.equal(changed_rows(trained[0], weight), rows)  # nothing else moved
     method.extrapolate(1 / 1.5)  # back (the values before are still known)
     torch.testing.assert_close(model.memory.values[0].weight.detach(), trained[0])
-    assert method.relearn  # the next train call may move this data's own rows again
+    with pytest.raises(MemtuneError, match="extrapolate=1e\\+39: the scaled value rows overflow float32"):
+        method.extrapolate(1e39)
+    assert torch.equal(model.memory.values[0].weight.detach()[rows], weight[rows])  # nothing changed
 
 
 def test_protected_slots_are_never_updated(tokenizer):

@@ -259,22 +259,26 @@ class SparseMemoryFinetuning:
         (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1), on the sparse rows
         only. A rephrased question reads part of the slots its fact was written to (BENCHMARKS.md,
         issue 17), and a factor above 1 lets that part carry the answer. Rows keep their optimizer
-        state; the next `train` call may move them again (`relearn`). Returns the rows scaled.
-        RuntimeError if `remember_originals` was not called before training."""
+        state. Returns the rows scaled. RuntimeError if `remember_originals` was not called before
+        training; MemtuneError, with nothing changed, if a scaled value overflows the table's dtype."""
         if self.originals is None:
             raise RuntimeError("extrapolate needs the values from before training: call remember_originals() first")
-        n = 0
-        for t, table in enumerate(self.bank.values):
-            rows = self.touched.get(t)
-            if rows is None or rows.numel() == 0:
-                continue
-            at = rows.to(table.weight.device)
-            with torch.no_grad():
+        scaled = []
+        with torch.no_grad():
+            for t, table in enumerate(self.bank.values):
+                rows = self.touched.get(t)
+                if rows is None or rows.numel() == 0:
+                    continue
+                at = rows.to(table.weight.device)
                 before = self._before(t, rows)
-                table.weight[at] = before + factor * (table.weight[at] - before)
-            n += int(rows.numel())
-        self.relearn = True
-        return n
+                values = before + factor * (table.weight[at] - before)
+                if not torch.isfinite(values).all():
+                    raise MemtuneError(f"extrapolate={factor}: the scaled value rows overflow "
+                                       f"{str(table.weight.dtype).removeprefix('torch.')}: expected a smaller factor")
+                scaled.append((table.weight, at, values))
+            for weight, at, values in scaled:
+                weight[at] = values
+        return sum(int(at.numel()) for _, at, _ in scaled)
 
     def _before(self, t: int, rows: Tensor) -> Tensor:
         """The values of `rows` (sorted, of table `t`) from before their first update, on the

@@ -196,7 +196,7 @@ class RecipeConfig:
             if not is_int(value) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
         if isinstance(self.extrapolate, bool) or not isinstance(self.extrapolate, (int, float)) or not (
-                0 < self.extrapolate < float("inf")):
+                0 < self.extrapolate < 1e300):  # (an int too large for a float too)
             raise MemtuneError(f"extrapolate={self.extrapolate!r} is invalid: expected a number > 0 (1: off)")
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
@@ -946,21 +946,31 @@ def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], con
     report: the rows scaled, and the facts (the check's items) right before, right just after the
     scaling, and right at the end."""
     right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
+    until_learned = learned is not None and config.until_learned
+    if until_learned and ((config.max_steps is not None and len(history) >= config.max_steps) or (
+            config.max_minutes is not None and time.perf_counter() - start >= 60 * config.max_minutes)):
+        log.warning("--extrapolate %g skipped: no step or time left (--max-steps / --max-minutes) to learn again "
+                    "what the scaling would undo", factor)
+        return {"factor": factor, "rows": 0, "skipped": "no step or time left to learn again"}
     rows = method.extrapolate(factor)
     out = {"factor": factor, "rows": rows}
-    if learned is None or not config.until_learned:
+    if not until_learned:
         return out
     before = right()
     learned.check(model)
     now = right()
     again = [j for j, i in enumerate(learned.owners) if i in before - now]
     if again:
+        method.relearn = True  # the facts learned again may move their own rows
         learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
         learned.check(model)  # (training those again may move the others' answers)
-    after = len(right())
+    after = right()
     log.info("extrapolated the update by %g (%d rows): %d facts right before, %d just after, %d at the end",
-             factor, rows, len(before), len(now), after)
-    return {**out, "right_before": len(before), "right_scaled": len(now), "right_after": after}
+             factor, rows, len(before), len(now), len(after))
+    if before - after:
+        log.warning("--extrapolate %g: %d facts answered right before the scaling are not after learning them again "
+                    "(out of steps or time?); --extrapolate 1 leaves the update as trained", factor, len(before - after))
+    return {**out, "right_before": len(before), "right_scaled": len(now), "right_after": len(after)}
 
 
 def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrites: list[list[str]],
