@@ -280,7 +280,7 @@ def test_unwrite_refuses_rows_updated_before_their_values_were_kept(tokenizer):
 
 def test_extrapolate_scales_each_updated_rows_change_from_its_value_before(tokenizer):
     """before + f x (after - before) on the rows updated (the values before are not zero here, as
-    in a memory that learned before), every other row as it was; learning again may move them."""
+    in a memory that learned before), every other row as it was; a factor that overflows changes nothing."""
     model = memory_model()
     with torch.no_grad():
         for table in model.memory.values:

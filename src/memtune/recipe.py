@@ -52,7 +52,7 @@ from torch import nn
 from memtune.batches import Example, encode_documents, encode_qa, first_batches
 from memtune.config import CALIBRATIONS, MemoryConfig
 from memtune.data import QA, Document
-from memtune.errors import MemtuneError, is_int
+from memtune.errors import MemtuneError, is_int, is_number
 from memtune.prompts import encode_text
 from memtune.rankers import NEEDS_BACKGROUND
 from memtune.stats import background_stats
@@ -195,8 +195,7 @@ class RecipeConfig:
             value = getattr(self, name)
             if not is_int(value) or value < least:
                 raise MemtuneError(f"{name}={value!r} is invalid: expected a {kind} integer")
-        if isinstance(self.extrapolate, bool) or not isinstance(self.extrapolate, (int, float)) or not (
-                0 < self.extrapolate < 1e300):  # (an int too large for a float too)
+        if not is_number(self.extrapolate) or not 0 < self.extrapolate < 1e300:  # (an int too large for a float too)
             raise MemtuneError(f"extrapolate={self.extrapolate!r} is invalid: expected a number > 0 (1: off)")
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
@@ -893,10 +892,7 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
     for r in range(NEIGHBOURHOOD_ROUNDS + 1):
         changed = kept(model)
         rounds.append({"changed": len(changed)})
-        steps_left = None if config.max_steps is None else config.max_steps - len(history)
-        minutes_left = None if config.max_minutes is None else config.max_minutes - (time.perf_counter() - start) / 60
-        if not changed or r == NEIGHBOURHOOD_ROUNDS or (steps_left is not None and steps_left <= 0) or (
-                minutes_left is not None and minutes_left <= 0):
+        if not changed or r == NEIGHBOURHOOD_ROUNDS or _spent(budget_left(config, history, start)):
             break
         reads = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id, len(changed),
                                  config.batch_size, "loss", progress=False)
@@ -916,15 +912,26 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
     return {"questions": len(kept.questions), "rounds": rounds, "right_before": before, "right_after": after}
 
 
+def budget_left(config: LearnConfig, history: list[dict], start: float) -> tuple[int | None, float | None]:
+    """What is left of `config.max_steps` after `history`'s steps and of `config.max_minutes`
+    since `start` (a `time.perf_counter()`): (steps, minutes), None where there is no cap."""
+    steps = None if config.max_steps is None else config.max_steps - len(history)
+    minutes = None if config.max_minutes is None else config.max_minutes - (time.perf_counter() - start) / 60
+    return steps, minutes
+
+
+def _spent(left: tuple[int | None, float | None]) -> bool:
+    return any(x is not None and x <= 0 for x in left)
+
+
 def learn_again(model: nn.Module, tokenizer, examples: list[Example], again: list[int], config: LearnConfig, method,
                 learned: ExampleCheck, history: list[dict], start: float, on_step=None, progress: bool = True) -> None:
     """Train `examples[j]` for j in `again` by `method` (which trained `examples` first, `learned`
     its until-learned check and `history` its metrics, extended here with the step numbers going
     on; `start` its `time.perf_counter()`), until learned, within what is left of
     `config.max_steps` and `config.max_minutes`; nothing when none is left."""
-    steps_left = None if config.max_steps is None else config.max_steps - len(history)
-    minutes_left = None if config.max_minutes is None else config.max_minutes - (time.perf_counter() - start) / 60
-    if not again or (steps_left is not None and steps_left <= 0) or (minutes_left is not None and minutes_left <= 0):
+    steps_left, minutes_left = left = budget_left(config, history, start)
+    if not again or _spent(left):
         return
     offset = len(history)  # step numbers go on from the first training
     shifted = lambda m: {**m, "step": m["step"] + offset}  # noqa: E731
@@ -947,8 +954,7 @@ def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], con
     scaling, and right at the end."""
     right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
     until_learned = learned is not None and config.until_learned
-    if until_learned and ((config.max_steps is not None and len(history) >= config.max_steps) or (
-            config.max_minutes is not None and time.perf_counter() - start >= 60 * config.max_minutes)):
+    if until_learned and _spent(budget_left(config, history, start)):
         log.warning("--extrapolate %g skipped: no step or time left (--max-steps / --max-minutes) to learn again "
                     "what the scaling would undo", factor)
         return {"factor": factor, "rows": 0, "skipped": "no step or time left to learn again"}
