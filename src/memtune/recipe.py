@@ -847,12 +847,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     learned_check = None if check is None else ExampleCheck(check, owners)
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
                            learned=learned_check)
-    if kept_check is not None:
-        report["neighbourhood_check"] = neighbourhood_check(model, tokenizer, examples, config, method, kept_check,
-                                                            learned_check, history, t, on_step, progress)
     if extrapolate:
         report["extrapolate"] = extrapolate_update(model, tokenizer, examples, config, method, recipe.extrapolate,
                                                    learned_check, history, t, on_step, progress)
+    if kept_check is not None:  # (after the scaling: it checks the model as it will be)
+        report["neighbourhood_check"] = neighbourhood_check(model, tokenizer, examples, config, method, kept_check,
+                                                            learned_check, history, t, on_step, progress)
     report["train_s"] = round(time.perf_counter() - t, 1)
     learned = everything = None  # per fact; per question asked (the facts, then their rewrites)
     if check is not None:  # until learned, train's last check saw the final model
