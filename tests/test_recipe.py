@@ -234,6 +234,20 @@ def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again
     assert not result.model.memory.values[0].weight.detach()[back].any()  # their values before: zero
 
 
+def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):
+    """The check's answers about other subjects are those of the model as it will be: it runs
+    after the update is scaled (the default --extrapolate), not between training and scaling."""
+    import memtune.recipe as recipe
+
+    calls = []
+    for name in ("extrapolate_update", "neighbourhood_check"):
+        real = getattr(recipe, name)
+        monkeypatch.setattr(recipe, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    result = _learn_capitals_checked(learnable_model_dir, tmp_path, epochs=20)
+    assert calls == ["extrapolate_update", "neighbourhood_check"]
+    assert result.recipe["extrapolate"]["rows"] > 0 and result.recipe["neighbourhood_check"]["rounds"][0]["changed"] > 0
+
+
 def test_neighbourhood_check_trains_again_only_facts_that_were_learned(learnable_model_dir, tmp_path):
     """A fact the first training did not learn had its passes: nothing is un-written for it, nor
     trained again (one pass here learns neither fact, though the answers about others change)."""
