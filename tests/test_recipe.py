@@ -232,6 +232,13 @@ def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again
     back = method.protected[0]
     assert back.numel() >= check["rounds"][0]["rows_unwritten"] and not torch.isin(back, method.touched[0]).any()
     assert not result.model.memory.values[0].weight.detach()[back].any()  # their values before: zero
+    # the verdicts reported are the final model's, for the facts trained again and the others
+    from memtune.models import load_model
+    from memtune.recipe import AnswerCheck
+
+    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
+    asked = AnswerCheck(load_model(str(learnable_model_dir))[1], facts)(result.model)
+    assert sum(asked) == check["right_after"] == result.recipe["learned"]["right"] and asked == result.learned
 
 
 def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):

@@ -884,9 +884,10 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
     the questions of `kept` answered otherwise have the rows they read where their first answer
     is predicted un-written (`SparseMemoryFinetuning.unwrite`), and the examples of the facts
     right before it are trained again until learned (a fact the first training did not learn
-    had its passes), within what is left of `config.max_steps` and `config.max_minutes`. Returns
-    the report: per round the questions answered otherwise and the rows un-written, and the
-    facts (the check's items) answered right before the check and after it."""
+    had its passes), within what is left of `config.max_steps` and `config.max_minutes`; once
+    rows were un-written, every fact is asked again at the end, so the check's verdicts are the
+    final model's. Returns the report: per round the questions answered otherwise and the rows
+    un-written, and the facts (the check's items) answered right before the check and after it."""
     right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
     rounds, before = [], len(right())
     for r in range(NEIGHBOURHOOD_ROUNDS + 1):
@@ -902,6 +903,8 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
         if not rounds[-1]["rows_unwritten"]:  # nothing learned, or what changed them is not where they answer
             break
         learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
+    if any(x.get("rows_unwritten") for x in rounds):  # the facts not trained again may read what was un-written
+        learned.check(model)
     after = len(right())
     log.info("neighbourhood check: %s of %d questions about other subjects answered otherwise, round by round; "
              "%d of %d facts right before it, %d after", " -> ".join(str(x["changed"]) for x in rounds),
