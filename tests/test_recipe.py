@@ -356,7 +356,6 @@ def test_read_questions(tmp_path):
                                              ({"keep": "missing.txt"}, "keep='missing.txt'"),
                                              ({"neighbourhood": -1}, "neighbourhood=-1"),
                                              ({"neighbourhood_check": 1.5}, "neighbourhood_check=1.5"),
-                                             ({"extrapolate_neighbourhood": -1}, "extrapolate_neighbourhood=-1"),
                                              ({"protect_prompts": "yes"}, "protect_prompts='yes'")])
 def test_recipe_config_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):
@@ -961,36 +960,6 @@ def test_extrapolate_learns_again_the_facts_it_undid(learnable_model_dir):
     assert [h["loss"] for h in scaled.history[:first]] == [h["loss"] for h in plain.history]
     assert len(scaled.history) > first and [h["step"] for h in scaled.history] == list(range(1, len(scaled.history) + 1))
     assert report["right_after"] == sum(scaled.learned) == scaled.recipe["learned"]["right"] == 2
-
-
-def test_extrapolate_neighbourhood_leaves_the_rows_of_the_form_as_trained(learnable_model_dir, tmp_path, caplog):
-    """--extrapolate-neighbourhood: the rows that the facts' questions about other subjects (from
-    --keep here) read are not scaled; the same training otherwise. Without subjects to put in, a
-    warning, and every row is scaled."""
-    from memtune.models import load_model
-
-    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
-    keep = tmp_path / "keep.txt"
-    keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\n")
-
-    def run(n, **recipe):
-        model, tokenizer = load_model(str(learnable_model_dir))
-        return learn(model, tokenizer, facts, LearnConfig(epochs=3, batch_size=1, lr=20, until_learned=False),
-                     RecipeConfig(n_keys=16, related=0, extrapolate=2.0, extrapolate_neighbourhood=n, protect="none",
-                                  **recipe), progress=False)
-
-    every, left = run(0, keep=str(keep)), run(2, keep=str(keep))
-    assert [h["loss"] for h in every.history] == [h["loss"] for h in left.history]
-    assert left.recipe["extrapolate"]["neighbourhood_prompts"] == 4
-    assert 0 < left.recipe["extrapolate"]["rows"] < every.recipe["extrapolate"]["rows"] == every.method.touched[0].numel()
-    scaled = left.model.memory.values[0].weight.detach()
-    trained = every.model.memory.values[0].weight.detach() / 2  # (a fresh memory: every row there is 2x trained)
-    differs = (scaled != 2 * trained).any(1)
-    assert int(differs.sum()) == every.recipe["extrapolate"]["rows"] - left.recipe["extrapolate"]["rows"]
-    torch.testing.assert_close(scaled[differs], trained[differs])
-    alone = run(2)
-    assert "no neighbourhood prompts" in caplog.text and alone.recipe["extrapolate"]["neighbourhood_prompts"] == 0
-    assert alone.recipe["extrapolate"]["rows"] == alone.method.touched[0].numel() > 0
 
 
 def test_extrapolate_is_skipped_when_no_step_is_left_to_learn_again(learnable_model_dir, caplog):

@@ -308,32 +308,6 @@ def test_extrapolate_scales_each_updated_rows_change_from_its_value_before(token
     assert torch.equal(model.memory.values[0].weight.detach()[rows], weight[rows])  # nothing changed
 
 
-def test_extrapolate_leaves_the_rows_other_reads_show_as_trained(tokenizer):
-    """extrapolate(f, leave=stats): of the rows updated, those `stats` show read by any layer of
-    the table keep their trained values, the rest are scaled; a brute-force mask as reference."""
-    from memtune.stats import background_stats
-
-    model = memory_model()
-    cfg = LearnConfig(ranker="count", top_t=64, epochs=2, batch_size=2)
-    method = SparseMemoryFinetuning(cfg.smf())
-    method.prepare(model)
-    method.remember_originals()
-    model, _ = train(model, tokenizer, encode_qa(tokenizer, PAIRS[:2]), cfg, method, progress=False)
-    trained = model.memory.values[0].weight.detach().clone()
-    others = background_stats(model, encode_qa(tokenizer, PAIRS[2:]), tokenizer.pad_token_id, 4, 2, "all",
-                              progress=False)
-    read = torch.zeros(trained.shape[0], dtype=torch.bool)
-    for layer in others.df:  # (every layer reads the one table)
-        read |= others.df[layer] > 0
-    updated = torch.zeros_like(read)
-    updated[method.touched[0]] = True
-    assert (updated & read).any() and (updated & ~read).any()  # both kinds present: the test can fail
-    assert method.extrapolate(2.0, leave=others) == int((updated & ~read).sum())
-    weight = model.memory.values[0].weight.detach()
-    torch.testing.assert_close(weight[updated & ~read], 2 * trained[updated & ~read])  # fresh memory: before = 0
-    assert torch.equal(weight[~(updated & ~read)], trained[~(updated & ~read)])
-
-
 def test_protected_slots_are_never_updated(tokenizer):
     model = memory_model()
     protect_batch = collate(encode_qa(tokenizer, PAIRS[:2]), tokenizer.pad_token_id, "loss")

@@ -241,8 +241,8 @@ class SparseMemoryFinetuning:
             touched = self.touched.get(t)
             if touched is None:
                 continue
-            read = self._read(stats, t)
-            rows = read[torch.isin(read, touched)]
+            read = torch.cat([stats.df[k].nonzero().flatten() for k, owner in self.table_of.items() if owner == t])
+            rows = torch.unique(read[torch.isin(read, touched)])
             if rows.numel() == 0:
                 continue
             with torch.no_grad():
@@ -253,24 +253,20 @@ class SparseMemoryFinetuning:
             n += int(rows.numel())
         return n
 
-    def extrapolate(self, factor: float, leave: Background | None = None) -> int:
+    def extrapolate(self, factor: float) -> int:
         """Scale this method's update by `factor`: each row it updated goes from its value now to
         its value before + `factor` x (now - before) — task arithmetic's scaled task vector
         (Ilharco et al. 2023, "Editing Models with Task Arithmetic", eq. 1), on the sparse rows
         only. A rephrased question reads part of the slots its fact was written to (BENCHMARKS.md,
-        issue 17), and a factor above 1 lets that part carry the answer. The rows that `leave`
-        shows read (any layer sharing the table) keep their update as trained. Rows keep their
-        optimizer state. Returns the rows scaled. RuntimeError if `remember_originals` was not
-        called before training; MemtuneError, with nothing changed, if a scaled value overflows
-        the table's dtype."""
+        issue 17), and a factor above 1 lets that part carry the answer. Rows keep their optimizer
+        state. Returns the rows scaled. RuntimeError if `remember_originals` was not called before
+        training; MemtuneError, with nothing changed, if a scaled value overflows the table's dtype."""
         if self.originals is None:
             raise RuntimeError("extrapolate needs the values from before training: call remember_originals() first")
         scaled = []
         with torch.no_grad():
             for t, table in enumerate(self.bank.values):
                 rows = self.touched.get(t)
-                if rows is not None and leave is not None:
-                    rows = rows[~torch.isin(rows, self._read(leave, t))]
                 if rows is None or rows.numel() == 0:
                     continue
                 at = rows.to(table.weight.device)
@@ -283,11 +279,6 @@ class SparseMemoryFinetuning:
             for weight, at, values in scaled:
                 weight[at] = values
         return sum(int(at.numel()) for _, at, _ in scaled)
-
-    def _read(self, stats: Background, t: int) -> Tensor:
-        """The rows of table `t` that `stats` show read by any layer sharing it (sorted, unique)."""
-        return torch.unique(torch.cat([stats.df[k].nonzero().flatten() for k, owner in self.table_of.items()
-                                       if owner == t]))
 
     def _before(self, t: int, rows: Tensor) -> Tensor:
         """The values of `rows` (sorted, of table `t`) from before their first update, on the

@@ -76,17 +76,15 @@ AUTO, NONE = "auto", "none"
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
-                   "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts", "extrapolate",
-                   "extrapolate_neighbourhood")
+                   "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts", "extrapolate")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
                      "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check",
-                     "extrapolate", "extrapolate_neighbourhood")
+                     "extrapolate")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
-             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0,
-             "extrapolate_neighbourhood": 0}
+             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
 # the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
@@ -136,11 +134,6 @@ class RecipeConfig:
                 "the facts no longer answered right are trained again until learned; a rephrased question reads "
                 "part of the slots its fact was written to, and the scaled rows let that part give the answer "
                 "(issue 17; BENCHMARKS.md, fourteenth round). 1: off"})
-    extrapolate_neighbourhood: int = field(default=0, metadata={
-        "help": "SMF, facts, experimental (issue 17): with --extrapolate, the rows that each fact's question asked "
-                "about N other subjects (as --neighbourhood asks it) reads, at every position, keep their update as "
-                "trained: only rows read where a fact names its own subject are scaled, not those every question "
-                "of its form reads (BENCHMARKS.md, fifteenth round). 0: every row the call updated is scaled"})
     keep: str | None = field(default=None, metadata={
         "help": "a file of questions (.txt, one per line, or JSONL/CSV with 'question') whose current answers "
                 "must be kept: their slots are protected"})
@@ -198,7 +191,6 @@ class RecipeConfig:
         for name, least, kind in (("related", 0, "non-negative"), ("word_dropout", 0, "non-negative"),
                                   ("self_paraphrases", 0, "non-negative"), ("neighbourhood", 0, "non-negative"),
                                   ("neighbourhood_check", 0, "non-negative"),
-                                  ("extrapolate_neighbourhood", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
             if not is_int(value) or value < least:
@@ -856,21 +848,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
                            learned=learned_check)
     if extrapolate:
-        leave = None  # the rows questions of the data's form about other subjects read: not scaled
-        if recipe.extrapolate_neighbourhood:
-            neighbours = neighbourhood_examples(tokenizer, items, guarded, recipe.extrapolate_neighbourhood,
-                                                config.seed, recipe.target == "statement", config.max_length)
-            if neighbours:
-                leave = background_stats(model, neighbours, pad, len(neighbours), config.batch_size, "all",
-                                         progress=False)
-            else:
-                log.warning("--extrapolate-neighbourhood %d: no neighbourhood prompts (they take their subjects "
-                            "from the related and --keep questions: none had a subject to put in); every row "
-                            "is scaled", recipe.extrapolate_neighbourhood)
         report["extrapolate"] = extrapolate_update(model, tokenizer, examples, config, method, recipe.extrapolate,
-                                                   learned_check, history, t, on_step, progress, leave)
-        if recipe.extrapolate_neighbourhood:
-            report["extrapolate"]["neighbourhood_prompts"] = len(neighbours)
+                                                   learned_check, history, t, on_step, progress)
     if kept_check is not None:  # (after the scaling: it checks the model as it will be)
         report["neighbourhood_check"] = neighbourhood_check(model, tokenizer, examples, config, method, kept_check,
                                                             learned_check, history, t, on_step, progress)
@@ -968,10 +947,10 @@ def learn_again(model: nn.Module, tokenizer, examples: list[Example], again: lis
 
 def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], config: LearnConfig, method,
                        factor: float, learned: ExampleCheck | None, history: list[dict], start: float,
-                       on_step=None, progress: bool = True, leave=None) -> dict:
+                       on_step=None, progress: bool = True) -> dict:
     """`RecipeConfig.extrapolate` after `method` (SMF, `remember_originals` called before its
     training) trained `examples`: its update to every value row it wrote is scaled by `factor`
-    (`SparseMemoryFinetuning.extrapolate`; but for the rows `leave`, slot statistics, show read); then, with an until-learned check (`learned`), the
+    (`SparseMemoryFinetuning.extrapolate`); then, with an until-learned check (`learned`), the
     facts right before and wrong after are trained again until learned (`learn_again`), and every
     fact is asked again at the end, so the check's verdicts are the final model's. Returns the
     report: the rows scaled, and the facts (the check's items) right before, right just after the
@@ -982,7 +961,7 @@ def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], con
         log.warning("--extrapolate %g skipped: no step or time left (--max-steps / --max-minutes) to learn again "
                     "what the scaling would undo", factor)
         return {"factor": factor, "rows": 0, "skipped": "no step or time left to learn again"}
-    rows = method.extrapolate(factor, leave)
+    rows = method.extrapolate(factor)
     out = {"factor": factor, "rows": rows}
     if not until_learned:
         return out
