@@ -123,8 +123,9 @@ class RecipeConfig:
                 "a fact is written where only its own subject reads (memtune.recipe.neighbourhood_examples). 0: none"})
     neighbourhood_check: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
-                "--neighbourhood asks it) and answered by the model before learning; after learning, where such an "
-                "answer changed (its first sentence), the rows this call wrote that the question reads where its "
+                "--neighbourhood asks it) and answered by the model before learning; after learning (and "
+                "--extrapolate), where such an answer changed (its first sentence), the rows this call wrote that "
+                "the question reads where its "
                 "answer is predicted are given back their values and protected, and the facts are trained again "
                 f"until learned; up to {NEIGHBOURHOOD_ROUNDS} rounds (memtune.recipe.AnswersKept). config.json "
                 "records how many changed each round: forgetting on the data's own forms. 0: none"})
