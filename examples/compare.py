@@ -16,9 +16,12 @@ def load(prefix: str, name: str) -> dict:
         return json.load(f)["probes"]["qa"]
 
 
-def cell(text: str) -> str:
-    """`text` as one Markdown table cell: one line, no column breaks, at most 60 characters."""
-    return " ".join(text.split()).replace("|", "\\|")[:60]
+def cell(text: str, width: int = 100) -> str:
+    """`text` as one Markdown table cell: one line, no column breaks, at most `width` characters
+    (a longer text cut, ending in "…"; an answer is often named late in a sentence)."""
+    text = " ".join(text.split())
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    return text.replace("|", "\\|")
 
 
 def right(predictions: list[dict]) -> str:
