@@ -241,6 +241,33 @@ def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again
     assert sum(asked) == check["right_after"] == result.recipe["learned"]["right"] and asked == result.learned
 
 
+def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learnable_model_dir, tmp_path, caplog):
+    """--neighbourhood-keep N: each fact's question about N subjects of the --keep (and related)
+    questions is kept as those are: answered in the model's own words and protected; none is a
+    question of the data. Without subjects to put in, a warning and nothing more is kept."""
+    from memtune.models import load_model
+
+    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWho founded Frobia?\n")
+
+    def run(n, keep_file=None):
+        model, tokenizer = load_model(str(learnable_model_dir))
+        return learn(model, tokenizer, facts, LearnConfig(epochs=1, batch_size=1),
+                     RecipeConfig(n_keys=16, related=0, keep=keep_file, neighbourhood_keep=n), progress=False)
+
+    plain, kept = run(0, str(keep)), run(3, str(keep))
+    report = kept.recipe["neighbourhood_keep"]
+    assert "neighbourhood_keep" not in plain.recipe and report["per_fact"] == 3
+    # Pellia and Mettland in the facts' form are --keep questions already; Frobia is new in it
+    assert report["questions"] == 1 and report["examples"] == ["What is the capital of Frobia?"]
+    assert plain.recipe["protect"]["questions"] == 3 and kept.recipe["protect"]["questions"] == 4
+    assert all(kept.recipe["protect"]["slots"][k] >= v for k, v in plain.recipe["protect"]["slots"].items())
+    alone = run(2)
+    assert "--neighbourhood-keep 2: no questions about other subjects" in caplog.text
+    assert alone.recipe["neighbourhood_keep"]["questions"] == 0
+
+
 def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):
     """The check's answers about other subjects are those of the model as it will be: it runs
     after the update is scaled (the default --extrapolate), not between training and scaling."""
@@ -356,6 +383,7 @@ def test_read_questions(tmp_path):
                                              ({"keep": "missing.txt"}, "keep='missing.txt'"),
                                              ({"neighbourhood": -1}, "neighbourhood=-1"),
                                              ({"neighbourhood_check": 1.5}, "neighbourhood_check=1.5"),
+                                             ({"neighbourhood_keep": -1}, "neighbourhood_keep=-1"),
                                              ({"protect_prompts": "yes"}, "protect_prompts='yes'")])
 def test_recipe_config_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):

@@ -76,15 +76,17 @@ AUTO, NONE = "auto", "none"
 DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
-                   "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts", "extrapolate")
+                   "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts", "extrapolate",
+                   "neighbourhood_keep")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
                      "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check",
-                     "extrapolate")
+                     "extrapolate", "neighbourhood_keep")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
-             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0}
+             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0,
+             "neighbourhood_keep": 0}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
 # the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
@@ -121,6 +123,13 @@ class RecipeConfig:
                 "neighbourhood prompts read where the answer would follow (every position, with --protect-prompts) "
                 "are protected and in the background, so "
                 "a fact is written where only its own subject reads (memtune.recipe.neighbourhood_examples). 0: none"})
+    neighbourhood_keep: int = field(default=0, metadata={
+        "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
+                "--neighbourhood asks it) is kept as a --keep question is: answered in the model's own words, what "
+                "it reads doing so, at every position, is protected and in the background. On data of several "
+                "relations, a fact otherwise writes the rows every answer of its form reads ('Caracas is the capital "
+                "of which country?' -> 'Benin' after learning 'Porto-Novo ...'; BENCHMARKS.md, fifteenth round). "
+                "0: none"})
     neighbourhood_check: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
                 "--neighbourhood asks it) and answered by the model before learning; after learning (and "
@@ -191,6 +200,7 @@ class RecipeConfig:
             raise MemtuneError(f"n_keys={self.n_keys!r} is invalid: expected an integer >= 2")
         for name, least, kind in (("related", 0, "non-negative"), ("word_dropout", 0, "non-negative"),
                                   ("self_paraphrases", 0, "non-negative"), ("neighbourhood", 0, "non-negative"),
+                                  ("neighbourhood_keep", 0, "non-negative"),
                                   ("neighbourhood_check", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
@@ -697,6 +707,16 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         report["related_questions"] = {"asked": recipe.related, "written": len(related), "questions": related}
     own_user = {_normal(q.question) for q in data} if facts else set()
     guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
+    if smf and facts and recipe.neighbourhood_keep:  # the data's forms about other subjects, kept as --keep is
+        around = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, guarded, recipe.neighbourhood_keep,
+                                                                        config.seed, statements=False)))
+        around = [q for q in around if _normal(q) not in own_user and q not in guarded]
+        report["neighbourhood_keep"] = {"per_fact": recipe.neighbourhood_keep, "questions": len(around),
+                                        "examples": around[:3]}
+        if not around:
+            log.warning("--neighbourhood-keep %d: no questions about other subjects (they take their subjects from "
+                        "the related and --keep questions: none had a subject to put in)", recipe.neighbourhood_keep)
+        guarded += around
     guard_examples: list[Example] = []
     if guarded:
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
