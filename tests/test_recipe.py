@@ -241,10 +241,10 @@ def test_neighbourhood_check_unwrites_what_changed_answers_read_and_learns_again
     assert sum(asked) == check["right_after"] == result.recipe["learned"]["right"] and asked == result.learned
 
 
-def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learnable_model_dir, tmp_path, caplog):
+def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learnable_model_dir, tmp_path):
     """--neighbourhood-keep N: each fact's question about N subjects of the --keep (and related)
     questions is kept as those are: answered in the model's own words and protected; none is a
-    question of the data. Without subjects to put in, a warning and nothing more is kept."""
+    question of the data. With no related or --keep questions to take subjects from, nothing."""
     from memtune.models import load_model
 
     facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
@@ -263,9 +263,7 @@ def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learna
     assert report["questions"] == 1 and report["examples"] == ["What is the capital of Frobia?"]
     assert plain.recipe["protect"]["questions"] == 3 and kept.recipe["protect"]["questions"] == 4
     assert all(kept.recipe["protect"]["slots"][k] >= v for k, v in plain.recipe["protect"]["slots"].items())
-    alone = run(2)
-    assert "--neighbourhood-keep 2: no questions about other subjects" in caplog.text
-    assert alone.recipe["neighbourhood_keep"]["questions"] == 0
+    assert "neighbourhood_keep" not in run(2).recipe  # nothing to take subjects from (--related 0, no --keep)
 
 
 def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):

@@ -91,6 +91,7 @@ LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, 
 NEIGHBOURHOOD_ROUNDS = 3
 # the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
 EXTRAPOLATE = 1.25
+NEIGHBOURHOOD_KEEP = 5
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -123,13 +124,13 @@ class RecipeConfig:
                 "neighbourhood prompts read where the answer would follow (every position, with --protect-prompts) "
                 "are protected and in the background, so "
                 "a fact is written where only its own subject reads (memtune.recipe.neighbourhood_examples). 0: none"})
-    neighbourhood_keep: int = field(default=0, metadata={
-        "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
+    neighbourhood_keep: int = field(default=NEIGHBOURHOOD_KEEP, metadata={
+        "help": "SMF, facts (issue 17): each fact's question asked about N other subjects (as "
                 "--neighbourhood asks it) is kept as a --keep question is: answered in the model's own words, what "
                 "it reads doing so, at every position, is protected and in the background. On data of several "
                 "relations, a fact otherwise writes the rows every answer of its form reads ('Caracas is the capital "
-                "of which country?' -> 'Benin' after learning 'Porto-Novo ...'; BENCHMARKS.md, fifteenth round). "
-                "0: none"})
+                "of which country?' -> 'Benin' after learning 'Porto-Novo ...'; BENCHMARKS.md, fifteenth round); "
+                "questions the related or --keep questions hold already are not asked twice. 0: none"})
     neighbourhood_check: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
                 "--neighbourhood asks it) and answered by the model before learning; after learning (and "
@@ -707,15 +708,15 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         report["related_questions"] = {"asked": recipe.related, "written": len(related), "questions": related}
     own_user = {_normal(q.question) for q in data} if facts else set()
     guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
-    if smf and facts and recipe.neighbourhood_keep:  # the data's forms about other subjects, kept as --keep is
+    if smf and facts and recipe.neighbourhood_keep and guarded:  # the data's forms about other subjects, kept
         around = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, guarded, recipe.neighbourhood_keep,
                                                                         config.seed, statements=False)))
         around = [q for q in around if _normal(q) not in own_user and q not in guarded]
         report["neighbourhood_keep"] = {"per_fact": recipe.neighbourhood_keep, "questions": len(around),
                                         "examples": around[:3]}
         if not around:
-            log.warning("--neighbourhood-keep %d: no questions about other subjects (they take their subjects from "
-                        "the related and --keep questions: none had a subject to put in)", recipe.neighbourhood_keep)
+            log.info("--neighbourhood-keep %d: no new questions about other subjects (they take their subjects from "
+                     "the related and --keep questions)", recipe.neighbourhood_keep)
         guarded += around
     guard_examples: list[Example] = []
     if guarded:
