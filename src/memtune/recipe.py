@@ -8,7 +8,9 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    1M slots at ~27/53/80 % depth, knn 4); a memory checkpoint continues as it is;
 2. **related questions** (`related_questions`): the model writes questions of the same form as
    the user's (it continues a list of them), about the subjects *it* knows; with the user's
-   `--keep` questions, they stand for what the model must keep;
+   `--keep` questions and the **neighbourhood** questions (each fact's question about 5 of
+   their subjects: `neighbourhood_prompts`, so that every form of the data is kept, not only
+   those the model writes most), they stand for what the model must keep;
 3. **calibrate** the memory queries (fresh retrofit only) on the data and those questions;
 4. **statement targets** in the model's own words (`memtune.targets.own_statements`), the loss
    on the whole statement, and **word dropout** (`memtune.paraphrases.word_dropout`): each
@@ -25,7 +27,8 @@ so the CLI, the Python entry point and the experiment runner call the same code:
 7. **learn until learned** (`memtune.train`), each fact trained 5 passes more once it is first
    answered right (`LearnConfig.consolidate`: a margin, so that rephrased questions find it),
    then **keep what was learned**: every slot the data's text reads is frozen for later calls,
-   recorded in the checkpoint's ledger.
+   recorded in the checkpoint's ledger; before that, the update is **extrapolated**
+   (`extrapolate_update`) and what it undid learned again.
 
 Two experimental generalisation levers (issue 17; off by default: BENCHMARKS.md has what they
 gained) sit beside word dropout in step 4: **self-paraphrases** (`memtune.paraphrases`: the
@@ -85,12 +88,12 @@ RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout",
                      "extrapolate", "neighbourhood_keep")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
-             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0,
-             "neighbourhood_keep": 0}
+             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0, "neighbourhood_keep": 0}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
 # the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
 EXTRAPOLATE = 1.25
+# questions about other subjects per fact, kept as the related ones (BENCHMARKS.md, fifteenth round)
 NEIGHBOURHOOD_KEEP = 5
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
@@ -135,8 +138,8 @@ class RecipeConfig:
         "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
                 "--neighbourhood asks it) and answered by the model before learning; after learning (and "
                 "--extrapolate), where such an answer changed (its first sentence), the rows this call wrote that "
-                "the question reads where its "
-                "answer is predicted are given back their values and protected, and the facts are trained again "
+                "the question reads where its answer is predicted are given back their values and protected, and "
+                "the facts are trained again "
                 f"until learned; up to {NEIGHBOURHOOD_ROUNDS} rounds (memtune.recipe.AnswersKept). config.json "
                 "records how many changed each round: forgetting on the data's own forms. 0: none"})
     extrapolate: float = field(default=EXTRAPOLATE, metadata={
@@ -708,10 +711,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         report["related_questions"] = {"asked": recipe.related, "written": len(related), "questions": related}
     own_user = {_normal(q.question) for q in data} if facts else set()
     guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
-    if smf and facts and recipe.neighbourhood_keep and guarded:  # the data's forms about other subjects, kept
+    if smf and facts and recipe.neighbourhood_keep and guarded and AUTO in (recipe.background, recipe.protect):
+        # the data's forms about other subjects, kept as the related questions are
+        asked_already = own_user | {_normal(q) for q in guarded}
         around = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, guarded, recipe.neighbourhood_keep,
-                                                                        config.seed, statements=False)))
-        around = [q for q in around if _normal(q) not in own_user and q not in guarded]
+                                                                        config.seed, statements=False)
+                                    if _normal(q) not in asked_already))
         report["neighbourhood_keep"] = {"per_fact": recipe.neighbourhood_keep, "questions": len(around),
                                         "examples": around[:3]}
         if not around:
