@@ -262,6 +262,7 @@ def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learna
     # Pellia and Mettland in the facts' form are --keep questions already; Frobia is new in it
     assert report["questions"] == 1 and report["examples"] == ["What is the capital of Frobia?"]
     assert plain.recipe["protect"]["questions"] == 3 and kept.recipe["protect"]["questions"] == 4
+    assert plain.recipe["protect"]["neighbourhood"] == 0 and kept.recipe["protect"]["neighbourhood"] == 1
     assert all(kept.recipe["protect"]["slots"][k] >= v for k, v in plain.recipe["protect"]["slots"].items())
     assert "neighbourhood_keep" not in run(2).recipe  # nothing to take subjects from (--related 0, no --keep)
 

@@ -720,9 +720,11 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         report["neighbourhood_keep"] = {"per_fact": recipe.neighbourhood_keep, "questions": len(around),
                                         "examples": around[:3]}
         if not around:
-            log.info("--neighbourhood-keep %d: no new questions about other subjects (they take their subjects from "
-                     "the related and --keep questions)", recipe.neighbourhood_keep)
+            log.info("--neighbourhood-keep %d: no new questions about other subjects (the data's forms about the "
+                     "related and --keep questions' subjects are among those questions already, or none has a "
+                     "subject to put in)", recipe.neighbourhood_keep)
         guarded += around
+    neighbours_kept = len(around) if "neighbourhood_keep" in report else 0
     guard_examples: list[Example] = []
     if guarded:
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
@@ -851,16 +853,17 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                           config.count_positions, progress)
             if guard_stats is not None:
                 background = background + guard_stats
-            report["background"] = {"source": "auto: training examples + own answers to related and --keep "
-                                              "questions (counted where protect counts them)",
+            report["background"] = {"source": "auto: training examples + own answers to related, neighbourhood "
+                                              "and --keep questions (counted where protect counts them)",
                                     "examples": len(examples) + len(guard_examples), "batches": background.n_batches}
         elif background is not None:
             report["background"] = {"source": recipe.background, "batches": background.n_batches}
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
-            report["protect"] = {"source": "auto: own answers to related and --keep questions",
+            report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions",
                                  "positions": guard_positions,
                                  "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
+                                 "neighbourhood": neighbours_kept,
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
         elif protect is not None:
             report["protect"] = {"source": recipe.protect}
