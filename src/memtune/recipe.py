@@ -711,6 +711,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         report["related_questions"] = {"asked": recipe.related, "written": len(related), "questions": related}
     own_user = {_normal(q.question) for q in data} if facts else set()
     guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
+    around: list[str] = []  # the neighbourhood questions kept
     if smf and facts and recipe.neighbourhood_keep and guarded and AUTO in (recipe.background, recipe.protect):
         # the data's forms about other subjects, kept as the related questions are
         asked_already = own_user | {_normal(q) for q in guarded}
@@ -724,7 +725,6 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                      "related and --keep questions' subjects are among those questions already, or none has a "
                      "subject to put in)", recipe.neighbourhood_keep)
         guarded += around
-    neighbours_kept = len(around) if "neighbourhood_keep" in report else 0
     guard_examples: list[Example] = []
     if guarded:
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
@@ -863,7 +863,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions",
                                  "positions": guard_positions,
                                  "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
-                                 "neighbourhood": neighbours_kept,
+                                 "neighbourhood": len(around),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
         elif protect is not None:
             report["protect"] = {"source": recipe.protect}
