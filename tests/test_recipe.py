@@ -267,6 +267,26 @@ def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learna
     assert "neighbourhood_keep" not in run(2).recipe  # nothing to take subjects from (--related 0, no --keep)
 
 
+def test_neighbourhood_check_does_not_ask_the_neighbourhood_questions_kept(learnable_model_dir, tmp_path):
+    """The questions --neighbourhood-keep protects cannot change their answers: the check asks
+    the next ones of each fact instead (here none is left past "… capital of Frobia?")."""
+    from memtune.models import load_model
+
+    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
+    keep = tmp_path / "keep.txt"
+    keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWho founded Frobia?\n")
+
+    def run(n_keep):
+        model, tokenizer = load_model(str(learnable_model_dir))
+        return learn(model, tokenizer, facts, LearnConfig(epochs=2, batch_size=1),
+                     RecipeConfig(n_keys=16, related=0, keep=str(keep), neighbourhood_keep=n_keep,
+                                  neighbourhood_check=3), progress=False).recipe
+
+    alone, both = run(0), run(3)
+    assert both["neighbourhood_keep"]["examples"] == ["What is the capital of Frobia?"]
+    assert alone["neighbourhood_check"]["questions"] == 3 and both["neighbourhood_check"]["questions"] == 2
+
+
 def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):
     """The check's answers about other subjects are those of the model as it will be: it runs
     after the update is scaled (the default --extrapolate), not between training and scaling."""

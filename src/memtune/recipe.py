@@ -724,14 +724,18 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             log.info("--neighbourhood-keep %d: no new questions about other subjects (the data's forms about the "
                      "related and --keep questions' subjects are among those questions already, or none has a "
                      "subject to put in)", recipe.neighbourhood_keep)
-        guarded += around
+    subjects = guarded  # (where the neighbourhood questions take their subjects from)
+    guarded = guarded + around
     guard_examples: list[Example] = []
     if guarded:
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
     kept_check = None  # the data's questions about other subjects, answered before learning
     if smf and facts and recipe.neighbourhood_check:
-        asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, guarded, recipe.neighbourhood_check,
-                                                                       config.seed, statements=False)))
+        # (drawn past the neighbourhood questions kept: their reads are protected, their answers cannot change)
+        kept_here = {_normal(q) for q in around}
+        n = recipe.neighbourhood_check + (recipe.neighbourhood_keep if around else 0)
+        asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, subjects, n, config.seed, statements=False)
+                                   if _normal(q) not in kept_here))
         if asked:
             kept_check = AnswersKept(model, tokenizer, asked, recipe.max_new_tokens, progress)
         else:
