@@ -712,12 +712,14 @@ def test_continuing_without_freezing_restores_the_optimizer_state(tiny_model_dir
 
 def test_keep_questions_are_protected(tiny_model_dir, tmp_path):
     keep = tmp_path / "keep.txt"
-    keep.write_text("What is the capital of France?\nWhich region is Chile in?\n")
+    keep.write_text(f"What is the capital of France?\nWhich region is Chile in?\n{FACTS[0].question}\n")
     run = tmp_path / "run"
     assert main(["learn", "--model", str(tiny_model_dir), "--data", write_facts(tmp_path / "a.jsonl"), "--n-keys", "16",
                  "--related", "0", "--keep", str(keep), "--epochs", "1", "--out", str(run)]) == 0
     protect = json.loads((run / "config.json").read_text())["steps"]["protect"]
-    assert protect["keep"] == 2 and protect["related"] == 0 and sum(protect["slots"].values()) > 0
+    # (a question of the data is what is being learned, not kept: not counted)
+    assert protect["keep"] == protect["questions"] - protect["neighbourhood"] == 2 and protect["related"] == 0
+    assert sum(protect["slots"].values()) > 0
 
 
 def test_background_and_protect_count_where_training_counts(tiny_model_dir, tmp_path):

@@ -602,6 +602,10 @@ class ExampleCheck:
     def __init__(self, check, owners: list[int]):
         self.check, self.owners = check, list(owners)
 
+    def right(self) -> set[int]:
+        """The items the item check's latest answers found right."""
+        return {i for i, ok in enumerate(self.check.right) if ok}
+
     def __call__(self, model: nn.Module, indices: list[int]) -> list[bool]:
         asked = list(dict.fromkeys(self.owners[j] for j in indices))
         right = dict(zip(asked, self.check(model, asked)))
@@ -885,7 +889,8 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             protect = guard_stats
             report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions",
                                  "positions": guard_positions,
-                                 "questions": len(guarded), "related": len(related), "keep": len(keep_questions),
+                                 "questions": len(guarded), "related": len(related),
+                                 "keep": sum(_normal(q) not in own_user for q in keep_questions),  # (the data's: out)
                                  "neighbourhood": len(around),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
         elif protect is not None:
@@ -941,8 +946,7 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
     rows were un-written, every fact is asked again at the end, so the check's verdicts are the
     final model's. Returns the report: per round the questions answered otherwise and the rows
     un-written, and the facts (the check's items) answered right before the check and after it."""
-    right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
-    rounds, before = [], len(right())
+    rounds, before = [], len(learned.right())
     for r in range(NEIGHBOURHOOD_ROUNDS + 1):
         changed = kept(model)
         rounds.append({"changed": len(changed)})
@@ -950,7 +954,7 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
             break
         reads = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id, len(changed),
                                  config.batch_size, "loss", progress=False)
-        right_now = right()
+        right_now = learned.right()
         again = [j for j, i in enumerate(learned.owners) if i in right_now]  # examples to learn again
         rounds[-1]["rows_unwritten"] = method.unwrite(reads) if again else 0
         if not rounds[-1]["rows_unwritten"]:  # nothing learned, or what changed them is not where they answer
@@ -959,7 +963,7 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
                     replay)
     if any(x.get("rows_unwritten") for x in rounds):  # the facts not trained again may read what was un-written
         learned.check(model)
-    after = len(right())
+    after = len(learned.right())
     log.info("neighbourhood check: %s of %d questions about other subjects answered otherwise, round by round; "
              "%d of %d facts right before it, %d after", " -> ".join(str(x["changed"]) for x in rounds),
              len(kept.questions), before, len(learned.check.items), after)
@@ -1011,7 +1015,6 @@ def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], con
     fact is asked again at the end, so the check's verdicts are the final model's. Returns the
     report: the rows scaled, and the facts (the check's items) right before, right just after the
     scaling, and right at the end."""
-    right = lambda: {i for i, ok in enumerate(learned.check.right) if ok}  # noqa: E731 (the check's latest answers)
     until_learned = learned is not None and config.until_learned
     if until_learned and _spent(budget_left(config, history, start)):
         log.warning("--extrapolate %g skipped: no step or time left (--max-steps / --max-minutes) to learn again "
@@ -1021,16 +1024,16 @@ def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], con
     out = {"factor": factor, "rows": rows}
     if not until_learned:
         return out
-    before = right()
+    before = learned.right()
     learned.check(model)
-    now = right()
+    now = learned.right()
     again = [j for j, i in enumerate(learned.owners) if i in before - now]
     if again:
         method.relearn = True  # the facts learned again may move their own rows
         learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress,
                     replay)
         learned.check(model)  # (training those again may move the others' answers)
-    after = right()
+    after = learned.right()
     log.info("extrapolated the update by %g (%d rows): %d facts right before, %d just after, %d at the end",
              factor, rows, len(before), len(now), len(after))
     if before - after:
