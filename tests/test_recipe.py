@@ -267,32 +267,6 @@ def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learna
     assert "neighbourhood_keep" not in run(2).recipe  # nothing to take subjects from (--related 0, no --keep)
 
 
-def test_replay_trains_the_datas_forms_about_further_subjects_beside_the_facts(learnable_model_dir, tmp_path):
-    """--replay N: each fact's question about N more subjects, past the --keep questions and
-    those --neighbourhood-keep protects, answered before learning and trained beside the facts
-    (one per fact in each step), never protected."""
-    from memtune.models import load_model
-
-    facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
-    keep = tmp_path / "keep.txt"
-    keep.write_text("What is the capital of Pellia?\nWho founded Frobia?\nWho founded Mettland?\n")
-
-    def run(n_keep, replay):
-        model, tokenizer = load_model(str(learnable_model_dir))
-        return learn(model, tokenizer, facts, LearnConfig(epochs=1, batch_size=1, until_learned=False),
-                     RecipeConfig(n_keys=16, related=0, keep=str(keep), neighbourhood_keep=n_keep, replay=replay),
-                     progress=False)
-
-    plain, replayed, none_left = run(0, 0), run(0, 3), run(3, 3)
-    report = replayed.recipe["replay"]  # "... capital of Pellia?" is a --keep question already
-    assert report["questions"] == 2 and sorted(report["examples"]) == ["What is the capital of Frobia?",
-                                                                       "What is the capital of Mettland?"]
-    assert replayed.recipe["protect"] == plain.recipe["protect"]  # not protected
-    assert [m["examples"] for m in replayed.history] == [m["examples"] for m in plain.history] == [1] * 6  # 2 + variants
-    assert all(r["loss_tokens"] > p["loss_tokens"] for r, p in zip(replayed.history, plain.history))
-    assert none_left.recipe["neighbourhood_keep"]["questions"] == 2 and none_left.recipe["replay"]["questions"] == 0
-
-
 def test_neighbourhood_check_does_not_ask_the_neighbourhood_questions_kept(learnable_model_dir, tmp_path):
     """The questions --neighbourhood-keep protects cannot change their answers: the check asks
     the next ones of each fact instead (here none is left past "… capital of Frobia?")."""
@@ -429,7 +403,6 @@ def test_read_questions(tmp_path):
                                              ({"neighbourhood": -1}, "neighbourhood=-1"),
                                              ({"neighbourhood_check": 1.5}, "neighbourhood_check=1.5"),
                                              ({"neighbourhood_keep": -1}, "neighbourhood_keep=-1"),
-                                             ({"replay": -2}, "replay=-2"),
                                              ({"protect_prompts": "yes"}, "protect_prompts='yes'")])
 def test_recipe_config_errors(kwargs, message):
     with pytest.raises(MemtuneError, match=message):

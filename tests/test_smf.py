@@ -468,25 +468,3 @@ def test_slot_dropout_leaves_out_part_of_each_training_read_and_writes_only_what
     for bad in (-0.1, 1.0, True, "0.2"):
         with pytest.raises(MemtuneError, match="slot_dropout=.* is invalid"):
             SMFConfig("count", slot_dropout=bad)
-
-
-def test_replay_trains_the_rows_the_data_chose_and_chooses_none(tokenizer):
-    # One step on the first two pairs, with and without the other two as replay: the same rows
-    # are updated (replay's reads are not counted), to other values (its loss is in the step).
-    examples, replay = encode_qa(tokenizer, PAIRS[:2]), encode_qa(tokenizer, PAIRS[2:])
-    batch = collate([*examples, *(e.__class__(e.input_ids, e.labels, counted=False) for e in replay)],
-                    tokenizer.pad_token_id)
-    assert batch["count_mask"][:2].any() and not batch["count_mask"][2:].any()
-    config = LearnConfig(method="smf", ranker="count", top_t=6, lr=0.5, batch_size=4, epochs=1, until_learned=False)
-    runs = []
-    for extra in ([], replay):
-        method = SparseMemoryFinetuning(SMFConfig("count", top_t=6, lr=0.5))
-        model = memory_model()
-        before = snapshot(model)
-        model, history = train(model, tokenizer, examples, config, method, progress=False, replay=extra)
-        assert len(history) == 1 and history[0]["examples"] == 2
-        runs.append((changed_rows(before["memory.values.0.weight"], model.memory.values[0].weight.detach()),
-                     model.memory.values[0].weight.detach().clone()))
-    (rows, values), (rows_replay, values_replay) = runs
-    assert rows.numel() > 0 and torch.equal(rows, rows_replay)
-    assert not torch.allclose(values[rows], values_replay[rows])

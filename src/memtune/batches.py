@@ -32,7 +32,6 @@ DATA_KINDS = ("auto", "qa", "documents")
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where no loss
-    counted: bool = True  # its slot reads count for sparse finetuning (False: replay, loss only)
 
 
 def encode_qa(
@@ -79,8 +78,7 @@ def encode_documents(
 
 
 def collate(examples: Sequence[Example], pad_id: int, count_positions: str = "loss") -> dict[str, Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels (B, T) and count_mask (B, T); an
-    example with `counted=False` has no counted position."""
+    """Right-padded batch: input_ids, attention_mask, labels (B, T) and count_mask (B, T)."""
     if count_positions not in COUNT_POSITIONS:
         raise MemtuneError(f"count_positions={count_positions!r} is invalid: expected one of {', '.join(COUNT_POSITIONS)}")
     width = max(len(e.input_ids) for e in examples)
@@ -97,7 +95,6 @@ def collate(examples: Sequence[Example], pad_id: int, count_positions: str = "lo
     else:  # position t predicts token t+1
         count = torch.zeros_like(mask, dtype=torch.bool)
         count[:, :-1] = labels[:, 1:] != IGNORE
-    count[torch.tensor([not e.counted for e in examples])] = False
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "count_mask": count}
 
 

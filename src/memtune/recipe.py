@@ -80,16 +80,15 @@ DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
                    "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts", "extrapolate",
-                   "neighbourhood_keep", "replay")
+                   "neighbourhood_keep")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
                      "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check",
-                     "extrapolate", "neighbourhood_keep", "replay")
+                     "extrapolate", "neighbourhood_keep")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
-             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0, "neighbourhood_keep": 0,
-             "replay": 0}
+             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0, "neighbourhood_keep": 0}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
 # the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
@@ -143,12 +142,6 @@ class RecipeConfig:
                 "the facts are trained again "
                 f"until learned; up to {NEIGHBOURHOOD_ROUNDS} rounds (memtune.recipe.AnswersKept). config.json "
                 "records how many changed each round: forgetting on the data's own forms. 0: none"})
-    replay: int = field(default=0, metadata={
-        "help": "SMF, facts, experimental (issue 17): each fact's question asked about N more subjects (past "
-                "those of --neighbourhood-keep and --neighbourhood-check) and answered by the model before learning "
-                "is trained beside the facts (self-replay: as many per step as the step has facts), its loss pulling "
-                "the rows the facts chose towards keeping those answers; its reads do not choose rows, and it is not "
-                "protected (its reads would then take no update). 0: none"})
     extrapolate: float = field(default=EXTRAPOLATE, metadata={
         "help": "SMF, facts: once the facts are learned, this call's change to each value row it updated is scaled "
                 "by F (before + F x (after - before): task arithmetic's scaled update, Ilharco et al. 2023), and "
@@ -212,7 +205,7 @@ class RecipeConfig:
         for name, least, kind in (("related", 0, "non-negative"), ("word_dropout", 0, "non-negative"),
                                   ("self_paraphrases", 0, "non-negative"), ("neighbourhood", 0, "non-negative"),
                                   ("neighbourhood_keep", 0, "non-negative"),
-                                  ("neighbourhood_check", 0, "non-negative"), ("replay", 0, "non-negative"),
+                                  ("neighbourhood_check", 0, "non-negative"),
                                   ("max_new_tokens", 1, "positive")):
             value = getattr(self, name)
             if not is_int(value) or value < least:
@@ -754,18 +747,6 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                         "subjects from the related and --keep questions: none had a subject to put in)",
                         recipe.neighbourhood_check)
 
-    replay: list[Example] = []  # more questions about other subjects, answered before learning, trained beside
-    if smf and facts and recipe.replay:
-        taken = own_user | {_normal(q) for q in [*guarded, *(kept_check.questions if kept_check else [])]}
-        n = recipe.replay + recipe.neighbourhood_check + (recipe.neighbourhood_keep if around else 0)
-        asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, subjects, n, config.seed, statements=False)
-                                   if _normal(q) not in taken))
-        replay = own_answer_examples(model, tokenizer, asked, recipe.max_new_tokens, progress) if asked else []
-        report["replay"] = {"per_fact": recipe.replay, "questions": len(replay), "examples": asked[:3]}
-        if not replay:
-            log.warning("--replay %d: no questions about other subjects to replay (they take their subjects from "
-                        "the related and --keep questions)", recipe.replay)
-
     # -- training targets (the base model's own words: before anything is learned in this call)
     more_questions = more_statements = None  # the model's own rewrites (self_paraphrases) ...
     dropped: list[list[str]] = []  # ... and the questions with words left out (word_dropout)
@@ -904,13 +885,13 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     t = time.perf_counter()
     learned_check = None if check is None else ExampleCheck(check, owners)
     model, history = train(model, tokenizer, examples, config, method, on_step=on_step, progress=progress,
-                           learned=learned_check, replay=replay)
+                           learned=learned_check)
     if extrapolate:
         report["extrapolate"] = extrapolate_update(model, tokenizer, examples, config, method, recipe.extrapolate,
-                                                   learned_check, history, t, on_step, progress, replay)
+                                                   learned_check, history, t, on_step, progress)
     if kept_check is not None:  # (after the scaling: it checks the model as it will be)
         report["neighbourhood_check"] = neighbourhood_check(model, tokenizer, examples, config, method, kept_check,
-                                                            learned_check, history, t, on_step, progress, replay)
+                                                            learned_check, history, t, on_step, progress)
     report["train_s"] = round(time.perf_counter() - t, 1)
     learned = everything = None  # per fact; per question asked (the facts, then their rewrites)
     if check is not None:  # until learned, train's last check saw the final model
@@ -935,7 +916,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
 
 def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], config: LearnConfig, method,
                         kept: AnswersKept, learned: ExampleCheck, history: list[dict], start: float,
-                        on_step=None, progress: bool = True, replay: list[Example] = ()) -> dict:
+                        on_step=None, progress: bool = True) -> dict:
     """`RecipeConfig.neighbourhood_check` after the first training of `examples` by `method`
     (SMF, `remember_originals` called before it; `learned` its until-learned check, `history` its
     metrics, extended here; `start` its `time.perf_counter()`): up to NEIGHBOURHOOD_ROUNDS times,
@@ -959,8 +940,7 @@ def neighbourhood_check(model: nn.Module, tokenizer, examples: list[Example], co
         rounds[-1]["rows_unwritten"] = method.unwrite(reads) if again else 0
         if not rounds[-1]["rows_unwritten"]:  # nothing learned, or what changed them is not where they answer
             break
-        learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress,
-                    replay)
+        learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
     if any(x.get("rows_unwritten") for x in rounds):  # the facts not trained again may read what was un-written
         learned.check(model)
     after = len(learned.right())
@@ -986,13 +966,11 @@ def _spent(left: tuple[int | None, float | None]) -> bool:
 
 
 def learn_again(model: nn.Module, tokenizer, examples: list[Example], again: list[int], config: LearnConfig, method,
-                learned: ExampleCheck, history: list[dict], start: float, on_step=None, progress: bool = True,
-                replay: list[Example] = ()) -> None:
+                learned: ExampleCheck, history: list[dict], start: float, on_step=None, progress: bool = True) -> None:
     """Train `examples[j]` for j in `again` by `method` (which trained `examples` first, `learned`
     its until-learned check and `history` its metrics, extended here with the step numbers going
     on; `start` its `time.perf_counter()`), until learned, within what is left of
-    `config.max_steps` and `config.max_minutes`, with `replay` as `train` takes it; nothing when
-    none is left."""
+    `config.max_steps` and `config.max_minutes`; nothing when none is left."""
     steps_left, minutes_left = left = budget_left(config, history, start)
     if not again or _spent(left):
         return
@@ -1000,14 +978,14 @@ def learn_again(model: nn.Module, tokenizer, examples: list[Example], again: lis
     shifted = lambda m: {**m, "step": m["step"] + offset}  # noqa: E731
     _, more = train(model, tokenizer, [examples[j] for j in again],
                     replace(config, max_steps=steps_left, max_minutes=minutes_left), method, progress=progress,
-                    learned=ExampleCheck(learned.check, [learned.owners[j] for j in again]), replay=replay,
+                    learned=ExampleCheck(learned.check, [learned.owners[j] for j in again]),
                     on_step=None if on_step is None else lambda m: on_step(shifted(m)))
     history += [shifted(m) for m in more]
 
 
 def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], config: LearnConfig, method,
                        factor: float, learned: ExampleCheck | None, history: list[dict], start: float,
-                       on_step=None, progress: bool = True, replay: list[Example] = ()) -> dict:
+                       on_step=None, progress: bool = True) -> dict:
     """`RecipeConfig.extrapolate` after `method` (SMF, `remember_originals` called before its
     training) trained `examples`: its update to every value row it wrote is scaled by `factor`
     (`SparseMemoryFinetuning.extrapolate`); then, with an until-learned check (`learned`), the
@@ -1030,8 +1008,7 @@ def extrapolate_update(model: nn.Module, tokenizer, examples: list[Example], con
     again = [j for j, i in enumerate(learned.owners) if i in before - now]
     if again:
         method.relearn = True  # the facts learned again may move their own rows
-        learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress,
-                    replay)
+        learn_again(model, tokenizer, examples, again, config, method, learned, history, start, on_step, progress)
         learned.check(model)  # (training those again may move the others' answers)
     after = learned.right()
     log.info("extrapolated the update by %g (%d rows): %d facts right before, %d just after, %d at the end",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import resource
 import time
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Collection
+from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -229,7 +229,6 @@ def train(
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
     learned: Callable[[nn.Module, list[int]], list[bool]] | None = None,
-    replay: Sequence[Example] = (),
 ) -> tuple[nn.Module, list[dict]]:
     """Run the method over `examples` for `config.epochs` (or `max_steps`); returns the
     (possibly wrapped) model and the per-step metrics. Called again with the returned model,
@@ -248,18 +247,9 @@ def train(
     The method's `loss(model, batch)`, when it has one, is the objective: a dict of scalars,
     each a mean over its micro-batch; "loss" is backpropagated (micro-batches weighted by their
     examples) and every entry is logged. Without it, the summed next-token loss over the step's
-    loss tokens. A method with `train_mode = False` trains in eval mode (no dropout).
-
-    `replay` (self-replay, experience replay's form for what the model must keep): each step
-    trains as many of these as it has examples, drawn in turn from a shuffled order, with their
-    loss but with `counted=False` — their slot reads do not choose what SMF updates, so their
-    loss only pulls the rows the step's own data chose towards keeping their answers. They are
-    never checked nor counted as `examples`."""
+    loss tokens. A method with `train_mode = False` trains in eval mode (no dropout)."""
     if not examples:
         raise MemtuneError("no training examples: the data is empty")
-    replay = [replace(e, counted=False) for e in replay]
-    if replay and getattr(method, "loss", None) is not None:
-        raise MemtuneError(f"replay examples are trained with the next-token loss: method {method.name!r} has its own")
     torch.manual_seed(config.seed)
     if method.model is None or method.model is not model:
         model = method.prepare(model)
@@ -281,7 +271,6 @@ def train(
     bar = tqdm(total=total, desc=desc, disable=not (progress and distributed.is_main()))
     step = epoch = 0
     active = list(range(len(examples)))
-    replay_order: list[int] = []
     margin = getattr(config, "consolidate", 0) if check is not None else 0
     resting: dict[int, int] = {}  # example -> margin passes it still trains without being asked
     given: set[int] = set()  # examples that got their margin (once, when first answered right)
@@ -321,11 +310,6 @@ def train(
                     lr = config.lr * max(0.0, 1.0 - done)
                 method.set_lr(lr)
                 chunk = [examples[i] for i in order[s : s + per_step]]
-                n_examples = len(chunk)
-                for _ in range(len(chunk) if replay else 0):  # (the same count, in turn)
-                    if not replay_order:
-                        replay_order = torch.randperm(len(replay), generator=generator).tolist()
-                    chunk.append(replay[replay_order.pop()])
                 # Under torchrun this rank's share of the step (see memtune.distributed); a share
                 # with nothing in it runs a stand-in weighted by zero.
                 shares = distributed.local_micro_batches(chunk, config.batch_size)
@@ -360,7 +344,7 @@ def train(
                     logged = dict(zip(logged, distributed.sum_over_ranks(*logged.values())))
                 info = method.step(usage)
                 step += 1
-                record = {"step": step, "epoch": epoch, "examples": n_examples, "loss": logged.pop("loss"), **logged,
+                record = {"step": step, "epoch": epoch, "examples": len(chunk), "loss": logged.pop("loss"), **logged,
                           "loss_tokens": n_tokens, "lr": lr, **cost_fields(t0, start, real_tokens), **info}
                 history.append(record)
                 if on_step is not None:
