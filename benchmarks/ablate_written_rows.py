@@ -7,6 +7,9 @@ value: whatever a known fact recovers was lost through reads of those rows. The 
 (`--prompts`, each ended where its answer would start, every position's reads counted):
 
 - `known`: the known facts' own questions (an oracle: a recipe cannot know them);
+- `known-answers`: the same, each followed by the base model's own answer to it (the base
+  answers from the memory with every value zeroed): what a known question reads while it is
+  answered as before (an oracle too; sixteenth round);
 - `related`: the related questions the run wrote (`config.json`, `steps.related_questions`);
 - `prefix`: the chat template and words the known questions share ("... user\\nIn which country
   is the city of");
@@ -41,7 +44,7 @@ from memtune.recipe import AnswerCheck, AnswersKept, neighbourhood_prompts
 from memtune.stats import background_stats
 from memtune.retrofit import get_memory_bank
 
-PROMPTS = ("known", "related", "prefix", "system", "neighbours")
+PROMPTS = ("known", "known-answers", "related", "prefix", "system", "neighbours")
 
 
 def prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:
@@ -56,6 +59,20 @@ def load_run(run: str, threads: int):
     model, tokenizer = load_memory_model(Path(run) / "model")
     model.eval()
     return model, tokenizer, get_memory_bank(model)
+
+
+def base_answers(model, tokenizer, bank, questions: list[str]) -> AnswersKept:
+    """The base model's greedy answers to `questions`: a parallel memory's values start at zero,
+    so they are asked with every value zeroed, then the trained values are put back."""
+    trained = [v.weight.detach().clone() for v in bank.values]
+    with torch.no_grad():
+        for v in bank.values:
+            v.weight.zero_()
+    kept = AnswersKept(model, tokenizer, questions, progress=False)
+    with torch.no_grad():
+        for v, w in zip(bank.values, trained):
+            v.weight.copy_(w)
+    return kept
 
 
 def common_prefix(sequences: list[list[int]]) -> list[int]:
@@ -85,14 +102,7 @@ def main() -> None:
         asked = config["steps"]["related_questions"]["questions"]
     if args.prompts == "neighbours":
         neighbours = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(facts, asked, 5, statements=False)))
-        trained = [v.weight.detach().clone() for v in bank.values]
-        with torch.no_grad():  # a parallel memory's values start at zero: the base model
-            for v in bank.values:
-                v.weight.zero_()
-        kept = AnswersKept(model, tokenizer, neighbours, progress=False)
-        with torch.no_grad():
-            for v, w in zip(bank.values, trained):
-                v.weight.copy_(w)
+        kept = base_answers(model, tokenizer, bank, neighbours)
         changed = kept(model)
         print(f"neighbours: {len(changed)} of {len(kept.questions)} answered otherwise")
         stats = background_stats(model, [kept.examples[i] for i in changed], tokenizer.pad_token_id,
@@ -101,7 +111,9 @@ def main() -> None:
         reads = {name: [torch.repeat_interleave(torch.arange(len(c)), c)] for name, c in stats.counts.items()}
     else:
         prompts = prompt_ids(tokenizer, asked)
-        if args.prompts == "prefix":
+        if args.prompts == "known-answers":  # every position of the question and its base answer
+            prompts = [e.input_ids for e in base_answers(model, tokenizer, bank, asked).examples]
+        elif args.prompts == "prefix":
             prompts = [common_prefix(prompts)]
         elif args.prompts == "system":  # two one-word questions share the template only
             prompts = [common_prefix(prompt_ids(tokenizer, ["Who?", "Why?"]))]
