@@ -714,7 +714,9 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                     progress=progress)
         report["related_questions"] = {"asked": recipe.related, "written": len(related), "questions": related}
     own_user = {_normal(q.question) for q in data} if facts else set()
-    guarded = [q for q in [*related, *keep_questions] if _normal(q) not in own_user]
+    # a question of the data is what is being learned, not kept (related_questions leaves them out already)
+    keep_kept = [q for q in keep_questions if _normal(q) not in own_user]
+    guarded = [*related, *keep_kept]
     around: list[str] = []  # the neighbourhood questions kept
     if smf and facts and recipe.neighbourhood_keep and guarded and AUTO in (recipe.background, recipe.protect):
         # the data's forms about other subjects, kept as the related questions are
@@ -871,7 +873,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions",
                                  "positions": guard_positions,
                                  "questions": len(guarded), "related": len(related),
-                                 "keep": sum(_normal(q) not in own_user for q in keep_questions),  # (the data's: out)
+                                 "keep": len(keep_kept),
                                  "neighbourhood": len(around),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
         elif protect is not None:
