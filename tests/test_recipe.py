@@ -20,6 +20,7 @@ from memtune.recipe import (
     default_memory_config,
     learn,
     listed_questions,
+    neighbourhood_prompts,
     named_subjects,
     neighbourhood_examples,
     question_forms,
@@ -267,24 +268,36 @@ def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learna
     assert "neighbourhood_keep" not in run(2).recipe  # nothing to take subjects from (--related 0, no --keep)
 
 
-def test_neighbourhood_check_does_not_ask_the_neighbourhood_questions_kept(learnable_model_dir, tmp_path):
-    """The questions --neighbourhood-keep protects cannot change their answers: the check asks
-    the next ones of each fact instead (here none is left past "… capital of Frobia?")."""
+def test_neighbourhood_prompts_pass_over_skipped_questions():
+    """A skipped question gives its place to the fact's next subject: still `n` per fact."""
+    facts = [QA("What is the capital of Zorbia?", "Quenta")]
+    others = [f"What is the capital of {c}?" for c in ("Pellia", "Mettland", "Frobia")]
+    drawn = [q for q, _ in neighbourhood_prompts(facts, others, 3, statements=False)]
+    assert sorted(drawn) == sorted(others)
+    skip = frozenset(["what is the capital of " + drawn[0].split()[-1][:-1].lower()])
+    assert [q for q, _ in neighbourhood_prompts(facts, others, 2, statements=False, skip=skip)] == drawn[1:]
+
+
+def test_neighbourhood_check_does_not_ask_the_questions_protected(learnable_model_dir, tmp_path, caplog):
+    """What protect keeps cannot change its answer: the check asks none of the --keep questions
+    nor the neighbourhood questions kept, only when they are protected (protect none: all)."""
     from memtune.models import load_model
 
     facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
     keep = tmp_path / "keep.txt"
     keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWho founded Frobia?\n")
 
-    def run(n_keep):
+    def run(n_keep, protect="auto"):
         model, tokenizer = load_model(str(learnable_model_dir))
         return learn(model, tokenizer, facts, LearnConfig(epochs=2, batch_size=1),
                      RecipeConfig(n_keys=16, related=0, keep=str(keep), neighbourhood_keep=n_keep,
-                                  neighbourhood_check=3), progress=False).recipe
+                                  neighbourhood_check=3, protect=protect), progress=False).recipe
 
-    alone, both = run(0), run(3)
+    alone, unprotected, both = run(0), run(3, protect="none"), run(3)
+    assert alone["neighbourhood_check"]["questions"] == 1  # "… capital of Frobia?": not a --keep question
+    assert unprotected["neighbourhood_check"]["questions"] == 3
     assert both["neighbourhood_keep"]["examples"] == ["What is the capital of Frobia?"]
-    assert alone["neighbourhood_check"]["questions"] == 3 and both["neighbourhood_check"]["questions"] == 2
+    assert "neighbourhood_check" not in both and "no questions about other subjects" in caplog.text
 
 
 def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):

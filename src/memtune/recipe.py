@@ -136,7 +136,8 @@ class RecipeConfig:
                 "questions the related or --keep questions hold already are not asked twice. 0: none"})
     neighbourhood_check: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
-                "--neighbourhood asks it) and answered by the model before learning; after learning (and "
+                "--neighbourhood asks it; past the questions protect keeps, whose answers cannot change) and "
+                "answered by the model before learning; after learning (and "
                 "--extrapolate), where such an answer changed (its first sentence), the rows this call wrote that "
                 "the question reads where its answer is predicted are given back their values and protected, and "
                 "the facts are trained again "
@@ -382,7 +383,7 @@ def neighbourhood_examples(tokenizer, items: list[QA], others: list[str], n: int
 
 
 def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int = 0,
-                          statements: bool = True) -> list[tuple[str, str]]:
+                          statements: bool = True, skip: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """Neighbourhood prompts (MEMIT's, Meng et al. 2023): each fact's question and the opening of
     its statement (its words before the answer), with the subject swapped for `n` subjects of
     `others` — questions about other things, such as the related questions. Those of the fact's
@@ -391,7 +392,8 @@ def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int 
     Peru is"). With `statements=False` (a bare-answer target) or a statement that starts with its
     answer, the opening is empty. A subject that shares a word with a subject of `items` is never
     put in: its fact is being written. A fact whose subject is not found in its question gets
-    none. Returns up to `n` (question, opening) pairs per fact, facts in order."""
+    none. A question in `skip` (as `_normal` writes it) is passed over for the next subject.
+    Returns up to `n` (question, opening) pairs per fact, facts in order."""
     if n <= 0 or not others or not items:
         return []
     rng = random.Random(seed)
@@ -415,9 +417,15 @@ def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int 
         rng.shuffle(same)
         rng.shuffle(rest)
         subject, named = item.question[span[0]:span[1]], opening[said[0]:said[1]] if said else None
-        for filler in (same + rest)[:n]:  # every place it is named, as a whole word ("W", not Which's)
-            text = _replace_word(opening, named, filler) if named else opening
-            pairs.append((_replace_word(item.question, subject, filler), text.rstrip()))
+        mine = []
+        for filler in same + rest:  # every place it is named, as a whole word ("W", not Which's)
+            question = _replace_word(item.question, subject, filler)
+            if _normal(question) not in skip:
+                text = _replace_word(opening, named, filler) if named else opening
+                mine.append((question, text.rstrip()))
+                if len(mine) == n:
+                    break
+        pairs += mine
     return pairs
 
 
@@ -737,16 +745,16 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
     kept_check = None  # the data's questions about other subjects, answered before learning
     if smf and facts and recipe.neighbourhood_check:
-        # (drawn past the neighbourhood questions kept: their reads are protected, their answers cannot change)
-        kept_here = {_normal(q) for q in around}
-        n = recipe.neighbourhood_check + (recipe.neighbourhood_keep if around else 0)
-        asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, subjects, n, config.seed, statements=False)
-                                   if _normal(q) not in kept_here))
+        # (past the questions protect keeps: their reads are protected, their answers cannot change)
+        protected = frozenset(_normal(q) for q in guarded) if recipe.protect == AUTO else frozenset()
+        asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, subjects, recipe.neighbourhood_check,
+                                                                      config.seed, statements=False, skip=protected)))
         if asked:
             kept_check = AnswersKept(model, tokenizer, asked, recipe.max_new_tokens, progress)
         else:
             log.warning("--neighbourhood-check %d: no questions about other subjects, no check (they take their "
-                        "subjects from the related and --keep questions: none had a subject to put in)",
+                        "subjects from the related and --keep questions: none had a subject to put in, or each question "
+                        "is one protect keeps already)",
                         recipe.neighbourhood_check)
 
     # -- training targets (the base model's own words: before anything is learned in this call)
