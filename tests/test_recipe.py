@@ -16,6 +16,7 @@ from memtune.errors import MemtuneError
 from memtune.recipe import (
     AnswerCheck,
     AnswersKept,
+    cross_questions,
     RecipeConfig,
     default_memory_config,
     learn,
@@ -266,6 +267,35 @@ def test_neighbourhood_keep_protects_the_datas_forms_about_other_subjects(learna
     assert plain.recipe["protect"]["neighbourhood"] == 0 and kept.recipe["protect"]["neighbourhood"] == 1
     assert all(kept.recipe["protect"]["slots"][k] >= v for k, v in plain.recipe["protect"]["slots"].items())
     assert "neighbourhood_keep" not in run(2).recipe  # nothing to take subjects from (--related 0, no --keep)
+
+
+def test_cross_questions_ask_each_subject_in_the_other_forms():
+    facts = [QA("What is the capital of Zorbia?", "Quenta"), QA("What is the capital of Ostland?", "Varn"),
+             QA("Who founded Pellia?", "Bob"), QA("Who founded Frobia?", "Ann"),
+             QA("What is the currency of Pellia?", "Pell")]
+    assert cross_questions(facts) == [
+        "Who founded Zorbia?", "What is the currency of Zorbia?",
+        "Who founded Ostland?", "What is the currency of Ostland?",
+        "What is the capital of Pellia?",  # (and not its currency: a question of the data)
+        "What is the capital of Frobia?", "What is the currency of Frobia?"]
+    assert cross_questions(facts[:2]) == []  # one form
+
+
+def test_neighbourhood_cross_protects_what_other_forms_of_a_subject_read(tokenizer):
+    """--neighbourhood-cross: the data's subjects asked in its other forms are answered in the
+    model's own words and their reads where those answers are predicted protected (a superset)."""
+    facts = [QA("What is the capital of Zorbia?", "Quenta"), QA("Who founded Ostland?", "Varn")]
+    runs = {flag: learn(tiny_model(), tokenizer, facts, LearnConfig(epochs=1, batch_size=2),
+                        RecipeConfig(n_keys=16, related=0, neighbourhood_cross=flag), progress=False).recipe
+            for flag in (False, True)}
+    assert "neighbourhood_cross" not in runs[False] and "protect" not in runs[False]  # nothing to protect
+    assert runs[True]["neighbourhood_cross"] == {
+        "questions": 2, "examples": ["Who founded Zorbia?", "What is the capital of Ostland?"]}
+    assert runs[True]["protect"]["cross"] == runs[True]["protect"]["questions"] == 2
+    assert sum(runs[True]["protect"]["slots"].values()) > 0
+    with pytest.raises(MemtuneError, match="--neighbourhood-cross is for facts"):
+        learn(tiny_model(), tokenizer, [Document("Some text about Zorbia.")], LearnConfig(epochs=1),
+              RecipeConfig(n_keys=16, related=0, neighbourhood_cross=True), progress=False)
 
 
 def test_neighbourhood_prompts_pass_over_skipped_questions():

@@ -80,15 +80,16 @@ DEPTH_FRACTIONS = (0.27, 0.53, 0.8)
 # RecipeConfig options that act on memory slots: full finetuning and LoRA refuse them
 RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect", "keep", "calibrate",
                    "align_phrasings", "neighbourhood", "neighbourhood_check", "protect_prompts", "extrapolate",
-                   "neighbourhood_keep")
+                   "neighbourhood_keep", "neighbourhood_cross")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
 RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
                      "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check",
-                     "extrapolate", "neighbourhood_keep")
+                     "extrapolate", "neighbourhood_keep", "neighbourhood_cross")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
-             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0, "neighbourhood_keep": 0}
+             "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0, "neighbourhood_keep": 0,
+             "neighbourhood_cross": False}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
 # the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
@@ -134,6 +135,14 @@ class RecipeConfig:
                 "relations, a fact otherwise writes the rows every answer of its form reads ('Caracas is the capital "
                 "of which country?' -> 'Benin' after learning 'Porto-Novo ...'; BENCHMARKS.md, fifteenth round); "
                 "questions the related or --keep questions hold already are not asked twice. 0: none"})
+    neighbourhood_cross: bool = field(default=False, metadata={
+        "help": "SMF, facts, experimental (issue 17): each subject of the data asked in the data's other forms "
+                "('What is the capital of Luxembourg?' beside the fact '... top-level domain of Luxembourg'; "
+                "memtune.recipe.cross_questions), answered in the model's own words; what those answers read "
+                "where they are predicted is protected and in the background. On the mix of every countries "
+                "relation it kept 49 of 50 known facts instead of 45, but answered 17 of 80 paraphrases instead "
+                "of 41 (BENCHMARKS.md, seventeenth round): for data of several relations where keeping matters "
+                "more than rephrasings. Data of one form: no question"})
     neighbourhood_check: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
                 "--neighbourhood asks it; past the questions protect keeps, whose answers cannot change) and "
@@ -427,6 +436,34 @@ def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int 
                     break
         pairs += mine
     return pairs
+
+
+def cross_questions(items: list[QA]) -> list[str]:
+    """Each subject of `items` asked in each of their other forms (`question_forms`): the first
+    question of every other form with its subject swapped for this one. Facts about Luxembourg's
+    top-level domain and Switzerland's capital give "What is the capital of Luxembourg?" and
+    "What is the … top-level domain of Switzerland?". What these read is what a fact written about
+    its subject must leave to the subject's other relations (BENCHMARKS.md, seventeenth round).
+    Questions of `items` themselves and repeats are left out; a fact whose subject is not found
+    in its question gives none and asks about none. Data of one form: []."""
+    forms = question_forms([q.question for q in items])
+    subjects: list[tuple[str, str]] = []  # (form, subject as written)
+    first: dict[str, tuple[str, str]] = {}  # form -> (its first question, that question's subject)
+    for item, (form, words) in zip(items, forms):
+        span = subject_span(item.question, words)
+        if span:
+            subject = item.question[span[0]:span[1]]
+            subjects.append((form, subject))
+            first.setdefault(form, (item.question, subject))
+    seen = {_normal(q.question) for q in items}
+    out = []
+    for form, subject in subjects:
+        for other, (question, its_subject) in first.items():
+            asked = _replace_word(question, its_subject, subject)
+            if other != form and _normal(asked) not in seen:
+                seen.add(_normal(asked))
+                out.append(asked)
+    return out
 
 
 def _replace_word(text: str, old: str, new: str) -> str:
@@ -738,11 +775,21 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             log.info("--neighbourhood-keep %d: no new questions about other subjects (the data's forms about the "
                      "related and --keep questions' subjects are among those questions already, or none has a "
                      "subject to put in)", recipe.neighbourhood_keep)
+    cross: list[str] = []  # the data's subjects in its other forms (protected where their answers are)
+    if smf and facts and recipe.neighbourhood_cross and AUTO in (recipe.background, recipe.protect):
+        taken = own_user | {_normal(q) for q in guarded + around}
+        cross = [q for q in cross_questions(data) if _normal(q) not in taken]
+        report["neighbourhood_cross"] = {"questions": len(cross), "examples": cross[:3]}
+        if not cross:
+            log.info("--neighbourhood-cross: no question (the data has one form, or its subjects were not found)")
     subjects = guarded  # (where the neighbourhood questions take their subjects from)
     guarded = guarded + around
     guard_examples: list[Example] = []
+    cross_examples: list[Example] = []
     if guarded:
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
+    if cross:
+        cross_examples = own_answer_examples(model, tokenizer, cross, recipe.max_new_tokens, progress)
     kept_check = None  # the data's questions about other subjects, answered before learning
     if smf and facts and recipe.neighbourhood_check:
         # (past the questions protect keeps: their reads are protected, their answers cannot change)
@@ -805,7 +852,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                                renderings=recipe.renderings, more_questions=more_questions,
                                more_statements=more_statements)
                  if facts else encode_documents(tokenizer, [d.text for d in data], config.max_length))
-        cal = [*plain, *guard_examples]
+        cal = [*plain, *guard_examples, *cross_examples]
         n, batches = first_batches(cal, tokenizer.pad_token_id, len(cal), config.batch_size)
         positions = calibrate_queries(model, batches, recipe.calibrate, n_batches=n, progress=progress)
         report["calibrate"] = {"mode": recipe.calibrate, "examples": len(cal), "positions": positions}
@@ -863,9 +910,11 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                 log.warning("--neighbourhood %d: no neighbourhood prompts (they take their subjects from the "
                             "related and --keep questions: none had a subject to put in)", recipe.neighbourhood)
             guard_examples = guard_examples + neighbours
-        if guard_examples and AUTO in (recipe.background, recipe.protect):
-            guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
-                                           guard_positions, progress)
+        if AUTO in (recipe.background, recipe.protect):
+            for kept, positions in ((guard_examples, guard_positions), (cross_examples, config.count_positions)):
+                if kept:
+                    stats = background_stats(model, kept, pad, len(kept), config.batch_size, positions, progress)
+                    guard_stats = stats if guard_stats is None else guard_stats + stats
         if recipe.background == AUTO and config.ranker in NEEDS_BACKGROUND:
             background = background_stats(model, examples, pad, len(examples), config.batch_size,
                                           config.count_positions, progress)
@@ -873,16 +922,17 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                 background = background + guard_stats
             report["background"] = {"source": "auto: training examples + own answers to related, neighbourhood "
                                               "and --keep questions (counted where protect counts them)",
-                                    "examples": len(examples) + len(guard_examples), "batches": background.n_batches}
+                                    "examples": len(examples) + len(guard_examples) + len(cross_examples),
+                                    "batches": background.n_batches}
         elif background is not None:
             report["background"] = {"source": recipe.background, "batches": background.n_batches}
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
             report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions",
                                  "positions": guard_positions,
-                                 "questions": len(guarded), "related": len(related),
+                                 "questions": len(guarded) + len(cross), "related": len(related),
                                  "keep": len(keep_kept),
-                                 "neighbourhood": len(around),
+                                 "neighbourhood": len(around), "cross": len(cross),
                                  "slots": {k: int((v > 0).sum()) for k, v in protect.df.items()}}
         elif protect is not None:
             report["protect"] = {"source": recipe.protect}
