@@ -16,14 +16,14 @@ from memtune.errors import MemtuneError
 from memtune.recipe import (
     AnswerCheck,
     AnswersKept,
-    cross_questions,
     RecipeConfig,
+    cross_questions,
     default_memory_config,
     learn,
     listed_questions,
-    neighbourhood_prompts,
     named_subjects,
     neighbourhood_examples,
+    neighbourhood_prompts,
     question_forms,
     read_questions,
     related_questions,
@@ -283,7 +283,7 @@ def test_cross_questions_ask_each_subject_in_the_other_forms():
 
 def test_neighbourhood_cross_protects_what_other_forms_of_a_subject_read(tokenizer):
     """--neighbourhood-cross: the data's subjects asked in its other forms are answered in the
-    model's own words and their reads where those answers are predicted protected (a superset)."""
+    model's own words and their reads where those answers are predicted protected."""
     facts = [QA("What is the capital of Zorbia?", "Quenta"), QA("Who founded Ostland?", "Varn")]
     runs = {flag: learn(tiny_model(), tokenizer, facts, LearnConfig(epochs=1, batch_size=2),
                         RecipeConfig(n_keys=16, related=0, neighbourhood_cross=flag), progress=False).recipe
