@@ -10,7 +10,8 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    the user's (it continues a list of them), about the subjects *it* knows; with the user's
    `--keep` questions and the **neighbourhood** questions (each fact's question about 5 of
    their subjects: `neighbourhood_prompts`, so that every form of the data is kept, not only
-   those the model writes most), they stand for what the model must keep;
+   those the model writes most), they stand for what the model must keep (experimental, off:
+   `--neighbourhood-cross` adds the data's subjects asked in its other forms, `cross_questions`);
 3. **calibrate** the memory queries (fresh retrofit only) on the data and those questions;
 4. **statement targets** in the model's own words (`memtune.targets.own_statements`), the loss
    on the whole statement, and **word dropout** (`memtune.paraphrases.word_dropout`): each
