@@ -279,20 +279,34 @@ def test_cross_questions_ask_each_subject_in_the_other_forms():
         "What is the capital of Pellia?",  # (and not its currency: a question of the data)
         "What is the capital of Frobia?", "What is the currency of Frobia?"]
     assert cross_questions(facts[:2]) == []  # one form
+    # not the data's own question with a "the", nor a template whose subject follows one
+    assert cross_questions([QA("What is the currency of the Gambia?", "GMD"), QA("What is the currency of Chad?", "XAF"),
+                            QA("What is the capital of Chad?", "N'Djamena"), QA("What is the capital of Peru?", "Lima")]
+                           ) == ["What is the capital of Gambia?", "What is the currency of Peru?"]
+    # a subject that is not a whole name (C of C++) is neither asked nor asked about
+    assert cross_questions([QA(q, "x") for q in ("Who designed C++?", "Who designed Python?",
+                                                 "What is the capital of Zorbia?", "What is the capital of Ostland?")]
+                           ) == ["What is the capital of Python?", "Who designed Zorbia?", "Who designed Ostland?"]
+    # free-form trivia: no question shares a form, so none is one to ask others in
+    assert cross_questions([QA(q, "x") for q in ("Who wrote Moby Dick?", "In which year did the Titanic sink?",
+                                                 "Who was the first President of Kenya?")]) == []
 
 
 def test_neighbourhood_cross_protects_what_other_forms_of_a_subject_read(tokenizer):
     """--neighbourhood-cross: the data's subjects asked in its other forms are answered in the
     model's own words and their reads where those answers are predicted protected."""
-    facts = [QA("What is the capital of Zorbia?", "Quenta"), QA("Who founded Ostland?", "Varn")]
+    facts = [QA("What is the capital of Zorbia?", "Quenta"), QA("What is the capital of Pellia?", "Pell"),
+             QA("Who founded Ostland?", "Varn"), QA("Who founded Mettland?", "Ann")]
     runs = {flag: learn(tiny_model(), tokenizer, facts, LearnConfig(epochs=1, batch_size=2),
                         RecipeConfig(n_keys=16, related=0, neighbourhood_cross=flag), progress=False).recipe
             for flag in (False, True)}
     assert "neighbourhood_cross" not in runs[False] and "protect" not in runs[False]  # nothing to protect
     assert runs[True]["neighbourhood_cross"] == {
-        "questions": 2, "examples": ["Who founded Zorbia?", "What is the capital of Ostland?"]}
-    assert runs[True]["protect"]["cross"] == runs[True]["protect"]["questions"] == 2
+        "questions": 4, "examples": ["Who founded Zorbia?", "Who founded Pellia?", "What is the capital of Ostland?"]}
+    assert runs[True]["protect"]["cross"] == runs[True]["protect"]["questions"] == 4
     assert sum(runs[True]["protect"]["slots"].values()) > 0
+    with pytest.raises(MemtuneError, match="neighbourhood_cross='false' is invalid"):
+        RecipeConfig(neighbourhood_cross="false")
     with pytest.raises(MemtuneError, match="--neighbourhood-cross is for facts"):
         learn(tiny_model(), tokenizer, [Document("Some text about Zorbia.")], LearnConfig(epochs=1),
               RecipeConfig(n_keys=16, related=0, neighbourhood_cross=True), progress=False)
@@ -308,26 +322,32 @@ def test_neighbourhood_prompts_pass_over_skipped_questions():
     assert [q for q, _ in neighbourhood_prompts(facts, others, 2, statements=False, skip=skip)] == drawn[1:]
 
 
-def test_neighbourhood_check_does_not_ask_the_questions_protected(learnable_model_dir, tmp_path, caplog):
+def test_neighbourhood_check_does_not_ask_the_questions_protected(learnable_model_dir, tmp_path, caplog, monkeypatch):
     """What protect keeps cannot change its answer: the check asks none of the --keep questions
     nor the neighbourhood questions kept, only when they are protected (protect none: all)."""
+    import memtune.recipe as recipe
     from memtune.models import load_model
 
     facts = [QA(f"What is the capital of {c}?", a) for c, a in (("Zorbia", "Quenta"), ("Ostland", "Varn"))]
     keep = tmp_path / "keep.txt"
     keep.write_text("What is the capital of Pellia?\nWhat is the capital of Mettland?\nWho founded Frobia?\n")
 
-    def run(n_keep, protect="auto"):
+    def run(n_keep, protect="auto", cross=False):
         model, tokenizer = load_model(str(learnable_model_dir))
         return learn(model, tokenizer, facts, LearnConfig(epochs=2, batch_size=1),
                      RecipeConfig(n_keys=16, related=0, keep=str(keep), neighbourhood_keep=n_keep,
-                                  neighbourhood_check=3, protect=protect), progress=False).recipe
+                                  neighbourhood_check=3, protect=protect, neighbourhood_cross=cross),
+                     progress=False).recipe
 
     alone, unprotected, both = run(0), run(3, protect="none"), run(3)
     assert alone["neighbourhood_check"]["questions"] == 1  # "… capital of Frobia?": not a --keep question
     assert unprotected["neighbourhood_check"]["questions"] == 3
     assert both["neighbourhood_keep"]["examples"] == ["What is the capital of Frobia?"]
     assert "neighbourhood_check" not in both and "no questions about other subjects" in caplog.text
+    # (a cross question is protected too: here it is the one question left)
+    monkeypatch.setattr(recipe, "cross_questions", lambda items: ["What is the capital of Frobia?"])
+    crossed = run(0, cross=True)
+    assert crossed["protect"]["cross"] == 1 and "neighbourhood_check" not in crossed
 
 
 def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):

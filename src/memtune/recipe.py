@@ -226,7 +226,7 @@ class RecipeConfig:
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
                                f"{', '.join(REWRITE_STATEMENTS)}")
-        for name in ("end_loss", "check_rewrites", "align_phrasings", "protect_prompts"):
+        for name in ("end_loss", "check_rewrites", "align_phrasings", "protect_prompts", "neighbourhood_cross"):
             if not isinstance(getattr(self, name), bool):
                 raise MemtuneError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
         if self.rewrite_statements == "own" and not (self.self_paraphrases and self.target == "statement"):
@@ -445,26 +445,42 @@ def cross_questions(items: list[QA]) -> list[str]:
     top-level domain and Switzerland's capital give "What is the capital of Luxembourg?" and
     "What is the … top-level domain of Switzerland?". What these read is what a fact written about
     its subject must leave to the subject's other relations (BENCHMARKS.md, seventeenth round).
-    Questions of `items` themselves and repeats are left out; a fact whose subject is not found
-    in its question gives none and asks about none. Data of one form: []."""
+    A question that shares its form with no other is a form only when most of the questions share
+    theirs (free-form trivia: []). Questions of `items` themselves (to a "the") and repeats are
+    left out; a subject not found in its question, or not a whole name there ("C" of "C++"),
+    gives none and asks about none. Data of one form: []."""
     forms = question_forms([q.question for q in items])
+    shared = Counter(form for form, _ in forms)
+    loose = 2 * sum(shared[form] == 1 for form, _ in forms) > len(items)  # most questions share no form
     subjects: list[tuple[str, str]] = []  # (form, subject as written)
-    first: dict[str, tuple[str, str]] = {}  # form -> (its first question, that question's subject)
+    first: dict[str, tuple[str, str, bool]] = {}  # form -> (its question, its subject, after a "the")
     for item, (form, words) in zip(items, forms):
         span = subject_span(item.question, words)
-        if span:
+        if span and _whole_name(item.question, span):
             subject = item.question[span[0]:span[1]]
             subjects.append((form, subject))
-            first.setdefault(form, (item.question, subject))
-    seen = {_normal(q.question) for q in items}
+            bare = not item.question[:span[0]].lower().endswith("the ")  # "of the Gambia" -> "of the Peru"
+            if (shared[form] > 1 or not loose) and (form not in first or bare and first[form][2]):
+                first[form] = (item.question, subject, not bare)
+
+    def key(question: str) -> str:  # "of the Gambia" is "of Gambia"
+        return " ".join(w for w in _normal(question).split() if w != "the")
+
+    seen = {key(q.question) for q in items}
     out = []
     for form, subject in subjects:
-        for other, (question, its_subject) in first.items():
+        for other, (question, its_subject, _) in first.items():
             asked = _replace_word(question, its_subject, subject)
-            if other != form and _normal(asked) not in seen:
-                seen.add(_normal(asked))
+            if other != form and key(asked) not in seen:
+                seen.add(key(asked))
                 out.append(asked)
     return out
+
+
+def _whole_name(text: str, span: tuple[int, int]) -> bool:
+    """Whether `text[span[0]:span[1]]` is a whole name: not part of "C++" or "St. Kitts (and Nevis)"."""
+    before, after = text[span[0] - 1: span[0]], text[span[1]: span[1] + 1]
+    return before in ("", " ", '"') and after in ("", " ", "?", ".", "!", ",", ";", ":", "'", '"')
 
 
 def _replace_word(text: str, old: str, new: str) -> str:
@@ -794,7 +810,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     kept_check = None  # the data's questions about other subjects, answered before learning
     if smf and facts and recipe.neighbourhood_check:
         # (past the questions protect keeps: their reads are protected, their answers cannot change)
-        protected = frozenset(_normal(q) for q in guarded) if recipe.protect == AUTO else frozenset()
+        protected = frozenset(_normal(q) for q in guarded + cross) if recipe.protect == AUTO else frozenset()
         asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, subjects, recipe.neighbourhood_check,
                                                                       config.seed, statements=False, skip=protected)))
         if asked:
