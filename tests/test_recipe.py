@@ -304,6 +304,7 @@ def test_neighbourhood_cross_protects_what_other_forms_of_a_subject_read(tokeniz
     assert runs[True]["neighbourhood_cross"] == {
         "questions": 4, "examples": ["Who founded Zorbia?", "Who founded Pellia?", "What is the capital of Ostland?"]}
     assert runs[True]["protect"]["cross"] == runs[True]["protect"]["questions"] == 4
+    assert runs[True]["protect"]["source"].endswith("cross questions (counted where their answers are predicted)")
     assert sum(runs[True]["protect"]["slots"].values()) > 0
     with pytest.raises(MemtuneError, match="neighbourhood_cross='false' is invalid"):
         RecipeConfig(neighbourhood_cross="false")

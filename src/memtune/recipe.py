@@ -927,6 +927,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                 log.warning("--neighbourhood %d: no neighbourhood prompts (they take their subjects from the "
                             "related and --keep questions: none had a subject to put in)", recipe.neighbourhood)
             guard_examples = guard_examples + neighbours
+        also = ", and to the cross questions (counted where their answers are predicted)" if cross_examples else ""
         if AUTO in (recipe.background, recipe.protect):
             for kept, positions in ((guard_examples, guard_positions), (cross_examples, config.count_positions)):
                 if kept:
@@ -938,14 +939,14 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             if guard_stats is not None:
                 background = background + guard_stats
             report["background"] = {"source": "auto: training examples + own answers to related, neighbourhood "
-                                              "and --keep questions (counted where protect counts them)",
+                                              "and --keep questions (counted where protect counts them)" + also,
                                     "examples": len(examples) + len(guard_examples) + len(cross_examples),
                                     "batches": background.n_batches}
         elif background is not None:
             report["background"] = {"source": recipe.background, "batches": background.n_batches}
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
-            report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions",
+            report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions" + also,
                                  "positions": guard_positions,
                                  "questions": len(guarded) + len(cross), "related": len(related),
                                  "keep": len(keep_kept),
