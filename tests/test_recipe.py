@@ -274,38 +274,55 @@ def test_cross_questions_ask_each_subject_in_the_other_forms():
              QA("Who founded Pellia?", "Bob"), QA("Who founded Frobia?", "Ann"),
              QA("What is the currency of Pellia?", "Pell")]
     assert cross_questions(facts) == [
-        "Who founded Zorbia?", "What is the currency of Zorbia?",
-        "Who founded Ostland?", "What is the currency of Ostland?",
-        "What is the capital of Pellia?",  # (and not its currency: a question of the data)
-        "What is the capital of Frobia?", "What is the currency of Frobia?"]
+        ("Who founded Zorbia?", "Zorbia"), ("What is the currency of Zorbia?", "Zorbia"),
+        ("Who founded Ostland?", "Ostland"), ("What is the currency of Ostland?", "Ostland"),
+        ("What is the capital of Pellia?", "Pellia"),  # (and not its currency: a question of the data)
+        ("What is the capital of Frobia?", "Frobia"), ("What is the currency of Frobia?", "Frobia")]
     assert cross_questions(facts[:2]) == []  # one form
+
+    def questions(items):
+        return [q for q, _ in cross_questions(items)]
+
     # not the data's own question with a "the", nor a template whose subject follows one
-    assert cross_questions([QA("What is the currency of the Gambia?", "GMD"), QA("What is the currency of Chad?", "XAF"),
+    assert questions([QA("What is the currency of the Gambia?", "GMD"), QA("What is the currency of Chad?", "XAF"),
                             QA("What is the capital of Chad?", "N'Djamena"), QA("What is the capital of Peru?", "Lima")]
                            ) == ["What is the capital of Gambia?", "What is the currency of Peru?"]
     # a subject that is not a whole name (C of C++) is neither asked nor asked about
-    assert cross_questions([QA(q, "x") for q in ("Who designed C++?", "Who designed Python?",
+    assert questions([QA(q, "x") for q in ("Who designed C++?", "Who designed Python?",
                                                  "What is the capital of Zorbia?", "What is the capital of Ostland?")]
                            ) == ["What is the capital of Python?", "Who designed Zorbia?", "Who designed Ostland?"]
     # free-form trivia: no question shares a form, so none is one to ask others in
-    assert cross_questions([QA(q, "x") for q in ("Who wrote Moby Dick?", "In which year did the Titanic sink?",
+    assert questions([QA(q, "x") for q in ("Who wrote Moby Dick?", "In which year did the Titanic sink?",
                                                  "Who was the first President of Kenya?")]) == []
 
 
-def test_neighbourhood_cross_protects_what_other_forms_of_a_subject_read(tokenizer):
+def test_neighbourhood_cross_protects_what_other_forms_of_several_subjects_read(tokenizer, monkeypatch):
     """--neighbourhood-cross: the data's subjects asked in its other forms are answered in the
-    model's own words and their reads where those answers are predicted protected."""
+    model's own words; their reads where those answers are predicted, counted per subject, are
+    in the background, and the slots the answers about 2 or more subjects read are protected."""
     facts = [QA("What is the capital of Zorbia?", "Quenta"), QA("What is the capital of Pellia?", "Pell"),
              QA("Who founded Ostland?", "Varn"), QA("Who founded Mettland?", "Ann")]
+    import memtune.recipe as recipe
+    from memtune.stats import group_stats
+
+    counted = []
+    monkeypatch.setattr(recipe, "group_stats", lambda *a, **k: counted.append(group_stats(*a, **k)) or counted[-1])
     runs = {flag: learn(tiny_model(), tokenizer, facts, LearnConfig(epochs=1, batch_size=2),
                         RecipeConfig(n_keys=16, related=0, neighbourhood_cross=flag), progress=False).recipe
             for flag in (False, True)}
     assert "neighbourhood_cross" not in runs[False] and "protect" not in runs[False]  # nothing to protect
     assert runs[True]["neighbourhood_cross"] == {
-        "questions": 4, "examples": ["Who founded Zorbia?", "Who founded Pellia?", "What is the capital of Ostland?"]}
+        "questions": 4, "subjects": 4,
+        "examples": ["Who founded Zorbia?", "Who founded Pellia?", "What is the capital of Ostland?"]}
     assert runs[True]["protect"]["cross"] == runs[True]["protect"]["questions"] == 4
-    assert runs[True]["protect"]["source"].endswith("cross questions (counted where their answers are predicted)")
-    assert sum(runs[True]["protect"]["slots"].values()) > 0
+    assert runs[True]["protect"]["source"].endswith(
+        "cross questions (counted where their answers are predicted); of these, what the answers about 2 or more "
+        "subjects read")
+    [cross] = counted  # one group per subject; protected: what two or more read (no other question here)
+    assert cross.n_batches == 4
+    assert runs[True]["protect"]["slots"] == {k: int((v >= 2).sum()) for k, v in cross.df.items()}
+    assert 0 < sum(runs[True]["protect"]["slots"].values()) < sum(int((v > 0).sum()) for v in cross.df.values())
+    assert runs[True]["background"]["batches"] == runs[False]["background"]["batches"] + 4
     with pytest.raises(MemtuneError, match="neighbourhood_cross='false' is invalid"):
         RecipeConfig(neighbourhood_cross="false")
     with pytest.raises(MemtuneError, match="--neighbourhood-cross is for facts"):
@@ -346,7 +363,7 @@ def test_neighbourhood_check_does_not_ask_the_questions_protected(learnable_mode
     assert both["neighbourhood_keep"]["examples"] == ["What is the capital of Frobia?"]
     assert "neighbourhood_check" not in both and "no questions about other subjects" in caplog.text
     # (a cross question is protected too: here it is the one question left)
-    monkeypatch.setattr(recipe, "cross_questions", lambda items: ["What is the capital of Frobia?"])
+    monkeypatch.setattr(recipe, "cross_questions", lambda items: [("What is the capital of Frobia?", "Frobia")])
     crossed = run(0, cross=True)
     assert crossed["protect"]["cross"] == 1 and "neighbourhood_check" not in crossed
 

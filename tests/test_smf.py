@@ -8,7 +8,7 @@ from memtune.errors import MemtuneError
 from memtune.methods import SMFConfig, SparseMemoryFinetuning
 from memtune.retrofit import retrofit
 from memtune.sparse_optim import SparseAdam, SparseSGD
-from memtune.stats import Background, StepUsage, compute_background
+from memtune.stats import Background, StepUsage, compute_background, group_stats
 from memtune.train import LearnConfig, train
 from tiny import tiny_memory_config, tiny_model
 
@@ -80,6 +80,28 @@ def test_background_df_and_counts_match_hand_count(tokenizer):
     for k in model.memory.layers:
         assert torch.equal(stats.counts[k], per_batch[0][k] + per_batch[1][k])
         assert torch.equal(stats.df[k], (per_batch[0][k] > 0).long() + (per_batch[1][k] > 0).long())
+
+
+def test_group_stats_count_groups_however_many_batches_each_takes(tokenizer):
+    """df counts the groups that read a slot (a group of 3 examples in batches of 2 counts once);
+    read_by(2) keeps the slots two groups read, as one batch."""
+    model = memory_model().double()
+    examples = encode_qa(tokenizer, PAIRS)
+    groups = [examples[:3], [], examples[3:]]
+    stats = group_stats(model, groups, tokenizer.pad_token_id, batch_size=2, count_positions="all", progress=False)
+    assert stats.n_batches == 2
+    per_group = [hand_counts(model, collate(g, tokenizer.pad_token_id, "all"),
+                             collate(g, tokenizer.pad_token_id, "all")["count_mask"]) for g in (examples[:3], examples[3:])]
+    both = stats.read_by(2)
+    for k in model.memory.layers:
+        assert torch.equal(stats.counts[k], per_group[0][k] + per_group[1][k])
+        assert torch.equal(stats.df[k], (per_group[0][k] > 0).long() + (per_group[1][k] > 0).long())
+        assert torch.equal(both.df[k], ((per_group[0][k] > 0) & (per_group[1][k] > 0)).long())
+        assert torch.equal(both.counts[k], stats.counts[k] * both.df[k])
+    assert both.n_batches == 1 and 0 < sum(int(v.sum()) for v in both.df.values()) < sum(
+        int((v > 0).sum()) for v in stats.df.values())
+    with pytest.raises(MemtuneError, match="at least one non-empty group"):
+        group_stats(model, [[]], tokenizer.pad_token_id, batch_size=2, progress=False)
 
 
 def test_background_round_trip_and_fingerprint(tokenizer, tmp_path):

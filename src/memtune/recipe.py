@@ -59,7 +59,7 @@ from memtune.data import QA, Document
 from memtune.errors import MemtuneError, is_int, is_number
 from memtune.prompts import encode_text
 from memtune.rankers import NEEDS_BACKGROUND
-from memtune.stats import background_stats
+from memtune.stats import background_stats, group_stats
 from memtune.targets import (
     RENDERINGS,
     check_renderings,
@@ -97,6 +97,9 @@ NEIGHBOURHOOD_ROUNDS = 3
 EXTRAPOLATE = 1.25
 # questions about other subjects per fact, kept as the related ones (BENCHMARKS.md, fifteenth round)
 NEIGHBOURHOOD_KEEP = 5
+# --neighbourhood-cross protects the slots that the answers about this many of the data's subjects
+# read, not those one subject's alone read: a fact's rephrasings need those (BENCHMARKS.md, eighteenth round)
+CROSS_SUBJECTS = 2
 _QUESTION = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s*(.+\?)\s*$")
 
 
@@ -439,7 +442,7 @@ def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int 
     return pairs
 
 
-def cross_questions(items: list[QA]) -> list[str]:
+def cross_questions(items: list[QA]) -> list[tuple[str, str]]:
     """Each subject of `items` asked in each of their other forms (`question_forms`): the first
     question of every other form with its subject swapped for this one. Facts about Luxembourg's
     top-level domain and Switzerland's capital give "What is the capital of Luxembourg?" and
@@ -473,7 +476,7 @@ def cross_questions(items: list[QA]) -> list[str]:
             asked = _replace_word(question, its_subject, subject)
             if other != form and key(asked) not in seen:
                 seen.add(key(asked))
-                out.append(asked)
+                out.append((asked, subject))
     return out
 
 
@@ -793,10 +796,13 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                      "related and --keep questions' subjects are among those questions already, or none has a "
                      "subject to put in)", recipe.neighbourhood_keep)
     cross: list[str] = []  # the data's subjects in its other forms (protected where their answers are)
+    cross_subjects: list[str] = []  # ... and the subject each asks about
     if smf and facts and recipe.neighbourhood_cross and AUTO in (recipe.background, recipe.protect):
         taken = own_user | {_normal(q) for q in guarded + around}
-        cross = [q for q in cross_questions(data) if _normal(q) not in taken]
-        report["neighbourhood_cross"] = {"questions": len(cross), "examples": cross[:3]}
+        pairs = [(q, subject) for q, subject in cross_questions(data) if _normal(q) not in taken]
+        cross, cross_subjects = [q for q, _ in pairs], [subject for _, subject in pairs]
+        report["neighbourhood_cross"] = {"questions": len(cross), "subjects": len(set(cross_subjects)),
+                                         "examples": cross[:3]}
         if not cross:
             log.info("--neighbourhood-cross: no question (the data has one form, or its subjects were not found)")
     subjects = guarded  # (where the neighbourhood questions take their subjects from)
@@ -928,25 +934,37 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
                             "related and --keep questions: none had a subject to put in)", recipe.neighbourhood)
             guard_examples = guard_examples + neighbours
         also = ", and to the cross questions (counted where their answers are predicted)" if cross_examples else ""
+        cross_stats = None  # df: the subjects whose cross questions read a slot
         if AUTO in (recipe.background, recipe.protect):
-            for kept, positions in ((guard_examples, guard_positions), (cross_examples, config.count_positions)):
-                if kept:
-                    stats = background_stats(model, kept, pad, len(kept), config.batch_size, positions, progress)
-                    guard_stats = stats if guard_stats is None else guard_stats + stats
+            if guard_examples:
+                guard_stats = background_stats(model, guard_examples, pad, len(guard_examples), config.batch_size,
+                                               guard_positions, progress)
+            if cross_examples:
+                by_subject: dict[str, list[Example]] = {}
+                for example, subject in zip(cross_examples, cross_subjects):
+                    by_subject.setdefault(subject, []).append(example)
+                cross_stats = group_stats(model, list(by_subject.values()), pad, config.batch_size,
+                                          config.count_positions, progress, desc="cross questions' reads")
         if recipe.background == AUTO and config.ranker in NEEDS_BACKGROUND:
             background = background_stats(model, examples, pad, len(examples), config.batch_size,
                                           config.count_positions, progress)
-            if guard_stats is not None:
-                background = background + guard_stats
+            for stats in (guard_stats, cross_stats):
+                if stats is not None:
+                    background = background + stats
             report["background"] = {"source": "auto: training examples + own answers to related, neighbourhood "
                                               "and --keep questions (counted where protect counts them)" + also,
                                     "examples": len(examples) + len(guard_examples) + len(cross_examples),
                                     "batches": background.n_batches}
         elif background is not None:
             report["background"] = {"source": recipe.background, "batches": background.n_batches}
+        if cross_stats is not None:  # one subject's own rows stay free to its facts (BENCHMARKS.md, eighteenth round)
+            several = cross_stats.read_by(CROSS_SUBJECTS)
+            guard_stats = several if guard_stats is None else guard_stats + several
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
-            report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions" + also,
+            which = f"; of these, what the answers about {CROSS_SUBJECTS} or more subjects read" if also else ""
+            report["protect"] = {"source": "auto: own answers to related, neighbourhood and --keep questions" + also
+                                           + which,
                                  "positions": guard_positions,
                                  "questions": len(guarded) + len(cross), "related": len(related),
                                  "keep": len(keep_kept),

@@ -92,6 +92,13 @@ class Background:
                           {k: v + other.counts[k] for k, v in self.counts.items()},
                           self.n_batches + other.n_batches, dict(self.meta))
 
+    def read_by(self, n: int) -> Background:
+        """The rows that at least `n` batches read, as the statistics of one batch that reads them
+        all (df 1, counts kept; others 0): with `group_stats`, the rows `n` or more groups read."""
+        keep = {k: v >= n for k, v in self.df.items()}
+        return Background({k: keep[k].long() for k in self.df}, {k: v * keep[k] for k, v in self.counts.items()},
+                          1, dict(self.meta))
+
     def df_total(self, layer: str) -> float:
         """Σ_j (df(j) + 1), the KL ranker's normaliser."""
         df = self.df[layer]
@@ -172,3 +179,19 @@ def background_stats(model: nn.Module, examples: list, pad_id: int, n_batches: i
 
     n, batches = first_batches(examples, pad_id, n_batches, batch_size, count_positions)
     return compute_background(model, batches, n_batches=n, progress=progress)
+
+
+def group_stats(model: nn.Module, groups: list[list], pad_id: int, batch_size: int, count_positions: str = "loss",
+                progress: bool = True, desc: str = "slot reads") -> Background:
+    """Slot statistics with each group of examples counted as one batch, however many batches of
+    `batch_size` it takes: df(i) is the number of groups that read slot i at a counted position
+    (`count_positions`), counts(i) all their reads; n_batches is the number of groups. With
+    questions grouped by subject, df counts subjects. MemtuneError when no group has an example."""
+    total = None
+    for group in tqdm([g for g in groups if g], desc=desc, disable=not progress):
+        one = background_stats(model, group, pad_id, len(group), batch_size, count_positions, progress=False)
+        one = Background({k: (v > 0).long() for k, v in one.df.items()}, one.counts, 1, one.meta)
+        total = one if total is None else total + one
+    if total is None:
+        raise MemtuneError("no examples to count slot reads of: expected at least one non-empty group")
+    return total
