@@ -340,6 +340,33 @@ def test_neighbourhood_prompts_pass_over_skipped_questions():
     assert [q for q, _ in neighbourhood_prompts(facts, others, 2, statements=False, skip=skip)] == drawn[1:]
 
 
+def test_a_cross_question_answered_with_nothing_takes_its_subject_with_it(tokenizer, monkeypatch):
+    """The cross answers are counted per subject: a question the model answers with nothing is
+    left out, and the other questions keep their own subjects."""
+    import memtune.recipe as recipe
+    from memtune.stats import group_stats
+
+    class Silent(recipe.AnswersKept):  # the model answers "Who founded Zorbia?" with nothing
+        def __init__(self, model, tokenizer, questions, *args, **kwargs):
+            super().__init__(model, tokenizer, questions, *args, **kwargs)
+            keep = [i for i, q in enumerate(self.questions) if q != "Who founded Zorbia?"]
+            self.questions, self.answers = [self.questions[i] for i in keep], [self.answers[i] for i in keep]
+            self.examples = [self.examples[i] for i in keep]
+
+    sizes = []
+    monkeypatch.setattr(recipe, "AnswersKept", Silent)
+    monkeypatch.setattr(recipe, "group_stats",
+                        lambda model, groups, *a, **k: sizes.append([len(g) for g in groups]) or group_stats(
+                            model, groups, *a, **k))
+    facts = [QA(f"What is the capital of {s}?", "x") for s in ("Zorbia", "Quell")] + [
+        QA(f"Who founded {s}?", "x") for s in ("Ostland", "Mettland")] + [
+        QA(f"What is the currency of {s}?", "x") for s in ("Pellia", "Varnia")]
+    report = learn(tiny_model(), tokenizer, facts, LearnConfig(epochs=1, batch_size=2),
+                   RecipeConfig(n_keys=16, related=0, neighbourhood_cross=True), progress=False).recipe
+    assert report["neighbourhood_cross"]["questions"] == 12
+    assert sizes == [[1, 2, 2, 2, 2, 2]]  # Zorbia, then the others in order
+
+
 def test_neighbourhood_check_does_not_ask_the_questions_protected(learnable_model_dir, tmp_path, caplog, monkeypatch):
     """What protect keeps cannot change its answer: the check asks none of the --keep questions
     nor the neighbourhood questions kept, only when they are protected (protect none: all)."""

@@ -811,8 +811,10 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
     cross_examples: list[Example] = []
     if guarded:
         guard_examples = own_answer_examples(model, tokenizer, guarded, recipe.max_new_tokens, progress)
-    if cross:
-        cross_examples = own_answer_examples(model, tokenizer, cross, recipe.max_new_tokens, progress)
+    if cross:  # (a question answered with nothing is left out: its subject with it)
+        answered = AnswersKept(model, tokenizer, cross, recipe.max_new_tokens, progress)
+        subject_of = dict(zip(cross, cross_subjects))
+        cross_examples, cross_subjects = answered.examples, [subject_of[q] for q in answered.questions]
     kept_check = None  # the data's questions about other subjects, answered before learning
     if smf and facts and recipe.neighbourhood_check:
         # (past the questions protect keeps: their reads are protected, their answers cannot change)
