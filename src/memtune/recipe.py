@@ -11,7 +11,8 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    `--keep` questions and the **neighbourhood** questions (each fact's question about 5 of
    their subjects: `neighbourhood_prompts`, so that every form of the data is kept, not only
    those the model writes most), they stand for what the model must keep (experimental, off:
-   `--neighbourhood-cross` adds the data's subjects asked in its other forms, `cross_questions`);
+   `--neighbourhood-cross` adds the data's subjects asked in its other forms, `cross_questions`,
+   protecting what the answers about several subjects read);
 3. **calibrate** the memory queries (fresh retrofit only) on the data and those questions;
 4. **statement targets** in the model's own words (`memtune.targets.own_statements`), the loss
    on the whole statement, and **word dropout** (`memtune.paraphrases.word_dropout`): each
@@ -143,10 +144,10 @@ class RecipeConfig:
         "help": "SMF, facts, experimental (issue 17): each subject of the data asked in the data's other forms "
                 "('What is the capital of Luxembourg?' beside the fact '... top-level domain of Luxembourg'; "
                 "memtune.recipe.cross_questions), answered in the model's own words; what those answers read "
-                "where they are predicted is protected and in the background. On the mix of every countries "
-                "relation it kept 49 of 50 known facts instead of 45, but answered 17 of 80 paraphrases instead "
-                "of 41 (BENCHMARKS.md, seventeenth round): for data of several relations where keeping matters "
-                "more than rephrasings. Data of one form: no question"})
+                "where they are predicted is in the background, and what the answers about 2 or more subjects "
+                "read is protected (one subject's alone is what its facts' rephrasings need). On the mix of every "
+                "countries relation it kept 48 of 50 known facts instead of 45, and answered 38 of 80 paraphrases "
+                "instead of 41 (BENCHMARKS.md, eighteenth round). Data of one form: no question"})
     neighbourhood_check: int = field(default=0, metadata={
         "help": "SMF, facts, experimental (issue 17): each fact's question asked about N other subjects (as "
                 "--neighbourhood asks it; past the questions protect keeps, whose answers cannot change) and "
