@@ -312,7 +312,7 @@ def test_neighbourhood_cross_protects_what_other_forms_of_several_subjects_read(
             for flag in (False, True)}
     assert "neighbourhood_cross" not in runs[False] and "protect" not in runs[False]  # nothing to protect
     assert runs[True]["neighbourhood_cross"] == {
-        "questions": 4, "subjects": 4,
+        "questions": 4, "answered": 4, "subjects": 4,
         "examples": ["Who founded Zorbia?", "Who founded Pellia?", "What is the capital of Ostland?"]}
     assert runs[True]["protect"]["cross"] == runs[True]["protect"]["questions"] == 4
     assert runs[True]["protect"]["source"].endswith(
@@ -364,12 +364,14 @@ def test_a_cross_question_answered_with_nothing_takes_its_subject_with_it(tokeni
     report = learn(tiny_model(), tokenizer, facts, LearnConfig(epochs=1, batch_size=2),
                    RecipeConfig(n_keys=16, related=0, neighbourhood_cross=True), progress=False).recipe
     assert report["neighbourhood_cross"]["questions"] == 12
+    assert report["neighbourhood_cross"]["answered"] == 11 and report["neighbourhood_cross"]["subjects"] == 6
     assert sizes == [[1, 2, 2, 2, 2, 2]]  # Zorbia, then the others in order
 
 
 def test_neighbourhood_check_does_not_ask_the_questions_protected(learnable_model_dir, tmp_path, caplog, monkeypatch):
     """What protect keeps cannot change its answer: the check asks none of the --keep questions
-    nor the neighbourhood questions kept, only when they are protected (protect none: all)."""
+    nor the neighbourhood questions kept, only when they are protected (protect none: all). A
+    cross question's answer can change (what its subject alone reads is not protected)."""
     import memtune.recipe as recipe
     from memtune.models import load_model
 
@@ -389,10 +391,10 @@ def test_neighbourhood_check_does_not_ask_the_questions_protected(learnable_mode
     assert unprotected["neighbourhood_check"]["questions"] == 3
     assert both["neighbourhood_keep"]["examples"] == ["What is the capital of Frobia?"]
     assert "neighbourhood_check" not in both and "no questions about other subjects" in caplog.text
-    # (a cross question is protected too: here it is the one question left)
     monkeypatch.setattr(recipe, "cross_questions", lambda items: [("What is the capital of Frobia?", "Frobia")])
     crossed = run(0, cross=True)
-    assert crossed["protect"]["cross"] == 1 and "neighbourhood_check" not in crossed
+    assert crossed["protect"]["cross"] == 1 and crossed["neighbourhood_check"]["questions"] == 1
+    assert "no slot that the answers about 2 or more subjects read (1 subject asked about)" in caplog.text
 
 
 def test_neighbourhood_check_asks_after_the_extrapolation(learnable_model_dir, tmp_path, monkeypatch):

@@ -82,26 +82,39 @@ def test_background_df_and_counts_match_hand_count(tokenizer):
         assert torch.equal(stats.df[k], (per_batch[0][k] > 0).long() + (per_batch[1][k] > 0).long())
 
 
-def test_group_stats_count_groups_however_many_batches_each_takes(tokenizer):
-    """df counts the groups that read a slot (a group of 3 examples in batches of 2 counts once);
-    read_by(2) keeps the slots two groups read, as one batch."""
-    model = memory_model().double()
+@pytest.mark.parametrize("share", [True, False])
+def test_group_stats_count_groups_however_many_batches_each_takes(tokenizer, share):
+    """df counts the groups that read a value row (a group of 3 examples in batches of 2 counts
+    once), at any layer of its table: with one table for both layers, a row read at layer 0 by
+    one group and at layer 1 by the other is read by two; read_by(2) keeps the rows two groups
+    read, as one batch."""
+    model = memory_model(share_values=share).double()
     examples = encode_qa(tokenizer, PAIRS)
     groups = [examples[:3], [], examples[3:]]
     stats = group_stats(model, groups, tokenizer.pad_token_id, batch_size=2, count_positions="all", progress=False)
     assert stats.n_batches == 2
-    per_group = [hand_counts(model, collate(g, tokenizer.pad_token_id, "all"),
-                             collate(g, tokenizer.pad_token_id, "all")["count_mask"]) for g in (examples[:3], examples[3:])]
+    per_group = []
+    for g in (examples[:3], examples[3:]):
+        batch = collate(g, tokenizer.pad_token_id, "all")
+        per_group.append(hand_counts(model, batch, batch["count_mask"]))
+    layers = list(model.memory.layers)
     both = stats.read_by(2)
-    for k in model.memory.layers:
+    for k in layers:
         assert torch.equal(stats.counts[k], per_group[0][k] + per_group[1][k])
-        assert torch.equal(stats.df[k], (per_group[0][k] > 0).long() + (per_group[1][k] > 0).long())
-        assert torch.equal(both.df[k], ((per_group[0][k] > 0) & (per_group[1][k] > 0)).long())
+        read = [torch.stack([c[j] > 0 for j in (layers if share else [k])]).any(0) for c in per_group]
+        assert torch.equal(stats.df[k], read[0].long() + read[1].long())
+        assert torch.equal(both.df[k], (read[0] & read[1]).long())
         assert torch.equal(both.counts[k], stats.counts[k] * both.df[k])
+    if share:  # (the case above happens: a row one group reads at layer 0 only, the other at layer 1 only)
+        first = (per_group[0][layers[0]] > 0) & (per_group[0][layers[1]] == 0)
+        assert bool((first & (per_group[1][layers[1]] > 0) & (per_group[1][layers[0]] == 0)).any())
     assert both.n_batches == 1 and 0 < sum(int(v.sum()) for v in both.df.values()) < sum(
         int((v > 0).sum()) for v in stats.df.values())
     with pytest.raises(MemtuneError, match="at least one non-empty group"):
         group_stats(model, [[]], tokenizer.pad_token_id, batch_size=2, progress=False)
+    for n in (0, 1.5, True):
+        with pytest.raises(MemtuneError, match=r"read_by\(.*\) is invalid: expected an integer >= 1"):
+            stats.read_by(n)
 
 
 def test_background_round_trip_and_fingerprint(tokenizer, tmp_path):

@@ -802,8 +802,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         taken = own_user | {_normal(q) for q in guarded + around}
         pairs = [(q, subject) for q, subject in cross_questions(data) if _normal(q) not in taken]
         cross, cross_subjects = [q for q, _ in pairs], [subject for _, subject in pairs]
-        report["neighbourhood_cross"] = {"questions": len(cross), "subjects": len(set(cross_subjects)),
-                                         "examples": cross[:3]}
+        report["neighbourhood_cross"] = {"questions": len(cross), "examples": cross[:3]}
         if not cross:
             log.info("--neighbourhood-cross: no question (the data has one form, or its subjects were not found)")
     subjects = guarded  # (where the neighbourhood questions take their subjects from)
@@ -816,10 +815,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         answered = AnswersKept(model, tokenizer, cross, recipe.max_new_tokens, progress)
         subject_of = dict(zip(cross, cross_subjects))
         cross_examples, cross_subjects = answered.examples, [subject_of[q] for q in answered.questions]
+        report["neighbourhood_cross"] |= {"answered": len(cross_examples), "subjects": len(set(cross_subjects))}
     kept_check = None  # the data's questions about other subjects, answered before learning
     if smf and facts and recipe.neighbourhood_check:
-        # (past the questions protect keeps: their reads are protected, their answers cannot change)
-        protected = frozenset(_normal(q) for q in guarded + cross) if recipe.protect == AUTO else frozenset()
+        # (past the questions protect keeps: their reads are protected, their answers cannot change;
+        # a cross question's can, where what its subject alone reads is written)
+        protected = frozenset(_normal(q) for q in guarded) if recipe.protect == AUTO else frozenset()
         asked = list(dict.fromkeys(q for q, _ in neighbourhood_prompts(data, subjects, recipe.neighbourhood_check,
                                                                       config.seed, statements=False, skip=protected)))
         if asked:
@@ -963,6 +964,10 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         if cross_stats is not None:  # one subject's own rows stay free to its facts (BENCHMARKS.md, eighteenth round)
             several = cross_stats.read_by(CROSS_SUBJECTS)
             guard_stats = several if guard_stats is None else guard_stats + several
+            if recipe.protect == AUTO and not any(v.any() for v in several.df.values()):
+                log.warning("--neighbourhood-cross: no slot that the answers about %d or more subjects read (%d subject%s "
+                            "asked about): none protected", CROSS_SUBJECTS, cross_stats.n_batches,
+                            "" if cross_stats.n_batches == 1 else "s")
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
             which = f"; of these, what the answers about {CROSS_SUBJECTS} or more subjects read" if also else ""

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from memtune.errors import MemtuneError
+from memtune.errors import MemtuneError, is_int
 from memtune.io import atomic_dir
 from memtune.memory import MemoryBank
 from memtune.retrofit import forward_to_memory, require_memory_bank
@@ -94,7 +94,10 @@ class Background:
 
     def read_by(self, n: int) -> Background:
         """The rows that at least `n` batches read, as the statistics of one batch that reads them
-        all (df 1, counts kept; others 0): with `group_stats`, the rows `n` or more groups read."""
+        all (df 1, counts kept; others 0): with `group_stats`, the rows `n` or more groups read.
+        MemtuneError unless `n` is an integer >= 1."""
+        if not is_int(n) or n < 1:
+            raise MemtuneError(f"read_by({n!r}) is invalid: expected an integer >= 1 (batches that read a row)")
         keep = {k: v >= n for k, v in self.df.items()}
         return Background({k: keep[k].long() for k in self.df}, {k: v * keep[k] for k, v in self.counts.items()},
                           1, dict(self.meta))
@@ -184,13 +187,23 @@ def background_stats(model: nn.Module, examples: list, pad_id: int, n_batches: i
 def group_stats(model: nn.Module, groups: list[list], pad_id: int, batch_size: int, count_positions: str = "loss",
                 progress: bool = True, desc: str = "slot reads") -> Background:
     """Slot statistics with each group of examples counted as one batch, however many batches of
-    `batch_size` it takes: df(i) is the number of groups that read slot i at a counted position
-    (`count_positions`), counts(i) all their reads; n_batches is the number of groups. With
+    `batch_size` it takes: df(i) is the number of groups that read slot i's value row at a counted
+    position (`count_positions`) of any layer that shares its value table (one table for every
+    layer by default: a group that reads the row at layer 8 reads what a write to it changes at
+    layer 24 too), counts(i) the layer's own reads; n_batches is the number of groups. With
     questions grouped by subject, df counts subjects. MemtuneError when no group has an example."""
+    bank = require_memory_bank(model)
+    tables: dict[int, list[str]] = {}  # value table -> the layers that read it
+    for name in bank.layers:
+        tables.setdefault(bank.table_index(int(name)), []).append(name)
     total = None
     for group in tqdm([g for g in groups if g], desc=desc, disable=not progress):
         one = background_stats(model, group, pad_id, len(group), batch_size, count_positions, progress=False)
-        one = Background({k: (v > 0).long() for k, v in one.df.items()}, one.counts, 1, one.meta)
+        df = {}
+        for layers in tables.values():
+            read = torch.stack([one.df[k] > 0 for k in layers]).any(0).long()
+            df |= {k: read for k in layers}
+        one = Background(df, one.counts, 1, one.meta)
         total = one if total is None else total + one
     if total is None:
         raise MemtuneError("no examples to count slot reads of: expected at least one non-empty group")
