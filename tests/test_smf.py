@@ -82,13 +82,10 @@ def test_background_df_and_counts_match_hand_count(tokenizer):
         assert torch.equal(stats.df[k], (per_batch[0][k] > 0).long() + (per_batch[1][k] > 0).long())
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_group_stats_count_groups_however_many_batches_each_takes(tokenizer, share):
-    """df counts the groups that read a value row (a group of 3 examples in batches of 2 counts
-    once), at any layer of its table: with one table for both layers, a row read at layer 0 by
-    one group and at layer 1 by the other is read by two; read_by(2) keeps the rows two groups
-    read, as one batch."""
-    model = memory_model(share_values=share).double()
+def test_group_stats_count_groups_however_many_batches_each_takes(tokenizer):
+    """Per layer, df counts the groups that read a slot there (a group of 3 examples in batches of
+    2 counts once); read_by(2) keeps the slots two groups read, as one batch."""
+    model = memory_model().double()
     examples = encode_qa(tokenizer, PAIRS)
     groups = [examples[:3], [], examples[3:]]
     stats = group_stats(model, groups, tokenizer.pad_token_id, batch_size=2, count_positions="all", progress=False)
@@ -97,17 +94,12 @@ def test_group_stats_count_groups_however_many_batches_each_takes(tokenizer, sha
     for g in (examples[:3], examples[3:]):
         batch = collate(g, tokenizer.pad_token_id, "all")
         per_group.append(hand_counts(model, batch, batch["count_mask"]))
-    layers = list(model.memory.layers)
     both = stats.read_by(2)
-    for k in layers:
+    for k in model.memory.layers:
         assert torch.equal(stats.counts[k], per_group[0][k] + per_group[1][k])
-        read = [torch.stack([c[j] > 0 for j in (layers if share else [k])]).any(0) for c in per_group]
-        assert torch.equal(stats.df[k], read[0].long() + read[1].long())
-        assert torch.equal(both.df[k], (read[0] & read[1]).long())
+        assert torch.equal(stats.df[k], (per_group[0][k] > 0).long() + (per_group[1][k] > 0).long())
+        assert torch.equal(both.df[k], ((per_group[0][k] > 0) & (per_group[1][k] > 0)).long())
         assert torch.equal(both.counts[k], stats.counts[k] * both.df[k])
-    if share:  # (the case above happens: a row one group reads at layer 0 only, the other at layer 1 only)
-        first = (per_group[0][layers[0]] > 0) & (per_group[0][layers[1]] == 0)
-        assert bool((first & (per_group[1][layers[1]] > 0) & (per_group[1][layers[0]] == 0)).any())
     assert both.n_batches == 1 and 0 < sum(int(v.sum()) for v in both.df.values()) < sum(
         int((v > 0).sum()) for v in stats.df.values())
     with pytest.raises(MemtuneError, match="at least one non-empty group"):
