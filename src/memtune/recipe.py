@@ -966,7 +966,7 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
             guard_stats = several if guard_stats is None else guard_stats + several
             if recipe.protect == AUTO and not any(v.any() for v in several.df.values()):
                 log.warning("--neighbourhood-cross: no slot that the answers about %d or more subjects read (%d subject%s "
-                            "asked about): none protected", CROSS_SUBJECTS, cross_stats.n_batches,
+                            "asked about): none of their slots protected", CROSS_SUBJECTS, cross_stats.n_batches,
                             "" if cross_stats.n_batches == 1 else "s")
         if recipe.protect == AUTO and guard_stats is not None:
             protect = guard_stats
