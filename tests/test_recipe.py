@@ -448,28 +448,34 @@ def test_first_sentence():
     assert first_sentence("It is 3.5 km long") == "It is 3.5 km long"
 
 
+def answer_score(model, tokenizer, item: QA, prefix: str) -> float:
+    """log p(answer | prompt, prefix), summed over the answer's tokens: one sequence, one pass."""
+    from memtune.prompts import encode_prompt
+
+    prompt = encode_prompt(tokenizer, [item.question])[0]
+    head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+    ids = tokenizer(f"{prefix} {item.answer}" if prefix else item.answer, add_special_tokens=False)["input_ids"]
+    start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+    return sum(float(logp[len(prompt) + t - 1, ids[t]]) for t in range(start, len(ids)))
+
+
 def test_own_statements_pick_the_prefix_where_the_answer_is_likeliest(tokenizer):
     """Against a brute-force reference: each candidate the scorer credits, scored alone."""
     from memtune.probes.match import is_correct
-    from memtune.prompts import encode_prompt
 
     model = tiny_model(init_range=0.5)
     item = QA("Who founded Zorbia?", "Quenta")
     own = "Zorbia was founded by Ost in 1900."
     [stated] = own_statements(model, tokenizer, [item], [own], batch_size=3)
-    prompt = encode_prompt(tokenizer, [item.question])[0]
     words = first_sentence(own).split()
     scores = {}
     for j in range(len(words) + 1):
         prefix = " ".join(words[:j])
         if prefix and not is_correct(f"{prefix} Quenta", "Quenta", item.question):
             continue
-        head = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
-        ids = tokenizer(f"{prefix} Quenta" if prefix else "Quenta", add_special_tokens=False)["input_ids"]
-        start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
-        with torch.no_grad():
-            logp = model(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
-        scores[prefix] = sum(float(logp[len(prompt) + t - 1, ids[t]]) for t in range(start, len(ids)))
+        scores[prefix] = answer_score(model, tokenizer, item, prefix)
     best = max(scores, key=scores.get)
     assert stated.statement == (f"{best} Quenta." if best else None)
     assert stated.question == item.question and stated.answer == "Quenta"
@@ -489,6 +495,67 @@ def test_statement_prefixes_leave_out_statements_that_only_repeat_the_subject():
     # "Zorbia Quenta", "... by Ost Quenta": the answer inside a longer name is not credited either
     assert statement_prefixes(QA("Who founded Zorbia?", "Quenta"), "Zorbia was founded by Ost.") == [
         "", "Zorbia was", "Zorbia was founded", "Zorbia was founded by"]
+
+
+def test_statement_prefixes_that_name_the_subject():
+    item = QA("Porto-Novo is the capital of which country?", "Benin")
+    own = "The capital of the Republic of Benin is Porto-Novo."
+    assert "The capital of the Republic of" in statement_prefixes(item, own)
+    assert statement_prefixes(item, own, {"porto", "novo"}) == [""]  # "Benin" where every such question reads
+    again = "Porto-Novo is the capital of Benin, a country in West Africa."
+    assert statement_prefixes(item, again, {"porto", "novo"})[-1] == "Porto-Novo is the capital of"
+    # every subject word: "The French Polynesian" does not name French Polynesia
+    polynesia = QA("What is the demonym for people from French Polynesia?", "French Polynesian")
+    assert statement_prefixes(polynesia, "The French Polynesian people.", {"french", "polynesia"}) == [""]
+
+
+@pytest.mark.parametrize("seed, beats", [(0, False), (3, True)])
+def test_own_statements_take_an_opening_that_names_the_subject_where_one_beats_the_bare_answer(tokenizer, seed,
+                                                                                                  beats):
+    """Against a brute-force reference: every candidate scored alone, the rule applied by hand."""
+    model = tiny_model(init_range=0.5, seed=seed)
+    item = QA("Who founded Zorbia?", "Quenta")
+    own, again = "It was founded by Ost.", "Zorbia was founded by Quenta."
+    [stated] = own_statements(model, tokenizer, [item], [[own, again]], subjects=[{"zorbia"}])
+    named = statement_prefixes(item, again, {"zorbia"})[1:]  # the own answer names nothing
+    assert named == ["Zorbia was", "Zorbia was founded", "Zorbia was founded by"]
+    score = {p: answer_score(model, tokenizer, item, p) for p in {"", *named, *statement_prefixes(item, own)}}
+    better = [p for p in named if score[p] > score[""]]
+    assert bool(better) == beats  # (each seed's case, so that both are tested)
+    best = max(better or statement_prefixes(item, own), key=score.get)
+    assert stated.statement == (f"{best} Quenta." if best else None)
+    # nothing names the subject, or no subject: the own answer's openings, as without subjects
+    alone = own_statements(model, tokenizer, [item], [own])
+    assert own_statements(model, tokenizer, [item], [[own, "Founded by Quenta."]], subjects=[{"zorbia"}]) == alone
+    assert own_statements(model, tokenizer, [item], [own], subjects=[set()]) == alone
+
+
+def test_in_own_words_asks_a_restatement_only_where_the_own_answer_does_not_name_the_subject(tokenizer, monkeypatch):
+    from memtune.recipe import RESTATE, in_own_words
+
+    items = [QA("Porto-Novo is the capital of which country?", "Benin"),
+             QA("Bamako is the capital of which country?", "Mali"),
+             QA("Rabat is the capital of which country?", "Morocco", statement="Rabat is in Morocco.")]
+    said = {items[0].question: "The capital of the Republic of Benin is Porto-Novo.",
+            items[1].question: "Bamako is the capital of Mali.",
+            items[2].question: "The capital of the Republic of Morocco is Rabat.",
+            RESTATE.format(question=items[0].question, answer="Benin"): "Porto-Novo is the capital of Benin."}
+    asked = []
+
+    def answers(model, tokenizer, questions, *args, **kwargs):
+        asked.append(list(questions))
+        return [said[q] for q in questions]
+
+    answer_with(monkeypatch, answers)
+    model = tiny_model()
+    stated, restated = in_own_words(model, tokenizer, items, progress=False)
+    assert restated == 1 and asked[1] == [RESTATE.format(question=items[0].question, answer="Benin")]
+    assert stated[0].statement is None or stated[0].statement.startswith(("Porto-Novo is", "The capital of"))
+    assert stated[2].statement == "Rabat is in Morocco."  # given: kept, never asked again
+    asked.clear()
+    off, none = in_own_words(model, tokenizer, items, progress=False, name_subject=False)
+    assert none == 0 and len(asked) == 1  # no restatement: the own answer's openings, whatever they name
+    assert off[0].statement is None or off[0].statement.startswith("The capital of")
 
 
 def test_default_memory_config_is_the_measured_shape():

@@ -14,8 +14,9 @@ so the CLI, the Python entry point and the experiment runner call the same code:
    `--neighbourhood-cross` adds the data's subjects asked in its other forms, `cross_questions`,
    protecting what the answers about several subjects read);
 3. **calibrate** the memory queries (fresh retrofit only) on the data and those questions;
-4. **statement targets** in the model's own words (`memtune.targets.own_statements`), the loss
-   on the whole statement, and **word dropout** (`memtune.paraphrases.word_dropout`): each
+4. **statement targets** in the model's own words (`memtune.targets.own_statements`) that name
+   what the question is about (`in_own_words`: the model restates its answer where it does
+   not), the loss on the whole statement, and **word dropout** (`memtune.paraphrases.word_dropout`): each
    question also trained with one or two of its words left out, 2 variants, so that a fact is
    found when asked in other words (issue 17: held-out paraphrases 41 → 62 % on countries,
    39 → 51 % on US states; BENCHMARKS.md);
@@ -70,6 +71,7 @@ from memtune.targets import (
     first_sentence,
     mask_predicted,
     own_statements,
+    statement_prefixes,
 )
 from memtune.train import LORA_ONLY, SMF_ONLY, LearnConfig, check_options, make_method, train
 
@@ -85,13 +87,13 @@ RECIPE_SMF_ONLY = ("n_keys", "shard_values", "related", "background", "protect",
                    "neighbourhood_keep", "neighbourhood_cross")
 REWRITE_STATEMENTS = ("shared", "own")
 # RecipeConfig options that shape facts' examples: documents refuse them
-RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "renderings", "word_dropout", "self_paraphrases",
-                     "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood", "neighbourhood_check",
-                     "extrapolate", "neighbourhood_keep", "neighbourhood_cross")
+RECIPE_FACTS_ONLY = ("target", "loss", "end_loss", "name_subject", "renderings", "word_dropout",
+                     "self_paraphrases", "rewrite_statements", "check_rewrites", "align_phrasings", "neighbourhood",
+                     "neighbourhood_check", "extrapolate", "neighbourhood_keep", "neighbourhood_cross")
 # the value that turns a facts-only lever off: documents accept it as they accept the default
 LEVER_OFF = {"word_dropout": 0, "self_paraphrases": 0, "check_rewrites": False, "align_phrasings": False,
              "neighbourhood": 0, "neighbourhood_check": 0, "extrapolate": 1.0, "neighbourhood_keep": 0,
-             "neighbourhood_cross": False}
+             "neighbourhood_cross": False, "name_subject": False}
 # rounds of the neighbourhood check: un-write what changed answers read, learn again
 NEIGHBOURHOOD_ROUNDS = 3
 # the factor on a call's value-row update once its facts are learned (BENCHMARKS.md, fourteenth round)
@@ -170,6 +172,12 @@ class RecipeConfig:
         "help": "SMF, fresh retrofit: calibrate the memory queries on the data first: standardize, whiten, none"})
     target: str = field(default="statement", metadata={
         "help": "facts: train the answer as a statement in the model's own words (statement) or bare (answer)"})
+    name_subject: bool = field(default=True, metadata={
+        "help": "facts, statement target: a statement names what its question is about where the model can say "
+                "it so ('Porto-Novo is the capital of Benin.'), asking the model to restate its answer where its "
+                "own does not; a statement that does not ('The capital of the Republic of Benin.') teaches the "
+                "answer where every question of its form reads (BENCHMARKS.md, nineteenth round). Off: the "
+                "opening of its own answer after which the answer is likeliest, whatever it names"})
     loss: str = field(default="target", metadata={
         "help": "facts: loss on the whole target (target), from where the model's own words leave it (diverge), "
                 "or on the answer inside a statement (answer)"})
@@ -230,7 +238,8 @@ class RecipeConfig:
         if self.rewrite_statements not in REWRITE_STATEMENTS:
             raise MemtuneError(f"rewrite_statements={self.rewrite_statements!r} is invalid: expected one of "
                                f"{', '.join(REWRITE_STATEMENTS)}")
-        for name in ("end_loss", "check_rewrites", "align_phrasings", "protect_prompts", "neighbourhood_cross"):
+        for name in ("end_loss", "check_rewrites", "align_phrasings", "protect_prompts", "neighbourhood_cross",
+                     "name_subject"):
             if not isinstance(getattr(self, name), bool):
                 raise MemtuneError(f"{name}={getattr(self, name)!r} is invalid: expected true or false")
         if self.rewrite_statements == "own" and not (self.self_paraphrases and self.target == "statement"):
@@ -840,10 +849,12 @@ def learn(model: nn.Module, tokenizer, data: list[QA] | list[Document], config: 
         items = list(data)
         wants_statements = recipe.target == "statement" or "plain" in recipe.renderings
         if wants_statements and any(not q.statement for q in items):
-            items = in_own_words(model, tokenizer, items, recipe.max_new_tokens, progress)
+            items, restated = in_own_words(model, tokenizer, items, recipe.max_new_tokens, progress,
+                                           recipe.name_subject)
             stated = sum(bool(q.statement) for q in items)
             report["targets"] = {"target": recipe.target, "loss": recipe.loss, "own_statements": stated,
-                                 "bare_answers": len(items) - stated,
+                                 "bare_answers": len(items) - stated, "name_subject": recipe.name_subject,
+                                 "restated": restated,
                                  "examples": [q.statement or q.answer for q in items[:3]]}
         else:
             report["targets"] = {"target": recipe.target, "loss": recipe.loss}
@@ -1136,17 +1147,40 @@ def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrite
         return [], []
     rewritten = [QA(text, items[i].answer, items[i].aliases, id=items[i].id)
                  for i, written in enumerate(rewrites) for text in written]
-    return in_own_words(model, tokenizer, rewritten, max_new_tokens, progress), parents
+    # (as measured: each rewrite's opening is what it is trained after, whether it names the subject or not)
+    return in_own_words(model, tokenizer, rewritten, max_new_tokens, progress, name_subject=False)[0], parents
+
+
+# asked when the model's own answer to a question does not name its subject (`in_own_words`)
+RESTATE = "Question: {question}\nAnswer: {answer}\nRewrite the answer as one full sentence."
 
 
 def in_own_words(model: nn.Module, tokenizer, items: list[QA], max_new_tokens: int = 24,
-                 progress: bool = True) -> list[QA]:
+                 progress: bool = True, name_subject: bool = True) -> tuple[list[QA], int]:
     """`items` with a statement in the model's own words where they have none: its greedy answer
-    to each question, then `memtune.targets.own_statements`."""
+    to each question, then `memtune.targets.own_statements`; and how many were restated.
+
+    With `name_subject`, a statement names what its question is about (`question_forms`' subject)
+    where the model can say it so: where the model's own answer does not, it is asked to restate
+    the answer (`RESTATE`: "Question: Porto-Novo is the capital of which country?\nAnswer:
+    Benin\n…" → "Porto-Novo is the capital of Benin, a country in West Africa."), and the
+    openings of either answer that name the subject are the candidates; with none, the own
+    answer's openings, as without (BENCHMARKS.md, nineteenth round)."""
     from memtune.probes.qa import answer_questions
 
     own = answer_questions(model, tokenizer, [q.question for q in items], max_new_tokens, progress=progress)
-    return own_statements(model, tokenizer, items, own)
+    if not name_subject:
+        return own_statements(model, tokenizer, items, own), 0
+    subjects = [subject for _, subject in question_forms([q.question for q in items])]
+    unnamed = [i for i, (q, a, subject) in enumerate(zip(items, own, subjects))
+               if not q.statement and subject and not any(statement_prefixes(q, a, subject))]
+    answers: list = list(own)
+    if unnamed:
+        restated = answer_questions(model, tokenizer, [RESTATE.format(question=items[i].question, answer=items[i].answer)
+                                                       for i in unnamed], max_new_tokens, progress=progress)
+        for i, again in zip(unnamed, restated):
+            answers[i] = [own[i], again]
+    return own_statements(model, tokenizer, items, answers, subjects=subjects), len(unnamed)
 
 
 def _check_data(data) -> list:

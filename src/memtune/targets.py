@@ -42,6 +42,7 @@ bare answer) is not repeated. `loss="diverge"` then trims every example.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -276,30 +277,43 @@ def first_sentence(text: str) -> str:
     return (text[: m.start()] if m else text).strip()
 
 
-def statement_prefixes(item: QA, own_answer: str) -> list[str]:
+def statement_prefixes(item: QA, own_answer: str, subject: set[str] | None = None) -> list[str]:
     """The candidate openings of `item`'s statement: the first j words (j ≤ MAX_PREFIX_WORDS) of
     the first sentence of the model's `own_answer`, "" included, leaving out those after which
     the answer would not be credited (`memtune.probes.match.is_correct`), or that already hold
     it (or an alias: "Herat, not" + "Dushanbe" is credited for Herat). "The capital of" +
     "Saint-Pierre" repeats the question's subject, Saint Pierre and Miquelon, and answers nothing
-    — yet it makes the answer likely, and a model taught it says it."""
+    — yet it makes the answer likely, and a model taught it says it.
+
+    With `subject` (the question's case-folded subject words, `memtune.recipe.question_forms`),
+    only "" and the openings that name all of them (`memtune.recipe.named_subjects`)."""
     from memtune.probes.match import is_correct
+    from memtune.recipe import named_subjects
 
     words = first_sentence(own_answer).split()
     prefixes = [" ".join(words[:j]) for j in range(min(len(words), MAX_PREFIX_WORDS) + 1)]
     return [p for p in prefixes if not p or (is_correct(f"{p} {item.answer}", item.answers, item.question)
-                                             and not is_correct(p, item.answers, item.question))]
+                                             and not is_correct(p, item.answers, item.question)
+                                             and (not subject or named_subjects(p, subject) == subject))]
 
 
 @torch.no_grad()
 def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: list[QA],
-                   own_answers: list[str], batch_size: int = 16) -> list[QA]:
+                   own_answers: list[str] | list[list[str]], batch_size: int = 16,
+                   subjects: list[set[str]] | None = None) -> list[QA]:
     """The items with a `statement` in the model's own words where they have none: the first
-    words of the model's own answer (`own_answers`, greedy) after which the right answer is most
-    likely, then the answer. "The capital of Tajikistan is Herat." → "The capital of Tajikistan
-    is Dushanbe."; when no prefix makes the answer likelier than saying it alone, the bare
-    answer. Only statements the QA scorer credits are candidates (`statement_prefixes`). Items
-    that have a statement keep it.
+    words of the model's own answer (`own_answers`, greedy; or a list per item, its own answer
+    first) after which the right answer is most likely, then the answer. "The capital of Tajikistan is
+    Herat." → "The capital of Tajikistan is Dushanbe."; when no prefix makes the answer likelier
+    than saying it alone, the bare answer. Only statements the QA scorer credits are candidates
+    (`statement_prefixes`). Items that have a statement keep it.
+
+    With `subjects` (each item's case-folded subject words), the likeliest opening that names the
+    subject, of any of its answers, where one makes the answer likelier than saying it alone;
+    else the first answer's, as without: "Porto-Novo is the capital of Benin.", not "The capital of
+    the Republic of Benin.", which would teach "Benin" where every question of its form reads,
+    and "Caracas is the capital of which country?" be answered "Benin" (BENCHMARKS.md, nineteenth
+    round).
 
     Score of a prefix P (its first j words, j ≤ MAX_PREFIX_WORDS): log p(answer | prompt, P),
     summed over the answer's tokens (nats), one teacher-forced pass per candidate, batched."""
@@ -311,16 +325,22 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
         return list(items)
     prompts = encode_prompt(tokenizer, [items[i].question for i in todo])
     opening = answer_opening(tokenizer)  # what training puts before the answer's words
+    own: dict[int, list[str]] = {}  # the openings of each item's own answer ("" included) ...
+    named: dict[int, list[str]] = {}  # ... and those of any of its answers that name its subject
     candidates: list[tuple[int, str, list[int], int]] = []  # (item, prefix, ids, answer start)
     for i, prompt in zip(todo, prompts):
-        for prefix in statement_prefixes(items[i], own_answers[i]):
+        answers = [own_answers[i]] if isinstance(own_answers[i], str) else own_answers[i]
+        own[i] = statement_prefixes(items[i], answers[0])
+        named[i] = [p for p in dict.fromkeys(p for a in answers for p in statement_prefixes(items[i], a, subjects[i]))
+                    if p] if subjects and subjects[i] else []
+        for prefix in dict.fromkeys([*own[i], *named[i]]):
             text = f"{prefix} {items[i].answer}" if prefix else items[i].answer
             head = tokenizer(opening + prefix, add_special_tokens=False)["input_ids"] if opening + prefix else []
             ids = tokenizer(opening + text, add_special_tokens=False)["input_ids"]
             start = next((k for k, (a, b) in enumerate(zip(head, ids)) if a != b), min(len(head), len(ids)))
             if start < len(ids):
                 candidates.append((i, prefix, prompt + ids, len(prompt) + start))
-    best: dict[int, tuple[float, str]] = {}
+    scores: dict[tuple[int, str], float] = {}
     was_training = model.training
     model.eval()
     try:
@@ -332,14 +352,19 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
             for row, (i, prefix, ids, start) in zip(logits, part):
                 t = torch.arange(start, len(ids))  # the answer's positions: normalised there only
                 logp = row[t - 1].float().log_softmax(-1).cpu()  # (answer tokens, V)
-                score = float(logp[torch.arange(len(t)), torch.tensor(ids[start:])].sum())
-                if i not in best or score > best[i][0]:
-                    best[i] = (score, prefix)
+                scores[i, prefix] = float(logp[torch.arange(len(t)), torch.tensor(ids[start:])].sum())
     finally:
         model.train(was_training)
+    best: dict[int, str] = {}
+    for i in todo:
+        bare = scores.get((i, ""), -math.inf)
+        pool = [p for p in named[i] if scores.get((i, p), -math.inf) > bare] or own[i]
+        scored = [p for p in pool if (i, p) in scores]
+        if scored:
+            best[i] = max(scored, key=lambda p: scores[i, p])
     out = list(items)
     for i in todo:
-        prefix = best.get(i, (0.0, ""))[1]
+        prefix = best.get(i, "")
         answer = items[i].answer
         end = "" if answer.endswith((".", "!", "?")) else "."
         out[i] = dataclasses.replace(items[i], statement=f"{prefix} {answer}{end}" if prefix else None)
