@@ -16,10 +16,10 @@ so the CLI, the Python entry point and the experiment runner call the same code:
 3. **calibrate** the memory queries (fresh retrofit only) on the data and those questions;
 4. **statement targets** in the model's own words (`memtune.targets.own_statements`) that name
    what the question is about (`in_own_words`: the model restates its answer where it does
-   not), the loss on the whole statement, and **word dropout** (`memtune.paraphrases.word_dropout`): each
-   question also trained with one or two of its words left out, 2 variants, so that a fact is
-   found when asked in other words (issue 17: held-out paraphrases 41 → 62 % on countries,
-   39 → 51 % on US states; BENCHMARKS.md);
+   not), the loss on the whole statement, and **word dropout**
+   (`memtune.paraphrases.word_dropout`): each question also trained with one or two of its
+   words left out, 2 variants, so that a fact is found when asked in other words (issue 17:
+   held-out paraphrases 41 → 62 % on countries, 39 → 51 % on US states; BENCHMARKS.md);
 5. **background** statistics of the training examples and the related questions' own answers
    (counted where `protect` counts them), so the ranker avoids slots that every question of
    this form reads;
@@ -1147,7 +1147,7 @@ def own_rewrite_statements(model: nn.Module, tokenizer, items: list[QA], rewrite
         return [], []
     rewritten = [QA(text, items[i].answer, items[i].aliases, id=items[i].id)
                  for i, written in enumerate(rewrites) for text in written]
-    # (as measured: each rewrite's opening is what it is trained after, whether it names the subject or not)
+    # (each rewrite trained after its own opening, whatever it names: as the twelfth round measured it)
     return in_own_words(model, tokenizer, rewritten, max_new_tokens, progress, name_subject=False)[0], parents
 
 
@@ -1163,9 +1163,10 @@ def in_own_words(model: nn.Module, tokenizer, items: list[QA], max_new_tokens: i
     With `name_subject`, a statement names what its question is about (`question_forms`' subject)
     where the model can say it so: where the model's own answer does not, it is asked to restate
     the answer (`RESTATE`: "Question: Porto-Novo is the capital of which country?\nAnswer:
-    Benin\n…" → "Porto-Novo is the capital of Benin, a country in West Africa."), and the
-    openings of either answer that name the subject are the candidates; with none, the own
-    answer's openings, as without (BENCHMARKS.md, nineteenth round)."""
+    Benin\n…" → "Porto-Novo is the capital of Benin, a country in West Africa."), and
+    `own_statements` takes the likeliest opening of either answer that names the subject where
+    one makes the answer likelier than the bare answer; else the own answer's openings, as
+    without (BENCHMARKS.md, nineteenth round)."""
     from memtune.probes.qa import answer_questions
 
     own = answer_questions(model, tokenizer, [q.question for q in items], max_new_tokens, progress=progress)
@@ -1176,8 +1177,8 @@ def in_own_words(model: nn.Module, tokenizer, items: list[QA], max_new_tokens: i
                if not q.statement and subject and not any(statement_prefixes(q, a, subject))]
     answers: list = list(own)
     if unnamed:
-        restated = answer_questions(model, tokenizer, [RESTATE.format(question=items[i].question, answer=items[i].answer)
-                                                       for i in unnamed], max_new_tokens, progress=progress)
+        asks = [RESTATE.format(question=items[i].question, answer=items[i].answer) for i in unnamed]
+        restated = answer_questions(model, tokenizer, asks, max_new_tokens, progress=progress)
         for i, again in zip(unnamed, restated):
             answers[i] = [own[i], again]
     return own_statements(model, tokenizer, items, answers, subjects=subjects), len(unnamed)
