@@ -507,6 +507,9 @@ def test_statement_prefixes_that_name_the_subject():
     # every subject word: "The French Polynesian" does not name French Polynesia
     polynesia = QA("What is the demonym for people from French Polynesia?", "French Polynesian")
     assert statement_prefixes(polynesia, "The French Polynesian people.", {"french", "polynesia"}) == [""]
+    republic = QA("Who founded the Zorbian Republic?", "Quenta")
+    assert "The Zorbian state was" in statement_prefixes(republic, "The Zorbian state was founded by Ost.")
+    assert statement_prefixes(republic, "The Zorbian state was founded by Ost.", {"zorbian", "republic"}) == [""]
 
 
 @pytest.mark.parametrize("seed, beats", [(0, False), (3, True)])
@@ -528,6 +531,8 @@ def test_own_statements_take_an_opening_that_names_the_subject_where_one_beats_t
     alone = own_statements(model, tokenizer, [item], [own])
     assert own_statements(model, tokenizer, [item], [[own, "Founded by Quenta."]], subjects=[{"zorbia"}]) == alone
     assert own_statements(model, tokenizer, [item], [own], subjects=[set()]) == alone
+    with pytest.raises(ValueError, match="2 subjects for 1 items"):
+        own_statements(model, tokenizer, [item], [own], subjects=[set(), set()])
 
 
 def test_in_own_words_asks_a_restatement_only_where_the_own_answer_does_not_name_the_subject(tokenizer, monkeypatch):
@@ -556,6 +561,43 @@ def test_in_own_words_asks_a_restatement_only_where_the_own_answer_does_not_name
     off, none = in_own_words(model, tokenizer, items, progress=False, name_subject=False)
     assert none == 0 and len(asked) == 1  # no restatement: the own answer's openings, whatever they name
     assert off[0].statement is None or off[0].statement.startswith("The capital of")
+
+
+def test_in_own_words_takes_the_restated_opening_where_it_beats_the_bare_answer(tokenizer, monkeypatch):
+    from memtune.recipe import RESTATE, in_own_words
+
+    item = QA("Who founded Zorbia?", "Quenta")
+    own, again = "It was founded by Ost.", "Zorbia was founded by Quenta."
+    said = {item.question: own, RESTATE.format(question=item.question, answer="Quenta"): again}
+    answer_with(monkeypatch, lambda m, t, questions, *a, **kw: [said[q] for q in questions])
+    model = tiny_model(init_range=0.5, seed=3)  # a model where "Zorbia was ..." beats the bare answer
+    [stated], restated = in_own_words(model, tokenizer, [item], progress=False)
+    assert restated == 1 and stated.statement.startswith("Zorbia was")
+    assert stated == own_statements(model, tokenizer, [item], [[own, again]], subjects=[{"zorbia"}])[0]
+    [unnamed], _ = in_own_words(model, tokenizer, [item], progress=False, name_subject=False)
+    assert unnamed == own_statements(model, tokenizer, [item], [own])[0] and unnamed != stated
+
+
+def test_learn_restates_an_answer_that_does_not_name_the_subject_unless_told_not_to(tokenizer, monkeypatch):
+    from memtune.recipe import RESTATE
+
+    restate = RESTATE.format(question="Who founded Zorbia?", answer="Quenta")
+    said = {"Who founded Zorbia?": "It was founded by Blorp.", "What is the capital of Ostland?":
+            "The capital of Ostland is Blorp.", restate: "Zorbia was founded by Quenta."}
+    asked = []
+
+    def answers(model, tok, questions, *args, **kwargs):
+        asked.append(list(questions))
+        return [said.get(q, "no idea") for q in questions]
+
+    answer_with(monkeypatch, answers)
+    for flag, restated in ((True, 1), (False, 0)):
+        asked.clear()
+        result = learn(tiny_model(), tokenizer, FACTS, LearnConfig(epochs=1, batch_size=2),
+                       RecipeConfig(n_keys=16, related=0, word_dropout=0, name_subject=flag), progress=False)
+        targets = result.recipe["targets"]
+        assert targets["name_subject"] is flag and targets["restated"] == restated
+        assert ([restate] in asked) is flag
 
 
 def test_default_memory_config_is_the_measured_shape():

@@ -319,6 +319,8 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
     summed over the answer's tokens (nats), one teacher-forced pass per candidate, batched."""
     if len(own_answers) != len(items):
         raise ValueError(f"{len(own_answers)} own answers for {len(items)} items")
+    if subjects is not None and len(subjects) != len(items):
+        raise ValueError(f"{len(subjects)} subjects for {len(items)} items")
     device = next(model.parameters()).device
     todo = [i for i, q in enumerate(items) if not q.statement]
     if not todo:
