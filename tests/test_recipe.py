@@ -533,6 +533,8 @@ def test_own_statements_take_an_opening_that_names_the_subject_where_one_beats_t
     assert own_statements(model, tokenizer, [item], [own], subjects=[set()]) == alone
     with pytest.raises(ValueError, match="2 subjects for 1 items"):
         own_statements(model, tokenizer, [item], [own], subjects=[set(), set()])
+    with pytest.raises(ValueError, match="no own answer for item 0"):
+        own_statements(model, tokenizer, [item], [[]])
 
 
 def test_in_own_words_asks_a_restatement_only_where_the_own_answer_does_not_name_the_subject(tokenizer, monkeypatch):

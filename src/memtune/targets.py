@@ -332,6 +332,8 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
     candidates: list[tuple[int, str, list[int], int]] = []  # (item, prefix, ids, answer start)
     for i, prompt in zip(todo, prompts):
         answers = [own_answers[i]] if isinstance(own_answers[i], str) else own_answers[i]
+        if not answers:
+            raise ValueError(f"no own answer for item {i} ({items[i].question!r})")
         own[i] = statement_prefixes(items[i], answers[0])
         named[i] = [p for p in dict.fromkeys(p for a in answers for p in statement_prefixes(items[i], a, subjects[i]))
                     if p] if subjects and subjects[i] else []
