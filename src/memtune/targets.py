@@ -359,16 +359,12 @@ def own_statements(model: nn.Module, tokenizer: PreTrainedTokenizerBase, items: 
                 scores[i, prefix] = float(logp[torch.arange(len(t)), torch.tensor(ids[start:])].sum())
     finally:
         model.train(was_training)
-    best: dict[int, str] = {}
+    out = list(items)
     for i in todo:
         bare = scores.get((i, ""), -math.inf)
         pool = [p for p in named[i] if scores.get((i, p), -math.inf) > bare] or own[i]
         scored = [p for p in pool if (i, p) in scores]
-        if scored:
-            best[i] = max(scored, key=lambda p: scores[i, p])
-    out = list(items)
-    for i in todo:
-        prefix = best.get(i, "")
+        prefix = max(scored, key=lambda p: scores[i, p]) if scored else ""
         answer = items[i].answer
         end = "" if answer.endswith((".", "!", "?")) else "."
         out[i] = dataclasses.replace(items[i], statement=f"{prefix} {answer}{end}" if prefix else None)
