@@ -1,4 +1,7 @@
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from memtune.errors import MemtuneError
 from memtune.models import load_model, resolve_model_path
@@ -44,3 +47,30 @@ def test_uncached_hub_id_fails_fast_when_online_mode(monkeypatch):
     monkeypatch.setattr(models.socket, "create_connection", unreachable)
     with pytest.raises(MemtuneError, match="hub is unreachable"):
         load_model("memtune-test/definitely-not-cached")
+
+
+def test_embedded_model_converted_by_another_job_meanwhile_is_left_as_it_is(monkeypatch, tmp_path):
+    # two jobs starting on a fresh machine both convert; the later one must not replace the
+    # folder the first one may already be loading from
+    import memtune.models as models
+
+    monkeypatch.setenv("MEMTUNE_CACHE", str(tmp_path))
+    monkeypatch.setitem(models.EMBEDDED, "smollm2-135m", ("json", "__init__.py"))  # any package and file
+    target = tmp_path / "models" / "smollm2-135m"
+
+    class Converter:
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            target.mkdir(parents=True, exist_ok=True)  # the other job finishes while this one converts
+            (target / "config.json").write_text("{}")
+            (target / "model.safetensors").write_text("the other job's")
+            model = torch.nn.Linear(2, 2)  # what this job converted: saveable, as a real one is
+            model.config = model.generation_config = SimpleNamespace(save_pretrained=lambda folder: None)
+            model.save_pretrained = model.config.save_pretrained  # (the tokenizer)
+            return model
+
+    monkeypatch.setattr(models, "AutoTokenizer", Converter)
+    monkeypatch.setattr(models, "AutoModelForCausalLM", Converter)
+    assert models.embedded_model_dir("smollm2-135m") == target
+    assert (target / "model.safetensors").read_text() == "the other job's"
+    assert [p.name for p in tmp_path.joinpath("models").iterdir()] == ["smollm2-135m"]  # no temporary left

@@ -70,6 +70,8 @@ def embedded_model_dir(alias: str) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # the saved copy is plain float weights
+    if (target / "config.json").exists():  # another job converted it meanwhile (and may be loading it)
+        return target
     with atomic_dir(target, overwrite=True) as tmp:
         # save_pretrained refuses GGUF-loaded models; the dequantised weights are plain tensors.
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
