@@ -24,6 +24,7 @@ from memtune.recipe import (
     named_subjects,
     neighbourhood_examples,
     neighbourhood_prompts,
+    put_subject,
     question_forms,
     read_questions,
     related_questions,
@@ -179,6 +180,21 @@ def test_neighbourhood_examples_ask_a_fact_about_other_subjects_up_to_its_answer
     [example, _] = neighbourhood_examples(tokenizer, symbols, ["Which element has the symbol Au?"], n=1)
     assert example.input_ids == encode_qa(tokenizer, [("Which element has the symbol Au?", "The symbol Au is")])[
         0].input_ids  # the symbol W as a word, not the W of "Which"
+
+
+def test_put_subject_swaps_the_subject_with_its_article():
+    assert put_subject("What is the capital of the Gambia?", "Gambia", "France", False) == "What is the capital of France?"
+    assert put_subject("What is the capital of Peru?", "Peru", "Czech Republic", True) == \
+        "What is the capital of the Czech Republic?"
+    assert put_subject("The Gambia's capital is", "Gambia", "Czech Republic", True) == "The Czech Republic's capital is"
+    assert put_subject("Peru borders Chile. Peru is", "Peru", "Gambia", True) == "The Gambia borders Chile. The Gambia is"
+    assert put_subject("Which element has the symbol W? W is", "W", "Au", False) == "Which element has the symbol Au? Au is"
+    assert put_subject("Theodor of Peru", "Peru", "Chad", False) == "Theodor of Chad"  # whole words only
+    facts = [QA("What is the capital of the Gambia?", "Banjul", statement="The capital of the Gambia is Banjul.")]
+    others = ["What is the capital of Peru?", "What is the capital of the Czech Republic?"]
+    pairs = sorted(neighbourhood_prompts(facts, others, 2))
+    assert pairs == [("What is the capital of Peru?", "The capital of Peru is"),
+                     ("What is the capital of the Czech Republic?", "The capital of the Czech Republic is")]
 
 
 def test_neighbourhood_prompts_are_protected(tokenizer, tmp_path):

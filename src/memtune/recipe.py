@@ -422,11 +422,12 @@ def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int 
     rng = random.Random(seed)
     forms = question_forms([q.question for q in items] + list(others))
     data_words = {w for _, words in forms[: len(items)] for w in words}
-    fillers: dict[str, tuple[str, str]] = {}  # subject (case-folded) -> (its form, as written)
+    fillers: dict[str, tuple[str, str, bool]] = {}  # subject (case-folded) -> (its form, as written, after "the")
     for question, (form, words) in zip(others, forms[len(items):]):
         span = subject_span(question, words)
         if span and not words & data_words:  # never a subject of the data: its fact is being written
-            fillers.setdefault(question[span[0]:span[1]].lower(), (form, question[span[0]:span[1]]))
+            fillers.setdefault(question[span[0]:span[1]].lower(),
+                               (form, question[span[0]:span[1]], _takes_the(question, span)))
     spans = [subject_span(item.question, words) for item, (_, words) in zip(items, forms)]
     pairs = []
     for item, span, (form, words) in zip(items, spans, forms):
@@ -435,16 +436,16 @@ def neighbourhood_prompts(items: list[QA], others: list[str], n: int, seed: int 
         at = item.statement.rfind(item.answer) if statements and item.statement else -1
         opening = item.statement[:at] if at > 0 else ""
         said = subject_span(opening, words)
-        same = [f for f_form, f in fillers.values() if f_form == form]
-        rest = [f for f_form, f in fillers.values() if f_form != form]
+        same = [(f, the) for f_form, f, the in fillers.values() if f_form == form]
+        rest = [(f, the) for f_form, f, the in fillers.values() if f_form != form]
         rng.shuffle(same)
         rng.shuffle(rest)
         subject, named = item.question[span[0]:span[1]], opening[said[0]:said[1]] if said else None
         mine = []
-        for filler in same + rest:  # every place it is named, as a whole word ("W", not Which's)
-            question = _replace_word(item.question, subject, filler)
+        for filler, the in same + rest:  # every place it is named, as a whole word ("W", not Which's)
+            question = put_subject(item.question, subject, filler, the)
             if _normal(question) not in skip:
-                text = _replace_word(opening, named, filler) if named else opening
+                text = put_subject(opening, named, filler, the) if named else opening
                 mine.append((question, text.rstrip()))
                 if len(mine) == n:
                     break
@@ -494,6 +495,27 @@ def _whole_name(text: str, span: tuple[int, int]) -> bool:
     """Whether `text[span[0]:span[1]]` is a whole name: not part of "C++" or "St. Kitts (and Nevis)"."""
     before, after = text[span[0] - 1: span[0]], text[span[1]: span[1] + 1]
     return before in ("", " ", '"') and after in ("", " ", "?", ".", "!", ",", ";", ":", "'", '"')
+
+
+def _takes_the(text: str, span: tuple[int, int]) -> bool:
+    """Whether the name at `span` of `text` is written after a "the" ("the Czech Republic")."""
+    return text[:span[0]].lower().endswith("the ")
+
+
+def put_subject(text: str, old: str, new: str, the: bool) -> str:
+    """`text` with every whole-word `old` (a subject as written, with its "the" or without) swapped
+    for `new`, itself after a "the" where `the`: the subject of "What is the capital of the
+    Gambia?" swapped for France gives "What is the capital of France?", not "... of the France",
+    and for the Czech Republic (`the`) "... of the Czech Republic?". A "The" opening a sentence
+    stays capitalised; a name opening one gains a capitalised "The"."""
+    def swap(m: re.Match) -> str:
+        if not the:
+            return new
+        article = m.group(1) or ("The" if m.start() == 0 or text[:m.start()].rstrip().endswith((".", "!", "?"))
+                                 else "the")
+        return f"{article} {new}"
+
+    return re.sub(rf"(?<!\w)(?:([Tt]he)\s+)?{re.escape(old)}(?!\w)", swap, text)
 
 
 def _replace_word(text: str, old: str, new: str) -> str:
