@@ -473,7 +473,7 @@ def cross_questions(items: list[QA]) -> list[tuple[str, str]]:
         if span and _whole_name(item.question, span):
             subject = item.question[span[0]:span[1]]
             subjects.append((form, subject))
-            bare = not item.question[:span[0]].lower().endswith("the ")  # "of the Gambia" -> "of the Peru"
+            bare = not _takes_the(item.question, span)  # "of the Gambia" -> "of the Peru"
             if (shared[form] > 1 or not loose) and (form not in first or bare and first[form][2]):
                 first[form] = (item.question, subject, not bare)
 
